@@ -1,0 +1,8 @@
+"""lseg: language-driven semantic segmentation (Li et al., ICLR 2022)."""
+
+from lseg.errors import LSegError
+from lseg.model import LSeg, LSegConfig, SegmentationResult
+
+__version__ = "0.1.0"
+
+__all__ = ["LSeg", "LSegConfig", "LSegError", "SegmentationResult", "__version__"]

@@ -1,0 +1,398 @@
+"""Segmentation datasets: every layout reduces to (image, label PNG) pairs read by one loader.
+
+The loader checks what users get wrong (missing files, size mismatch, label ids beyond the class
+list) and raises ``LSegError`` naming the file, instead of failing deep inside training.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from lseg.data.taxonomy import bundled_names, to_universal_id_map, universal_names
+from lseg.errors import LSegError
+
+IGNORE_INDEX = 255
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_LABEL_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B")
+
+Sample = dict[str, Any]
+Transform = Callable[[Sample], Sample]
+PathLike = str | os.PathLike
+
+CAMVID_CLASSES = (
+    "Sky", "Building", "Pole", "Road", "Pavement", "Tree",
+    "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist",
+)  # fmt: skip
+# SegNet CamVid names that differ from the MSeg taxonomy's ``camvid-11`` column (for taxonomy.label_id_map).
+CAMVID_TAXONOMY_ALIASES = {"Column_Pole": "Pole", "Sidewalk": "Pavement"}
+
+LAYOUTS = {
+    "camvid": "ROOT/{train,val}.txt with lines 'train/X.png trainannot/X.png' (SegNet CamVid)",
+    "ade20k": "ROOT/images/{training,validation}/*.jpg and ROOT/annotations/{training,validation}/*.png "
+    "(ADEChallengeData2016)",
+    "mseg-coco-panoptic": "ROOT/COCOPanoptic/images/{train,val}2017/*.jpg and "
+    "ROOT/COCOPanoptic/semantic_relabeled133/{train,val}2017/*.png (MSeg)",
+    "mseg-ade20k": "ROOT/ADE20K/images/{training,validation}/*.jpg and "
+    "ROOT/ADE20K/annotations_semseg150_relabeled/{training,validation}/*.png (MSeg)",
+    "folder": "ROOT/images/[SPLIT/]*.jpg, ROOT/masks/[SPLIT/]*.png (same stems) and ROOT/names.txt "
+    "(one class name per line, line index = label id)",
+}
+
+
+def _lookup_table(
+    id_map: Mapping[int, int] | Sequence[int] | torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """Raw id -> training id table: a dict keeps unlisted ids, a sequence marks ids past its end as -1."""
+    if isinstance(id_map, Mapping):
+        items = [(int(k), int(v)) for k, v in id_map.items()]
+        size = max([65536] + [k + 1 for k, _ in items])
+        table = torch.arange(size, dtype=torch.int64)
+    else:
+        values = id_map.tolist() if isinstance(id_map, torch.Tensor) else list(id_map)
+        items = [(i, int(v)) for i, v in enumerate(values)]
+        size = max(65536, len(values))
+        table = torch.full((size,), -1, dtype=torch.int64)
+    if any(k < 0 for k, _ in items):
+        raise LSegError(f"id_map has a negative raw label id: {sorted(k for k, _ in items if k < 0)[:5]}")
+    for k, v in items:
+        table[k] = v
+    if 0 <= ignore_index < size:
+        table[ignore_index] = ignore_index
+    return table
+
+
+def _read_list_file(path: Path) -> list[tuple[str, str]]:
+    if not path.is_file():
+        raise LSegError(f"list file {path} not found")
+    pairs = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 2:
+            raise LSegError(f"{path}:{lineno}: expected 'IMAGE LABEL' (two paths), got {line.strip()!r}")
+        pairs.append((fields[0], fields[1]))
+    if not pairs:
+        raise LSegError(f"list file {path} lists no samples")
+    return pairs
+
+
+def read_names(path: PathLike) -> list[str]:
+    """Class names from a text file, one per non-empty line; line index = label id."""
+    path = Path(path)
+    if not path.is_file():
+        raise LSegError(f"class-names file {path} not found")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise LSegError(f"class-names file {path} is empty")
+    return names
+
+
+def _load_image(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img).convert("RGB")
+    except FileNotFoundError:
+        raise LSegError(f"image file {path} not found") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise LSegError(f"cannot read image {path}: {err}") from None
+    return F.pil_to_tensor(img)
+
+
+def _load_label(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as img:
+            if img.mode not in _LABEL_MODES:
+                raise LSegError(
+                    f"label {path} has mode {img.mode}; expected a one-channel 8- or 16-bit PNG of class ids"
+                )
+            array = np.array(img)
+    except FileNotFoundError:
+        raise LSegError(f"label file {path} not found") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise LSegError(f"cannot read label {path}: {err}") from None
+    return torch.from_numpy(array.astype(np.int64))
+
+
+class ListFileDataset(Dataset):
+    """Image/label-PNG pairs from an ``IMAGE LABEL`` list file (or a list of pairs), relative to ``root``.
+
+    ``id_map`` converts raw label ids to training ids: a dict changes only the ids it lists; a sequence
+    or tensor is a full table (raw id = index, ids past its end are unknown). The ignore id is never
+    remapped. Ids that are neither a class nor ignore raise, or with ``unknown_ids="ignore"`` become
+    ignore with one warning per dataset.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        list_file: PathLike | Sequence[tuple[str, str]],
+        class_names: Sequence[str],
+        ignore_index: int = IGNORE_INDEX,
+        transform: Transform | None = None,
+        unknown_ids: Literal["error", "ignore"] = "error",
+        name: str | None = None,
+        id_map: Mapping[int, int] | Sequence[int] | torch.Tensor | None = None,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise LSegError(f"dataset root {self.root} not found")
+        if unknown_ids not in ("error", "ignore"):
+            raise LSegError(f"unknown_ids must be 'error' or 'ignore', got {unknown_ids!r}")
+        self.class_names = list(class_names)
+        if not self.class_names:
+            raise LSegError(f"dataset at {self.root} has no class names")
+        if 0 <= ignore_index < len(self.class_names):
+            raise LSegError(
+                f"ignore_index {ignore_index} collides with class {self.class_names[ignore_index]!r}"
+            )
+        if isinstance(list_file, (str, os.PathLike)):
+            self.list_file: Path | None = Path(list_file)
+            self.pairs = _read_list_file(self.list_file)
+        else:
+            self.list_file = None
+            self.pairs = [(str(image), str(label)) for image, label in list_file]
+            if not self.pairs:
+                raise LSegError(f"dataset at {self.root} has no samples")
+        self.ignore_index = ignore_index
+        self.transform = transform
+        self.unknown_ids = unknown_ids
+        self.name = name or self.root.name
+        self._table = None if id_map is None else _lookup_table(id_map, ignore_index)
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> Sample:
+        image_path, label_path = (self.root / p for p in self.pairs[index])
+        image = _load_image(image_path)
+        raw = _load_label(label_path)
+        if tuple(image.shape[-2:]) != tuple(raw.shape):
+            raise LSegError(
+                f"label {label_path} is {raw.shape[1]}x{raw.shape[0]} but image {image_path} is "
+                f"{image.shape[2]}x{image.shape[1]}"
+            )
+        sample = {
+            "image": tv_tensors.Image(image),
+            "mask": tv_tensors.Mask(self._to_train_ids(raw, label_path)),
+            "dataset": self.name,
+            "path": str(image_path),
+        }
+        return self.transform(sample) if self.transform is not None else sample
+
+    def _to_train_ids(self, raw: torch.Tensor, label_path: Path) -> torch.Tensor:
+        mask = raw
+        if self._table is not None:
+            inside = (raw >= 0) & (raw < len(self._table))
+            mask = torch.where(inside, self._table[raw.clamp(0, len(self._table) - 1)], -1)
+        bad = ((mask < 0) | (mask >= len(self.class_names))) & (mask != self.ignore_index)
+        if not bad.any():
+            return mask
+        ids = raw[bad].unique()[:10].tolist()
+        if self.unknown_ids == "error":
+            raise LSegError(
+                f"label {label_path} has ids {ids} that are neither one of the {len(self.class_names)} "
+                f"classes nor ignore ({self.ignore_index}); fix the labels or pass unknown_ids='ignore'"
+            )
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{self.name}: label {label_path} has ids {ids} outside the {len(self.class_names)} classes; "
+                f"treating them as ignore ({self.ignore_index}); later occurrences are not reported",
+                stacklevel=3,
+            )
+        return mask.masked_fill(bad, self.ignore_index)
+
+
+def _require(dataset: str, *paths: Path) -> None:
+    for path in paths:
+        if not path.exists():
+            raise LSegError(f"{dataset}: {path} not found; expected layout: {LAYOUTS[dataset]}")
+
+
+def _split_folder(dataset: str, split: str, folders: Mapping[str, str]) -> str:
+    if split not in folders:
+        raise LSegError(f"{dataset}: unknown split {split!r}; choose one of: {', '.join(folders)}")
+    return folders[split]
+
+
+def scan_pairs(images_dir: PathLike, masks_dir: PathLike) -> list[tuple[str, str]]:
+    """Pair every image in ``images_dir`` with the same-stem PNG in ``masks_dir`` (sorted by file name)."""
+    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    for folder in (images_dir, masks_dir):
+        if not folder.is_dir():
+            raise LSegError(f"folder {folder} not found")
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise LSegError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {images_dir}")
+    pairs = []
+    for image in images:
+        mask = masks_dir / f"{image.stem}.png"
+        if not mask.is_file():
+            raise LSegError(f"no label {mask} for image {image}")
+        pairs.append((str(image), str(mask)))
+    return pairs
+
+
+def camvid(root: PathLike, split: str, transform: Transform | None = None, **kw: Any) -> ListFileDataset:
+    """CamVid, SegNet layout: 11 classes, id 11 (Unlabelled) -> ignore."""
+    root = Path(root)
+    _split_folder("camvid", split, {"train": "train", "val": "val", "test": "test"})
+    _require("camvid", root, root / f"{split}.txt")
+    return ListFileDataset(
+        root,
+        root / f"{split}.txt",
+        CAMVID_CLASSES,
+        transform=transform,
+        name="camvid",
+        id_map={11: IGNORE_INDEX},
+        **kw,
+    )
+
+
+def ade20k_names() -> list[str]:
+    """ADE20K-150 class names; index = training id = annotation PNG value - 1."""
+    return bundled_names("ade20k_150")
+
+
+def ade20k(
+    root: PathLike,
+    split: str,
+    transform: Transform | None = None,
+    list_file: PathLike | None = None,
+    **kw: Any,
+) -> ListFileDataset:
+    """ADE20K-150 (ADEChallengeData2016): PNG value 0 (other) -> ignore, 1..150 -> class 0..149.
+
+    Without ``list_file`` the image and annotation folders of the split are scanned.
+    """
+    root = Path(root)
+    folder = _split_folder("ade20k", split, {"train": "training", "val": "validation"})
+    _require("ade20k", root)
+    if list_file is None:
+        _require("ade20k", root / "images" / folder, root / "annotations" / folder)
+    pairs = list_file or scan_pairs(root / "images" / folder, root / "annotations" / folder)
+    id_map = [IGNORE_INDEX, *range(150)]
+    return ListFileDataset(
+        root, pairs, ade20k_names(), transform=transform, name="ade20k", id_map=id_map, **kw
+    )
+
+
+def _mseg(
+    dataset: str,
+    data_root: Path,
+    images: Path,
+    labels: Path,
+    column: str,
+    list_file: PathLike | None,
+    taxonomy: Literal["universal", "dataset"],
+    transform: Transform | None,
+    **kw: Any,
+) -> ListFileDataset:
+    """An MSeg relabeled dataset, in the universal taxonomy (for multi-dataset training) or its own."""
+    if taxonomy not in ("universal", "dataset"):
+        raise LSegError(f"{dataset}: taxonomy must be 'universal' or 'dataset', got {taxonomy!r}")
+    _require(dataset, data_root)
+    if list_file is None:
+        _require(dataset, data_root / images, data_root / labels)
+    pairs = list_file or scan_pairs(data_root / images, data_root / labels)
+    if taxonomy == "universal":
+        names, id_map = universal_names(), to_universal_id_map(column)
+    else:
+        names, id_map = bundled_names(column), None
+    return ListFileDataset(data_root, pairs, names, transform=transform, name=dataset, id_map=id_map, **kw)
+
+
+def mseg_ade20k(
+    root: PathLike,
+    split: str,
+    transform: Transform | None = None,
+    list_file: PathLike | None = None,
+    taxonomy: Literal["universal", "dataset"] = "universal",
+    **kw: Any,
+) -> ListFileDataset:
+    """MSeg ADE20K-150-relabeled under ``root/ADE20K``.
+
+    ``list_file`` lines are relative to ``root/ADE20K``, as in MSeg's
+    ``dataset_lists/ade20k-150-relabeled/list/{train,val}.txt``; without it the folders are scanned.
+    """
+    folder = _split_folder("mseg-ade20k", split, {"train": "training", "val": "validation"})
+    labels = Path("annotations_semseg150_relabeled") / folder
+    return _mseg(
+        "mseg-ade20k", Path(root) / "ADE20K", Path("images") / folder, labels, "ade20k-150-relabeled",
+        list_file, taxonomy, transform, **kw,
+    )  # fmt: skip
+
+
+def mseg_coco_panoptic(
+    root: PathLike,
+    split: str,
+    transform: Transform | None = None,
+    list_file: PathLike | None = None,
+    taxonomy: Literal["universal", "dataset"] = "universal",
+    **kw: Any,
+) -> ListFileDataset:
+    """MSeg COCO-Panoptic-133-relabeled under ``root/COCOPanoptic``.
+
+    ``list_file`` lines are relative to ``root/COCOPanoptic``, as in MSeg's
+    ``dataset_lists/coco-panoptic-133-relabeled/list/{train,val}.txt``; without it the folders are scanned.
+    """
+    folder = _split_folder("mseg-coco-panoptic", split, {"train": "train2017", "val": "val2017"})
+    labels = Path("semantic_relabeled133") / folder
+    return _mseg(
+        "mseg-coco-panoptic", Path(root) / "COCOPanoptic", Path("images") / folder, labels,
+        "coco-panoptic-133-relabeled", list_file, taxonomy, transform, **kw,
+    )  # fmt: skip
+
+
+def image_folder(
+    images_dir: PathLike,
+    masks_dir: PathLike,
+    names_file: PathLike,
+    transform: Transform | None = None,
+    name: str = "folder",
+    **kw: Any,
+) -> ListFileDataset:
+    """Any folder of images with same-stem PNG masks, and a class-names file (line index = label id)."""
+    pairs = scan_pairs(images_dir, masks_dir)
+    return ListFileDataset(images_dir, pairs, read_names(names_file), transform=transform, name=name, **kw)
+
+
+def folder(
+    root: PathLike, split: str | None = None, transform: Transform | None = None, **kw: Any
+) -> ListFileDataset:
+    """``image_folder`` in the registry layout: ROOT/images/[SPLIT], ROOT/masks/[SPLIT], ROOT/names.txt."""
+    root = Path(root)
+    sub = split or ""
+    _require("folder", root / "images" / sub, root / "masks" / sub, root / "names.txt")
+    return image_folder(root / "images" / sub, root / "masks" / sub, root / "names.txt", transform, **kw)
+
+
+DATASETS: dict[str, Callable[..., ListFileDataset]] = {
+    "camvid": camvid,
+    "ade20k": ade20k,
+    "mseg-coco-panoptic": mseg_coco_panoptic,
+    "mseg-ade20k": mseg_ade20k,
+    "folder": folder,
+}
+
+
+def build_dataset(name: str, root: PathLike, split: str | None, **kw: Any) -> ListFileDataset:
+    """Dataset by registry name; extra keywords (``transform``, ``unknown_ids``, ...) go to its definition."""
+    if name not in DATASETS:
+        raise LSegError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if not Path(root).is_dir():
+        raise LSegError(f"{name} root {root} not found; expected layout: {LAYOUTS[name]}")
+    return DATASETS[name](root, split, **kw)

@@ -1,0 +1,388 @@
+"""Zero-shot benchmarks of the LSeg paper: PASCAL-5i, COCO-20i and FSS-1000.
+
+The protocol follows the original evaluation (LSeg's fork of HSNet's few-shot loaders): each episode
+is one query image resized to 480 x 480 (bilinear, PIL), normalised, run once (no flip, single scale)
+against the two labels ``[background, class name]``; the mask is resized with nearest neighbour.
+Intersection and union of the foreground are accumulated per class over the episodes; the fold's mIoU
+is the mean foreground IoU over its classes and FB-IoU the mean of foreground and background IoU of
+the summed counts. Values are fractions in [0, 1].
+
+Benchmark details:
+
+* PASCAL-5i: VOC2012 with SBD-augmented masks (``SegmentationClassAug``); fold f holds VOC classes
+  5f+1 .. 5f+5; the episodes are the packaged HSNet validation lists (346/451/725/346), each used once;
+  mask value 255 (object boundaries) is ignored.
+* COCO-20i: COCO 2014 val with HSNet-style masks (one PNG per image, value = class id 1..80 in the
+  order of ``fewshot_coco.txt``, 0 = background). Fold f holds the classes whose 0-based id c has
+  ``c % 4 == f`` (HSNet's ``fold + 4 * v``), i.e. 1-based mask values 1+f, 5+f, ..., 77+f. As in HSNet,
+  1000 episodes are sampled (class uniformly, then an image containing it); HSNet's pickled image lists
+  are replaced by a scan of the masks (cached in ``annotations/lseg_val2014_classes.json`` when the
+  folder is writable), so sampled episodes differ from the original run but follow the same law.
+* FSS-1000: the 240 test classes (lines 761-1000 of ``fewshot_fss.txt``); every image except ``1.jpg``
+  (the 1-shot support image of the original protocol) is a query; masks are thresholded at 128.
+
+Difference from HSNet's meter: a class with no episode at all (only possible with `max_episodes` or
+partial data) is reported as NaN and left out of the mean instead of counting as IoU 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lseg.errors import LSegError
+from lseg.evaluate.metrics import confusion_matrix, fb_iou
+
+IGNORE_INDEX = 255
+BENCHMARKS = ("pascal", "coco", "fss")
+_ALIASES = {
+    "pascal-5i": "pascal",
+    "pascal5i": "pascal",
+    "coco-20i": "coco",
+    "coco20i": "coco",
+    "fss-1000": "fss",
+}
+_FSS_TEST = slice(760, 1000)
+
+PredictFn = Callable[[Tensor, list[str]], Tensor]
+
+
+def _resource_lines(name: str) -> list[str]:
+    text = files("lseg").joinpath("resources", name).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One query: image and mask files, the class value in the mask, and the class name."""
+
+    image: Path
+    mask: Path
+    label: int
+    class_name: str
+
+
+class EpisodeDataset(Dataset):
+    """Zero-shot episodes yielding (normalised image [3, S, S], mask [S, S], class name).
+
+    The mask is int64 with 1 = the episode's class, 0 = anything else, 255 = ignored.
+    `max_episodes` keeps only the first N episodes (smoke tests on partial data).
+    """
+
+    benchmark: str
+    layout: str
+
+    def __init__(
+        self,
+        episodes: Sequence[Episode],
+        classes: Sequence[str],
+        *,
+        image_size: int = 480,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        max_episodes: int | None = None,
+    ) -> None:
+        if len(mean) != 3 or len(std) != 3:
+            raise LSegError(f"mean and std need 3 values each, got {list(mean)} and {list(std)}")
+        episodes = list(episodes)[:max_episodes]
+        for episode in episodes:
+            for path in (episode.image, episode.mask):
+                if not path.is_file():
+                    raise LSegError(f"{self.benchmark}: missing {path}; expected layout {self.layout}")
+        self.episodes = episodes
+        self.classes = list(classes)
+        self.image_size = image_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, str]:
+        episode = self.episodes[index]
+        size = (self.image_size, self.image_size)
+        with Image.open(episode.image) as img:
+            rgb = img.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+        image = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        image = (image - self.mean) / self.std
+        mask = self.binary_mask(episode)
+        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        return image, mask, episode.class_name
+
+    def binary_mask(self, episode: Episode) -> Tensor:
+        """Mask at the file's resolution: 1 where the mask holds the episode's class value, else 0."""
+        with Image.open(episode.mask) as img:
+            raw = torch.from_numpy(np.array(img)).long()
+        return (raw == episode.label).long()
+
+
+def _find_root(
+    root: Path, candidates: Sequence[str], required: Sequence[str], name: str, layout: str
+) -> Path:
+    for sub in candidates:
+        base = root / sub
+        if all((base / r).is_dir() for r in required):
+            return base
+    raise LSegError(f"{name} data not found under {root}; expected layout {layout}")
+
+
+class PascalEpisodes(EpisodeDataset):
+    """PASCAL-5i validation episodes of one fold (packaged HSNet lists)."""
+
+    benchmark = "pascal"
+    layout = "<root>/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png}"
+
+    def __init__(self, root: str | Path, fold: int, **kwargs: object) -> None:
+        _check_fold(fold, 4)
+        base = _find_root(
+            Path(root),
+            ("VOCdevkit/VOC2012", "VOC2012", "."),
+            ("JPEGImages", "SegmentationClassAug"),
+            "PASCAL-5i",
+            self.layout,
+        )
+        names = _resource_lines("fewshot_pascal.txt")
+        episodes = []
+        for line in _resource_lines(f"pascal5i_val_fold{fold}.txt"):
+            image_id, label = line.split("__")
+            episodes.append(
+                Episode(
+                    base / "JPEGImages" / f"{image_id}.jpg",
+                    base / "SegmentationClassAug" / f"{image_id}.png",
+                    int(label),
+                    names[int(label) - 1],
+                )
+            )
+        super().__init__(episodes, names[5 * fold : 5 * fold + 5], **kwargs)
+
+    def binary_mask(self, episode: Episode) -> Tensor:
+        """Class pixels 1, boundary pixels (255) ignored, the rest 0."""
+        with Image.open(episode.mask) as img:
+            raw = torch.from_numpy(np.array(img)).long()
+        mask = (raw == episode.label).long()
+        mask[raw == IGNORE_INDEX] = IGNORE_INDEX
+        return mask
+
+
+class CocoEpisodes(EpisodeDataset):
+    """COCO-20i val2014 episodes of one fold, sampled like HSNet (`num_episodes=None`: every pair)."""
+
+    benchmark = "coco"
+    layout = "<root>/COCO2014/{val2014/<name>.jpg, annotations/val2014/<name>.png}"
+
+    def __init__(
+        self, root: str | Path, fold: int, *, num_episodes: int | None = 1000, seed: int = 0, **kwargs: object
+    ) -> None:
+        _check_fold(fold, 4)
+        base = _find_root(
+            Path(root), ("COCO2014", "."), ("val2014", "annotations/val2014"), "COCO-20i", self.layout
+        )
+        names = _resource_lines("fewshot_coco.txt")
+        labels = [c + 1 for c in range(fold, len(names), 4)]
+        index = _coco_class_index(base / "annotations")
+        per_class = {label: [stem for stem, present in index.items() if label in present] for label in labels}
+
+        def episode(label: int, stem: str) -> Episode:
+            return Episode(
+                base / "val2014" / f"{stem}.jpg",
+                base / "annotations" / "val2014" / f"{stem}.png",
+                label,
+                names[label - 1],
+            )
+
+        if num_episodes is None:
+            episodes = [episode(label, stem) for label in labels for stem in per_class[label]]
+        else:
+            available = [label for label in labels if per_class[label]]
+            if not available:
+                raise LSegError(f"COCO-20i fold {fold}: no mask under {base} contains a class of the fold")
+            rng = np.random.default_rng(seed)
+            episodes = []
+            for _ in range(num_episodes):
+                label = available[rng.integers(len(available))]
+                episodes.append(episode(label, per_class[label][rng.integers(len(per_class[label]))]))
+        super().__init__(episodes, [names[label - 1] for label in labels], **kwargs)
+
+
+def _coco_class_index(annotations: Path) -> dict[str, list[int]]:
+    """Mask stem -> class values present, scanning val2014 masks once and caching the result."""
+    masks = sorted((annotations / "val2014").glob("*.png"))
+    cache = annotations / "lseg_val2014_classes.json"
+    if cache.is_file():
+        index = json.loads(cache.read_text())
+        if len(index) == len(masks):
+            return index
+    index = {}
+    for path in masks:
+        with Image.open(path) as img:
+            counts = np.bincount(np.asarray(img).ravel(), minlength=256)
+        index[path.stem] = [int(v) for v in np.flatnonzero(counts) if 0 < v < IGNORE_INDEX]
+    with contextlib.suppress(OSError):  # a read-only dataset is rescanned next time
+        cache.write_text(json.dumps(index))
+    return index
+
+
+class FssEpisodes(EpisodeDataset):
+    """FSS-1000 test episodes: the 240 test classes, images 2..10 of each as queries."""
+
+    benchmark = "fss"
+    layout = "<root>/fewshot_data/<class>/{<n>.jpg, <n>.png} for the 240 FSS-1000 test classes"
+
+    def __init__(self, root: str | Path, **kwargs: object) -> None:
+        classes = _resource_lines("fewshot_fss.txt")[_FSS_TEST]
+        root = Path(root)
+        found = [
+            root / sub for sub in ("fewshot_data", "FSS-1000", ".") if (root / sub / classes[0]).is_dir()
+        ]
+        if not found:
+            raise LSegError(f"FSS-1000 data not found under {root}; expected layout {self.layout}")
+        base = found[0]
+        missing = [name for name in classes if not (base / name).is_dir()]
+        if missing:
+            raise LSegError(
+                f"FSS-1000 under {base} lacks {len(missing)} test classes (e.g. {missing[0]!r}); "
+                f"expected layout {self.layout}"
+            )
+        episodes = [
+            Episode(image, image.with_suffix(".png"), 1, name)
+            for name in classes
+            for image in sorted((base / name).glob("*.jpg"))
+            if image.stem != "1"
+        ]
+        super().__init__(episodes, classes, **kwargs)
+
+    def binary_mask(self, episode: Episode) -> Tensor:
+        """Foreground where the grey level is >= 128."""
+        with Image.open(episode.mask) as img:
+            raw = torch.from_numpy(np.array(img.convert("L")))
+        return (raw >= 128).long()
+
+
+def _check_fold(fold: int, folds: int) -> None:
+    if not 0 <= fold < folds:
+        raise LSegError(f"fold must be in 0..{folds - 1}, got {fold}")
+
+
+def _canonical(benchmark: str) -> str:
+    name = _ALIASES.get(benchmark.lower(), benchmark.lower())
+    if name not in BENCHMARKS:
+        raise LSegError(f"unknown zero-shot benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}")
+    return name
+
+
+def build_episodes(
+    benchmark: str,
+    root: str | Path,
+    fold: int = 0,
+    *,
+    image_size: int = 480,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    coco_episodes: int | None = 1000,
+    seed: int = 0,
+    max_episodes: int | None = None,
+) -> EpisodeDataset:
+    """Episode dataset of a benchmark ('pascal', 'coco' or 'fss'; FSS-1000 has the single fold 0)."""
+    name = _canonical(benchmark)
+    kwargs = {"image_size": image_size, "mean": mean, "std": std, "max_episodes": max_episodes}
+    if name == "pascal":
+        return PascalEpisodes(root, fold, **kwargs)
+    if name == "coco":
+        return CocoEpisodes(root, fold, num_episodes=coco_episodes, seed=seed, **kwargs)
+    _check_fold(fold, 1)
+    return FssEpisodes(root, **kwargs)
+
+
+def _class_batches(episodes: Sequence[Episode], batch_size: int) -> Iterator[list[int]]:
+    """Batches of episode indices sharing a class, so one label pair serves the whole batch."""
+    by_class: dict[str, list[int]] = {}
+    for i, episode in enumerate(episodes):
+        by_class.setdefault(episode.class_name, []).append(i)
+    for indices in by_class.values():
+        for start in range(0, len(indices), batch_size):
+            yield indices[start : start + batch_size]
+
+
+def evaluate_zeroshot(
+    predict_fn: PredictFn,
+    benchmark: str,
+    root: str | Path,
+    fold: int = 0,
+    *,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    image_size: int = 480,
+    background: str = "others",
+    batch_size: int = 1,
+    num_workers: int = 0,
+    max_episodes: int | None = None,
+    coco_episodes: int | None = 1000,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, object]:
+    """Score `predict_fn(images, [background, class_name]) -> logits [B, 2, h, w]` on one fold.
+
+    `background` defaults to "others", the word of the original zero-shot model. `max_episodes` keeps
+    the first N episodes (smoke tests); `progress(done, total)` is called after each batch. Returns
+    benchmark, fold, episodes, miou, fb_iou and per_class_iou (class name -> IoU, NaN if unseen).
+    """
+    if batch_size < 1:
+        raise LSegError(f"batch_size must be >= 1, got {batch_size}")
+    dataset = build_episodes(
+        benchmark,
+        root,
+        fold,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        coco_episodes=coco_episodes,
+        seed=seed,
+        max_episodes=max_episodes,
+    )
+    class_index = {name: k for k, name in enumerate(dataset.classes)}
+    confmats = torch.zeros(len(dataset.classes), 2, 2, dtype=torch.long)
+    episodes_per_class = torch.zeros(len(dataset.classes), dtype=torch.long)
+    batches = list(_class_batches(dataset.episodes, batch_size))
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    done = 0
+    with torch.no_grad():
+        for images, masks, names in loader:
+            logits = predict_fn(images.to(device), [background, names[0]])
+            if logits.ndim != 4 or logits.shape[:2] != (len(names), 2):
+                raise ValueError(f"predict_fn must return [B, 2, h, w] logits, got {tuple(logits.shape)}")
+            if logits.shape[-2:] != masks.shape[-2:]:
+                logits = F.interpolate(
+                    logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=True
+                )
+            k = class_index[names[0]]
+            confmats[k] += confusion_matrix(logits.argmax(1).cpu(), masks, 2, IGNORE_INDEX)
+            episodes_per_class[k] += len(names)
+            done += len(names)
+            if progress is not None:
+                progress(done, len(dataset))
+    seen = episodes_per_class > 0
+    inter = confmats[:, 1, 1].double()
+    union = (confmats[:, 1, 1] + confmats[:, 0, 1] + confmats[:, 1, 0]).double()
+    # HSNet divides by max(union, 1): a seen class with empty prediction and ground truth scores 0.
+    iou = torch.where(seen, inter / union.clamp(min=1), torch.full_like(inter, math.nan))
+    return {
+        "benchmark": dataset.benchmark,
+        "fold": fold,
+        "episodes": done,
+        "miou": float(iou[seen].mean()) if seen.any() else math.nan,
+        "fb_iou": fb_iou(confmats[seen].sum(0)),
+        "per_class_iou": dict(zip(dataset.classes, iou.tolist(), strict=True)),
+    }

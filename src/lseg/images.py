@@ -1,0 +1,87 @@
+"""Turn whatever a user has (path, PIL image, array, tensor) into RGB uint8 arrays, robustly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lseg.errors import LSegError
+
+ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
+
+
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """EXIF-rotated RGB uint8; 16-bit images are rescaled, alpha is composited on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if array.max() > 255 else 255.0
+        return np.repeat((array / top * 255).round().clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def load_image(source: ImageInput) -> np.ndarray:
+    """H x W x 3 uint8 RGB from a path, PIL image, HxW[xC] array or CHW tensor (uint8 or [0, 1] float)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise LSegError(f"image not found: {path}")
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return pil_to_rgb(image)
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise LSegError(f"cannot read image {path}: {error}") from error
+    if isinstance(source, Image.Image):
+        return pil_to_rgb(source)
+    if isinstance(source, torch.Tensor):
+        if source.ndim != 3 or source.shape[0] not in (1, 3, 4):
+            raise LSegError(f"tensor images must be C x H x W with C in 1, 3, 4; got {tuple(source.shape)}")
+        tensor = source.detach().cpu()
+        if tensor.is_floating_point():
+            tensor = (tensor.clamp(0, 1) * 255).round()
+        source = tensor.to(torch.uint8).permute(1, 2, 0).numpy()
+    if isinstance(source, np.ndarray):
+        array = source
+        if array.ndim == 2:
+            array = array[..., None]
+        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+            raise LSegError(f"array images must be H x W, H x W x 3 or H x W x 4; got {source.shape}")
+        if array.dtype == np.uint16:
+            array = (array / 257).round().astype(np.uint8)
+        elif array.dtype != np.uint8:
+            raise LSegError(f"array images must be uint8 or uint16, got {array.dtype}")
+        if array.shape[2] == 1:
+            array = np.repeat(array, 3, axis=2)
+        if array.shape[2] == 4:
+            return pil_to_rgb(Image.fromarray(array, mode="RGBA"))
+        return np.ascontiguousarray(array)
+    raise LSegError(
+        f"unsupported image type {type(source).__name__}; give a path, PIL image, array or tensor"
+    )
+
+
+def find_images(inputs: list[str | Path]) -> list[Path]:
+    """Expand files and directories (non-recursive) into a sorted list of image paths."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise LSegError(
+                    f"no images in directory {item} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+                )
+            paths.extend(found)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise LSegError(f"image not found: {item}")
+    return paths

@@ -1,0 +1,291 @@
+"""Inference protocols shared by `segment`, `evaluate`, `features` and the Python API.
+
+Everything here works on a `forward(images) -> Tensor[B, C, h', w']` callable (per-label logits or dense
+features) and a batch of *normalised* images, so the same code serves logits and features, any model
+and any label set. Protocols only decide how the image is resized, padded, windowed and flipped:
+
+* the forward may return a lower resolution than its input (e.g. dense features at H/2); its output is
+  resized bilinearly (``align_corners=True``) to the window it came from before being accumulated;
+* overlapping windows are averaged with a count map; outputs of flips and scales are *summed* (raw
+  logits, as in the original LSeg evaluation), so divide by `InferenceProtocol.num_passes` for a mean
+  (argmax is unaffected);
+* every public function runs under `torch.no_grad()` and returns float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lseg.errors import LSegError
+
+Forward = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class InferenceProtocol:
+    """How one image becomes model passes: resize per scale, pad, slide a window, flip.
+
+    Attributes:
+        name: preset name (informational).
+        base_size: long side in pixels at scale 1.0 (the other side keeps the aspect ratio);
+            None keeps the input size.
+        crop_size: sliding-window side; None runs each scaled image whole. Images smaller than the
+            crop are padded on the bottom/right with `pad_value` and the output is cropped back.
+        stride: step between windows; required with `crop_size`.
+        scales: multipliers of `base_size`; the long side at scale s is ``ceil(base_size * s)``.
+        flip: also run the horizontally flipped input and add its (flipped back) output.
+        pad_value: fill value in *normalised* space; -1.0 is a black pixel for mean = std = 0.5.
+    """
+
+    name: str
+    base_size: int | None = None
+    crop_size: int | None = None
+    stride: int | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    pad_value: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise LSegError(f"protocol {self.name!r}: scales must be positive, got {self.scales}")
+        if self.base_size is not None and self.base_size <= 0:
+            raise LSegError(f"protocol {self.name!r}: base_size must be positive, got {self.base_size}")
+        if (self.crop_size is None) != (self.stride is None):
+            raise LSegError(f"protocol {self.name!r}: crop_size and stride must be given together")
+        if self.crop_size is not None and not 0 < self.stride <= self.crop_size:
+            raise LSegError(
+                f"protocol {self.name!r}: need 0 < stride <= crop_size, got stride {self.stride}, "
+                f"crop_size {self.crop_size}"
+            )
+
+    @property
+    def num_passes(self) -> int:
+        """Number of summed outputs per pixel: one per scale, doubled with flip."""
+        return len(self.scales) * (2 if self.flip else 1)
+
+
+PROTOCOLS: Mapping[str, InferenceProtocol] = MappingProxyType(
+    {
+        "single": InferenceProtocol("single"),
+        "slide": InferenceProtocol("slide", crop_size=480, stride=320, pad_value=-1.0),
+        # Original LSeg test-time augmentation (PyTorch-Encoding MultiEvalModule, stride = 2/3 crop).
+        "lseg-ms": InferenceProtocol(
+            "lseg-ms",
+            base_size=520,
+            crop_size=480,
+            stride=320,
+            scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+            flip=True,
+            pad_value=-1.0,
+        ),
+        # OpenScene's LSeg feature extraction: one 640 pass (plus flip) for 3D distillation.
+        "openscene": InferenceProtocol(
+            "openscene", base_size=640, crop_size=640, stride=426, flip=True, pad_value=-1.0
+        ),
+    }
+)
+
+
+def get_protocol(name: str, **overrides: object) -> InferenceProtocol:
+    """Return the named preset, optionally with fields replaced (e.g. ``base_size=640``)."""
+    if name not in PROTOCOLS:
+        raise LSegError(f"unknown inference protocol {name!r}; choose one of: {', '.join(PROTOCOLS)}")
+    return replace(PROTOCOLS[name], **overrides) if overrides else PROTOCOLS[name]
+
+
+@dataclass(frozen=True)
+class ScalePass:
+    """What one scale of a protocol does to an image: useful to log, test and budget memory."""
+
+    scale: float
+    size: tuple[int, int]
+    padded_size: tuple[int, int]
+    grid: tuple[int, int]
+
+    @property
+    def windows(self) -> int:
+        """Number of windows (forward inputs, not counting flips) at this scale."""
+        return self.grid[0] * self.grid[1]
+
+
+def scaled_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """Size with the long side set to `long_side`, short side rounded half up (as the original)."""
+    if height > width:
+        return long_side, max(1, int(width * long_side / height + 0.5))
+    return max(1, int(height * long_side / width + 0.5)), long_side
+
+
+def window_starts(length: int, crop_size: int, stride: int) -> list[int]:
+    """Window offsets covering `length` (padded up to the crop): ceil((L - crop) / stride) + 1 windows."""
+    count = math.ceil(max(length - crop_size, 0) / stride) + 1
+    return [i * stride for i in range(count)]
+
+
+def plan_protocol(protocol: InferenceProtocol, height: int, width: int) -> list[ScalePass]:
+    """Resized size, padded size and window grid of every scale for an image of this size."""
+    passes = []
+    for scale in protocol.scales:
+        base = max(height, width) if protocol.base_size is None else protocol.base_size
+        size = scaled_size(height, width, math.ceil(base * scale))
+        if protocol.crop_size is None:
+            passes.append(ScalePass(scale, size, size, (1, 1)))
+            continue
+        padded = (max(size[0], protocol.crop_size), max(size[1], protocol.crop_size))
+        grid = (
+            len(window_starts(padded[0], protocol.crop_size, protocol.stride)),
+            len(window_starts(padded[1], protocol.crop_size, protocol.stride)),
+        )
+        passes.append(ScalePass(scale, size, padded, grid))
+    return passes
+
+
+def _check_images(images: Tensor) -> None:
+    if images.ndim != 4:
+        raise ValueError(f"expected a [B, 3, H, W] image batch, got shape {tuple(images.shape)}")
+
+
+def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def _call(forward: Forward, batch: Tensor, amp: bool) -> Tensor:
+    use_amp = amp and batch.device.type == "cuda"
+    with torch.autocast(device_type=batch.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        out = forward(batch)
+    if out.ndim != 4 or out.shape[0] != batch.shape[0]:
+        raise ValueError(
+            f"forward must return [B, C, h, w] for a batch of {batch.shape[0]}, got {tuple(out.shape)}"
+        )
+    return _resize(out.float(), batch.shape[-2:])
+
+
+def _accumulate(
+    forward: Forward,
+    images: Tensor,
+    starts_y: list[int],
+    starts_x: list[int],
+    window: tuple[int, int],
+    flip: bool,
+    window_batch_size: int,
+    amp: bool,
+) -> Tensor:
+    """Sum of outputs of all windows (and their flips) over an image already padded to cover them."""
+    if window_batch_size < 1:
+        raise ValueError(f"window_batch_size must be >= 1, got {window_batch_size}")
+    wh, ww = window
+    jobs = [
+        (i, y, x, flipped)
+        for i in range(images.shape[0])
+        for y in starts_y
+        for x in starts_x
+        for flipped in ((False, True) if flip else (False,))
+    ]
+    total: Tensor | None = None
+    for start in range(0, len(jobs), window_batch_size):
+        chunk = jobs[start : start + window_batch_size]
+        crops = [images[i, :, y : y + wh, x : x + ww] for i, y, x, _ in chunk]
+        batch = torch.stack([c.flip(-1) if f else c for c, (*_, f) in zip(crops, chunk, strict=True)])
+        out = _call(forward, batch, amp)
+        if total is None:
+            total = out.new_zeros(images.shape[0], out.shape[1], *images.shape[-2:])
+        for o, (i, y, x, flipped) in zip(out, chunk, strict=True):
+            total[i, :, y : y + wh, x : x + ww] += o.flip(-1) if flipped else o
+    assert total is not None
+    return total
+
+
+@torch.no_grad()
+def predict_whole(
+    forward: Forward, images: Tensor, *, flip: bool = False, window_batch_size: int = 8, amp: bool = True
+) -> Tensor:
+    """Run the whole images (and their flips, summed) in chunks of `window_batch_size`.
+
+    Returns [B, C, H, W] at the input resolution.
+    """
+    _check_images(images)
+    h, w = images.shape[-2:]
+    return _accumulate(forward, images, [0], [0], (h, w), flip, window_batch_size, amp)
+
+
+@torch.no_grad()
+def predict_sliding(
+    forward: Forward,
+    images: Tensor,
+    crop_size: int,
+    stride: int,
+    *,
+    flip: bool = False,
+    pad_value: float = 0.0,
+    window_batch_size: int = 8,
+    amp: bool = True,
+) -> Tensor:
+    """Sliding-window prediction with overlapping outputs averaged by a count map.
+
+    The image is padded bottom/right with `pad_value` up to the crop size; windows start every `stride`
+    pixels and the last one may run past the edge (padded too), as in the original LSeg evaluation.
+    Flipped windows are summed with the unflipped ones before averaging. Returns [B, C, H, W].
+    """
+    _check_images(images)
+    h, w = images.shape[-2:]
+    ys = window_starts(max(h, crop_size), crop_size, stride)
+    xs = window_starts(max(w, crop_size), crop_size, stride)
+    full_h, full_w = ys[-1] + crop_size, xs[-1] + crop_size
+    padded = F.pad(images, (0, full_w - w, 0, full_h - h), value=pad_value)
+    total = _accumulate(forward, padded, ys, xs, (crop_size, crop_size), flip, window_batch_size, amp)
+    count = total.new_zeros(1, 1, full_h, full_w)
+    for y in ys:
+        for x in xs:
+            count[..., y : y + crop_size, x : x + crop_size] += 1
+    return (total / count)[..., :h, :w]
+
+
+@torch.no_grad()
+def run_protocol(
+    forward: Forward,
+    images: Tensor,
+    protocol: InferenceProtocol,
+    out_size: tuple[int, int] | None = None,
+    *,
+    window_batch_size: int = 8,
+    amp: bool = True,
+) -> Tensor:
+    """Run a protocol and return the sum over scales and flips at the input (or `out_size`) resolution.
+
+    Each scale's output is resized bilinearly (align_corners=True) to the target size before summing.
+    See `plan_protocol` for the sizes and windows visited.
+    """
+    _check_images(images)
+    h, w = images.shape[-2:]
+    target = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
+    total: Tensor | None = None
+    for scale_pass in plan_protocol(protocol, h, w):
+        scaled = _resize(images, scale_pass.size)
+        if protocol.crop_size is None:
+            out = predict_whole(
+                forward, scaled, flip=protocol.flip, window_batch_size=window_batch_size, amp=amp
+            )
+        else:
+            out = predict_sliding(
+                forward,
+                scaled,
+                protocol.crop_size,
+                protocol.stride,
+                flip=protocol.flip,
+                pad_value=protocol.pad_value,
+                window_batch_size=window_batch_size,
+                amp=amp,
+            )
+        out = _resize(out, target)
+        total = out if total is None else total.add_(out)
+    assert total is not None
+    return total

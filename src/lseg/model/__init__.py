@@ -1,0 +1,14 @@
+"""LSeg model: image encoders (timm), DPT decoder, LSeg head, frozen text encoders."""
+
+from lseg.model.config import ImageEncoderConfig, LSegConfig, TextEncoderConfig, load_preset, preset_names
+from lseg.model.lseg import LSeg, SegmentationResult
+
+__all__ = [
+    "ImageEncoderConfig",
+    "LSeg",
+    "LSegConfig",
+    "SegmentationResult",
+    "TextEncoderConfig",
+    "load_preset",
+    "preset_names",
+]

@@ -1,0 +1,95 @@
+"""The LSeg head: per-pixel embeddings in the text space, scaled cosine logits, spatial regularisation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_LOGIT_SCALE = 100.0
+ACTIVATIONS = {"relu": nn.ReLU, "lrelu": nn.LeakyReLU, "tanh": nn.Tanh}
+
+
+class LabelwiseConv(nn.Module):
+    """One 3x3 conv shared by every label channel: smooths each label's logit map the same way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, kernel_size=3, padding=1)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        batch, labels, height, width = logits.shape
+        out = self.conv(logits.reshape(batch * labels, 1, height, width))
+        return out.reshape(batch, labels, height, width)
+
+
+class SpatialRegularizer(nn.Module):
+    """LSeg's optional blocks after the logits, applied `depth` times (the last without activation).
+
+    `depthwise`: shared label-wise conv. `bottleneck`: the same plus the per-pixel max over labels
+    added back. The same block (weights) is reused at every step, as in the original LSeg.
+    """
+
+    def __init__(self, kind: str, depth: int, activation: str) -> None:
+        super().__init__()
+        if kind not in ("depthwise", "bottleneck"):
+            raise ValueError(f"unknown regularizer '{kind}'; valid: depthwise, bottleneck")
+        self.kind = kind
+        self.depth = depth
+        self.labelwise = LabelwiseConv()
+        self.activation = ACTIVATIONS[activation]()
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        for step in range(self.depth):
+            out = self.labelwise(logits)
+            if self.kind == "bottleneck":
+                out = out + logits.amax(dim=1, keepdim=True)
+            logits = self.activation(out) if step < self.depth - 1 else out
+        return logits
+
+
+class LSegHead(nn.Module):
+    """Stride-2 decoder map -> per-pixel embeddings -> logits against label embeddings at full size."""
+
+    def __init__(
+        self,
+        features: int,
+        embed_dim: int,
+        logit_scale: float = 1 / 0.07,
+        learn_logit_scale: bool = False,
+        regularizer: str | None = None,
+        regularizer_depth: int = 2,
+        regularizer_activation: str = "lrelu",
+    ) -> None:
+        super().__init__()
+        if not 0 < logit_scale <= MAX_LOGIT_SCALE:
+            raise ValueError(f"logit_scale must be in (0, {MAX_LOGIT_SCALE}], got {logit_scale}")
+        self.project = nn.Conv2d(features, embed_dim, kernel_size=1)
+        log_scale = torch.tensor(math.log(logit_scale))
+        if learn_logit_scale:
+            self.log_logit_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale, persistent=False)
+        self.regularizer = (
+            SpatialRegularizer(regularizer, regularizer_depth, regularizer_activation)
+            if regularizer
+            else None
+        )
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def embed(self, decoded: torch.Tensor) -> torch.Tensor:
+        """Per-pixel embeddings, L2-normalised over the channel axis (dim 1), at stride 2."""
+        return F.normalize(self.project(decoded), dim=1)
+
+    def forward(self, decoded: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        pixels = self.embed(decoded)
+        text = F.normalize(text.to(pixels.dtype), dim=-1)
+        logits = self.logit_scale * torch.einsum("bdhw,nd->bnhw", pixels, text)
+        if self.regularizer is not None:
+            logits = self.regularizer(logits)
+        return F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=True)

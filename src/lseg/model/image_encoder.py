@@ -1,0 +1,247 @@
+"""Image encoders that feed the DPT decoder four feature maps at strides 4, 8, 16 and 32.
+
+A ViT yields one token grid per hooked block; DPT "reassembles" each into an image-like map and
+resamples it to its stride. A CNN yields the four strides directly. A hybrid ViT (DPT-Hybrid) takes
+its two high-resolution maps from the ResNet stem of its patch embedding and the others from ViT
+blocks. All three expose `out_channels` (channels of the four maps) and `pad_multiple` (input sides
+must be multiples of it; the model pads and crops back).
+"""
+
+from __future__ import annotations
+
+import math
+from types import MethodType
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from lseg.errors import LSegError
+from lseg.model.config import ImageEncoderConfig
+from lseg.model.hub import hub_access
+
+STRIDES = (4, 8, 16, 32)
+
+
+class ProjectReadout(nn.Module):
+    """Concatenate the class token to every patch token, then Linear(2D -> D) + GELU (DPT default)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.project = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU())
+
+    def forward(self, tokens: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([tokens, cls_token.expand_as(tokens)], dim=-1))
+
+
+class AddReadout(nn.Module):
+    def forward(self, tokens: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
+        return tokens + cls_token
+
+
+class IgnoreReadout(nn.Module):
+    def forward(self, tokens: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+
+READOUTS = {"project": ProjectReadout, "add": lambda dim: AddReadout(), "ignore": lambda dim: IgnoreReadout()}
+
+
+def resample_layer(channels: int, factor: float) -> nn.Module:
+    """DPT resampling of a token map: transposed conv to upsample, strided 3x3 conv to downsample."""
+    if factor == 1:
+        return nn.Identity()
+    if factor > 1:
+        step = int(factor)
+        return nn.ConvTranspose2d(channels, channels, kernel_size=step, stride=step)
+    step = int(round(1 / factor))
+    return nn.Conv2d(channels, channels, kernel_size=3, stride=step, padding=1)
+
+
+class Reassemble(nn.Module):
+    """Token grid (B x h*w x D) -> image map (B x C x H/stride x W/stride)."""
+
+    def __init__(self, dim: int, channels: int, factor: float, readout: str) -> None:
+        super().__init__()
+        self.readout = READOUTS[readout](dim)
+        self.project = nn.Conv2d(dim, channels, kernel_size=1)
+        self.resample = resample_layer(channels, factor)
+
+    def forward(self, tokens: torch.Tensor, cls_token: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        tokens = self.readout(tokens, cls_token)
+        feature_map = tokens.transpose(1, 2).unflatten(2, grid)
+        return self.resample(self.project(feature_map))
+
+
+def _make_pos_embed(interpolation: str, antialias: bool):
+    """A `_pos_embed` for timm ViTs whose grid resize is configurable.
+
+    timm resizes position embeddings bicubically with antialias; the original LSeg resized them
+    bilinearly (align_corners=False, no antialias) at every forward. Checkpoints trained one way
+    lose accuracy when run the other way, so the choice is part of the model config.
+    """
+
+    def pos_embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, dim = x.shape
+        pos = resample_abs_pos_embed(
+            vit.pos_embed,
+            new_size=(height, width),
+            old_size=vit.patch_embed.grid_size,
+            num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens,
+            interpolation=interpolation,
+            antialias=antialias,
+        )
+        x = x.reshape(batch, -1, dim)
+        prefix = [vit.cls_token.expand(batch, -1, -1)] if vit.cls_token is not None else []
+        if vit.no_embed_class:
+            x = torch.cat(prefix + [x + pos], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos
+        return vit.pos_drop(x)
+
+    return pos_embed
+
+
+def create_timm_model(cfg: ImageEncoderConfig, **kwargs) -> nn.Module:
+    """timm.create_model with clear errors for unknown names and unavailable weights."""
+    if not timm.is_model(cfg.name):
+        close = ", ".join(timm.list_models(f"*{cfg.name.split('_')[0]}*")[:12])
+        raise LSegError(
+            f"unknown timm backbone '{cfg.name}'" + (f"; similar names: {close}" if close else "")
+        )
+    kwargs = {**kwargs, **cfg.kwargs}
+    if not cfg.pretrained:
+        return timm.create_model(cfg.name, pretrained=False, **kwargs)
+    with hub_access(f"pretrained timm weights for '{cfg.name}'"):
+        return timm.create_model(cfg.name, pretrained=True, **kwargs)
+
+
+class ViTEncoder(nn.Module):
+    """timm Vision Transformer + DPT reassembly of the hooked blocks' tokens."""
+
+    def __init__(self, cfg: ImageEncoderConfig) -> None:
+        super().__init__()
+        self.model = create_timm_model(cfg, dynamic_img_size=True, num_classes=0)
+        if not hasattr(self.model, "blocks") or not hasattr(self.model, "patch_embed"):
+            raise LSegError(f"'{cfg.name}' is not a plain timm VisionTransformer; use type 'cnn' or 'hybrid'")
+        self.model._pos_embed = MethodType(
+            _make_pos_embed(cfg.pos_embed_interpolation, cfg.pos_embed_antialias), self.model
+        )
+        depth = len(self.model.blocks)
+        self.hooks = list(cfg.hooks or [round(depth * (i + 1) / 4) - 1 for i in range(4)])
+        if len(self.hooks) != 4 or not all(0 <= h < depth for h in self.hooks):
+            raise LSegError(f"ViT hooks must be 4 block indices in [0, {depth - 1}], got {self.hooks}")
+        dim = self.model.embed_dim
+        patch = self.model.patch_embed.patch_size[0]
+        self.pad_multiple = math.lcm(patch, 32)
+        channels = cfg.channels or [dim // 4, dim // 2, dim, dim]
+        self.out_channels = list(channels)
+        self.reassemble = nn.ModuleList(
+            Reassemble(dim, c, patch / stride, cfg.readout) for c, stride in zip(channels, STRIDES)
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        grid = self.model.patch_embed.dynamic_feat_size(images.shape[-2:])
+        outputs = self.model.forward_intermediates(
+            images, indices=self.hooks, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
+        )
+        return [
+            layer(tokens, prefix[:, :1], grid) for layer, (tokens, prefix) in zip(self.reassemble, outputs)
+        ]
+
+
+class CNNEncoder(nn.Module):
+    """Any timm CNN with `features_only`; picks the maps whose reduction is 4, 8, 16 and 32."""
+
+    def __init__(self, cfg: ImageEncoderConfig) -> None:
+        super().__init__()
+        probe = timm.create_model(cfg.name, pretrained=False, features_only=True, **cfg.kwargs)
+        reductions = probe.feature_info.reduction()
+        missing = [s for s in STRIDES if s not in reductions]
+        if missing:
+            raise LSegError(
+                f"backbone '{cfg.name}' has no feature maps at strides {missing} (has {reductions})"
+            )
+        indices = [reductions.index(s) for s in STRIDES]
+        out_indices = [probe.feature_info.out_indices[i] for i in indices]
+        del probe
+        self.model = create_timm_model(cfg, features_only=True, out_indices=out_indices)
+        self.out_channels = self.model.feature_info.channels()
+        self.pad_multiple = 32
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model(images))
+
+
+class HybridViTEncoder(nn.Module):
+    """DPT-Hybrid: ResNet stages of the patch embedding give strides 4 and 8, ViT blocks 16 and 32."""
+
+    def __init__(self, cfg: ImageEncoderConfig) -> None:
+        super().__init__()
+        self.model = create_timm_model(cfg, dynamic_img_size=True, num_classes=0)
+        backbone = getattr(self.model.patch_embed, "backbone", None)
+        if backbone is None or not hasattr(backbone, "stages"):
+            raise LSegError(f"'{cfg.name}' is not a timm hybrid ViT with a ResNet patch embedding")
+        self.model._pos_embed = MethodType(
+            _make_pos_embed(cfg.pos_embed_interpolation, cfg.pos_embed_antialias), self.model
+        )
+        depth = len(self.model.blocks)
+        self.hooks = list(cfg.hooks or [depth * 2 // 3 - 1, depth - 1])
+        if len(self.hooks) != 2:
+            raise LSegError(f"hybrid ViT hooks must be 2 block indices, got {self.hooks}")
+        dim = self.model.embed_dim
+        cnn_channels = [info["num_chs"] for info in backbone.feature_info if info["reduction"] in (4, 8)][-2:]
+        vit_channels = (cfg.channels or [dim, dim])[-2:]
+        self.out_channels = [*cnn_channels, *vit_channels]
+        self.reassemble = nn.ModuleList(
+            Reassemble(dim, c, 16 / stride, cfg.readout) for c, stride in zip(vit_channels, STRIDES[2:])
+        )
+        self.pad_multiple = 32
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        backbone = self.model.patch_embed.backbone
+        cnn_maps = []
+        x = backbone.stem(images)
+        for stage in backbone.stages:
+            x = stage(x)
+            cnn_maps.append(x)
+        grid = x.shape[-2:]
+        tokens = self.model.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        tokens = self.model._pos_embed(tokens.unflatten(1, grid))
+        tokens = self.model.norm_pre(tokens)
+        vit_maps = []
+        for index, block in enumerate(self.model.blocks[: max(self.hooks) + 1]):
+            tokens = block(tokens)
+            if index in self.hooks:
+                vit_maps.append(tokens)
+        prefix = self.model.num_prefix_tokens
+        vit_maps = [
+            layer(t[:, prefix:], t[:, :1], tuple(grid)) for layer, t in zip(self.reassemble, vit_maps)
+        ]
+        return [cnn_maps[0], cnn_maps[1], *vit_maps]
+
+
+ENCODERS = {"vit": ViTEncoder, "cnn": CNNEncoder, "hybrid": HybridViTEncoder}
+
+
+def build_image_encoder(cfg: ImageEncoderConfig) -> nn.Module:
+    if cfg.type not in ENCODERS:
+        raise LSegError(f"unknown image encoder type '{cfg.type}'; valid: {', '.join(ENCODERS)}")
+    return ENCODERS[cfg.type](cfg)
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int, value: float = 0.0) -> torch.Tensor:
+    """Pad bottom/right so both sides are multiples of `multiple` (the encoder's coarsest stride)."""
+    height, width = images.shape[-2:]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return images
+    return F.pad(images, (0, pad_w, 0, pad_h), value=value)

@@ -1,0 +1,221 @@
+"""LSeg: a frozen text encoder embeds labels, a DPT image encoder embeds pixels; logits are their
+scaled cosine similarities, so one model segments with whatever labels it is given."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lseg.errors import LSegError
+from lseg.images import ImageInput, load_image
+from lseg.model.config import LSegConfig, load_preset
+from lseg.model.dpt import DPTDecoder
+from lseg.model.head import LSegHead
+from lseg.model.image_encoder import build_image_encoder, pad_to_multiple
+from lseg.model.text_encoder import build_text_encoder
+
+
+@dataclass
+class SegmentationResult:
+    """One image's segmentation at its original resolution."""
+
+    label_map: np.ndarray  # H x W int64, index into `labels`
+    scores: np.ndarray  # N x H x W float32 softmax probabilities
+    labels: list[str]
+
+    def shares(self) -> dict[str, float]:
+        """Fraction of pixels assigned to each label."""
+        counts = np.bincount(self.label_map.ravel(), minlength=len(self.labels))
+        return {label: float(c) / self.label_map.size for label, c in zip(self.labels, counts)}
+
+
+class LSeg(nn.Module):
+    """Language-driven semantic segmentation model (Li et al., ICLR 2022).
+
+    `forward(pixel_values, labels_or_embeddings)` takes normalised B x 3 x H x W images of any size and
+    returns B x N x H x W logits. `segment`, `encode_image` and `encode_text` are the user-facing API.
+    """
+
+    def __init__(self, config: LSegConfig, load_pretrained: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.text_encoder = build_text_encoder(config.text_encoder, load_pretrained=load_pretrained)
+        image_cfg = config.image_encoder
+        if not load_pretrained and image_cfg.pretrained:
+            image_cfg = type(image_cfg)(**{**image_cfg.__dict__, "pretrained": False})
+        self.image_encoder = build_image_encoder(image_cfg)
+        self.decoder = DPTDecoder(self.image_encoder.out_channels, config.features, config.use_bn)
+        self.head = LSegHead(
+            config.features,
+            self.text_encoder.embed_dim,
+            logit_scale=config.logit_scale,
+            learn_logit_scale=config.learn_logit_scale,
+            regularizer=config.regularizer,
+            regularizer_depth=config.regularizer_depth,
+            regularizer_activation=config.regularizer_activation,
+        )
+        self.register_buffer("pixel_mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+
+    # ----------------------------------------------------------------- construction and weights
+    @classmethod
+    def from_config(cls, config: str | dict[str, Any] | LSegConfig, pretrained: bool = True) -> LSeg:
+        """Build from a preset name ("tiny", "vit_b16", "vit_l16", ...), a dict or an LSegConfig.
+
+        `pretrained=False` builds random weights without any download (tests, benchmarks).
+        """
+        if isinstance(config, str):
+            config = load_preset(config)
+        elif isinstance(config, dict):
+            config = LSegConfig.from_dict(config)
+        return cls(config, load_pretrained=pretrained)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path, map_location: str | torch.device = "cpu") -> LSeg:
+        """Load a `save_pretrained` folder, a Hugging Face Hub repo id, or an original LSeg `.ckpt`."""
+        from lseg.model.checkpoint import load_model
+
+        return load_model(cls, path_or_repo_id, map_location)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `model.safetensors` + `config.json` atomically (a failure leaves no partial folder)."""
+        from lseg.model.checkpoint import save_model
+
+        return save_model(self, directory)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.image_encoder.set_grad_checkpointing(enable)
+
+    # ----------------------------------------------------------------- tensors in, tensors out
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def encode_text(self, labels: Sequence[str]) -> torch.Tensor:
+        """N x D label embeddings, L2-normalised (cached; the text encoder is frozen)."""
+        return self.text_encoder.encode(list(labels)).to(self.device)
+
+    def pixel_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised B x D x ceil(H/2) x ceil(W/2) embeddings of normalised B x 3 x H x W images."""
+        height, width = pixel_values.shape[-2:]
+        padded = pad_to_multiple(pixel_values, self.image_encoder.pad_multiple)
+        embeddings = self.head.embed(self.decoder(self.image_encoder(padded)))
+        return embeddings[..., : (height + 1) // 2, : (width + 1) // 2]
+
+    def forward(self, pixel_values: torch.Tensor, labels: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        """B x N x H x W logits for normalised images and N labels (or N x D label embeddings)."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise LSegError(f"pixel_values must be B x 3 x H x W, got {tuple(pixel_values.shape)}")
+        text = labels if isinstance(labels, torch.Tensor) else self.encode_text(labels)
+        height, width = pixel_values.shape[-2:]
+        padded = pad_to_multiple(pixel_values, self.image_encoder.pad_multiple)
+        logits = self.head(self.decoder(self.image_encoder(padded)), text)
+        return logits[..., :height, :width]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float B x 3 x H x W -> model input."""
+        if not images.is_floating_point():
+            images = images.float() / 255
+        return (images.to(self.device) - self.pixel_mean) / self.pixel_std
+
+    # ----------------------------------------------------------------- user-facing API
+    def preprocess(self, image: ImageInput, size: int | None = None) -> torch.Tensor:
+        """Any supported image -> normalised 1 x 3 x H x W tensor, long side resized to `size` if given."""
+        array = load_image(image)
+        tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).float() / 255
+        if size is not None:
+            height, width = array.shape[:2]
+            scale = size / max(height, width)
+            new_size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            tensor = F.interpolate(
+                tensor, size=new_size, mode="bilinear", align_corners=False, antialias=scale < 1
+            ).clamp(0, 1)
+        return self.normalize(tensor)
+
+    @torch.inference_mode()
+    def segment(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        labels: Sequence[str] | None = None,
+        size: int | None = None,
+        protocol: str = "single",
+    ) -> SegmentationResult | list[SegmentationResult]:
+        """Segment one image (or a list) with the given label words; results at original resolution."""
+        from lseg.inference import get_protocol, run_protocol
+
+        single = not isinstance(images, (list, tuple))
+        labels = list(labels) if labels is not None else list(self.config.labels)
+        text = self.encode_text(labels)
+        spec = get_protocol(protocol)
+        was_training = self.training
+        self.eval()
+        results = []
+        try:
+            for image in [images] if single else images:
+                original = load_image(image)
+                pixel_values = self.preprocess(original, size)
+                logits = run_protocol(
+                    lambda batch: self(batch, text),  # noqa: B023 - called before the loop advances
+                    pixel_values,
+                    spec,
+                    out_size=original.shape[:2],
+                    amp=self.device.type == "cuda",
+                )[0].float()
+                scores = logits.softmax(dim=0)
+                results.append(
+                    SegmentationResult(
+                        label_map=scores.argmax(dim=0).cpu().numpy(),
+                        scores=scores.cpu().numpy(),
+                        labels=labels,
+                    )
+                )
+        finally:
+            self.train(was_training)
+        return results[0] if single else results
+
+    @torch.inference_mode()
+    def encode_image(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        size: int | None = None,
+        protocol: str = "single",
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Dense per-pixel embeddings, D x H/2 x W/2 per image (normalised over D).
+
+        A batch tensor B x 3 x H x W (uint8 or [0, 1] float) gives B x D x H/2 x W/2.
+        """
+        from lseg.inference import get_protocol, run_protocol
+
+        spec = get_protocol(protocol)
+        was_training = self.training
+        self.eval()
+        try:
+            if isinstance(images, torch.Tensor) and images.ndim == 4:
+                batches = [self.normalize(images)]
+            else:
+                items = [images] if not isinstance(images, (list, tuple)) else images
+                batches = [self.preprocess(item, size) for item in items]
+            outputs = []
+            for pixel_values in batches:
+                feature_size = ((pixel_values.shape[-2] + 1) // 2, (pixel_values.shape[-1] + 1) // 2)
+                features = run_protocol(
+                    self.pixel_embeddings,
+                    pixel_values,
+                    spec,
+                    out_size=feature_size,
+                    amp=self.device.type == "cuda",
+                )
+                outputs.append(F.normalize(features.float(), dim=1))
+        finally:
+            self.train(was_training)
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            return outputs[0]
+        squeezed = [o[0] for o in outputs]
+        return squeezed[0] if not isinstance(images, (list, tuple)) else squeezed

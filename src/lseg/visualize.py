@@ -1,0 +1,78 @@
+"""Colour overlays with a legend, and atomic image writing."""
+
+from __future__ import annotations
+
+import colorsys
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def palette(count: int) -> np.ndarray:
+    """`count` distinct, deterministic RGB colours (golden-ratio hue steps)."""
+    colours = []
+    for index in range(count):
+        hue = (index * 0.618033988749895) % 1.0
+        lightness = 0.5 if index % 2 == 0 else 0.38
+        colours.append([round(c * 255) for c in colorsys.hls_to_rgb(hue, lightness, 0.85)])
+    return np.asarray(colours, dtype=np.uint8).reshape(-1, 3)
+
+
+def colorize(label_map: np.ndarray, count: int) -> np.ndarray:
+    return palette(count)[label_map]
+
+
+def overlay(image: np.ndarray, label_map: np.ndarray, labels: list[str], alpha: float = 0.55) -> Image.Image:
+    """Image blended with the label colours, plus a legend: colour, label, share of pixels."""
+    colours = palette(len(labels))
+    blended = (image.astype(np.float32) * (1 - alpha) + colours[label_map] * alpha).astype(np.uint8)
+    counts = np.bincount(label_map.ravel(), minlength=len(labels))
+    order = [i for i in np.argsort(-counts) if counts[i] > 0]
+    font_size = max(12, min(28, image.shape[0] // 30))
+    font = ImageFont.load_default(size=font_size)
+    row = font_size + 8
+    legend_width = max(180, int(max(font.getlength(f"{labels[i]}  100.0%") for i in order) + row + 24))
+    canvas = Image.new(
+        "RGB", (image.shape[1] + legend_width, max(image.shape[0], row * len(order) + 16)), "white"
+    )
+    canvas.paste(Image.fromarray(blended), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x = image.shape[1] + 10
+    for line, index in enumerate(order):
+        y = 8 + line * row
+        draw.rectangle([x, y, x + font_size, y + font_size], fill=tuple(int(c) for c in colours[index]))
+        share = 100.0 * counts[index] / label_map.size
+        draw.text((x + font_size + 8, y), f"{labels[index]}  {share:.1f}%", fill="black", font=font)
+    return canvas
+
+
+def save_image_atomic(image: Image.Image | np.ndarray, path: str | Path) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
+    path = Path(path)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        image.save(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_array_atomic(array: np.ndarray, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
+    os.close(handle)
+    try:
+        np.save(temporary, array)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random models and the read-only shared data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("LSEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_seeded(monkeypatch):
+    """Tests never touch the network and are deterministic."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from lseg import LSeg
+
+    torch.manual_seed(0)
+    return LSeg.from_config("tiny").eval()
+
+
+@pytest.fixture
+def cat_image() -> Path:
+    path = shared_data_dir() / "images" / "cat1.jpeg"
+    if not path.is_file():
+        pytest.skip(f"shared sample image not found at {path} (../shared/data is absent)")
+    return path

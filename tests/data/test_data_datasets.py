@@ -1,0 +1,245 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+
+from lseg.data import (
+    CAMVID_CLASSES,
+    DATASETS,
+    ListFileDataset,
+    ade20k,
+    ade20k_names,
+    build_dataset,
+    camvid,
+    folder,
+    image_folder,
+    mseg_ade20k,
+    mseg_coco_panoptic,
+    universal_names,
+)
+from lseg.data.taxonomy import bundled_names
+from lseg.errors import LSegError
+
+NAMES = ["a", "b", "c"]
+
+
+@pytest.fixture
+def tiny(tmp_path, write_image, write_label):
+    """Two 6x8 samples with 8-bit labels and their list file."""
+    labels = [np.array([[0, 1, 2, 255] * 2] * 6, np.uint8), np.full((6, 8), 2, np.uint8)]
+    for i, label in enumerate(labels):
+        write_image(tmp_path / "img" / f"{i}.png", 6, 8, seed=i)
+        write_label(tmp_path / "lbl" / f"{i}.png", label)
+    (tmp_path / "list.txt").write_text("img/0.png lbl/0.png\n\n# comment\nimg/1.png lbl/1.png\n")
+    return tmp_path, labels
+
+
+def test_sample_format_and_values(tiny):
+    root, labels = tiny
+    ds = ListFileDataset(root, root / "list.txt", NAMES, name="tiny")
+    assert len(ds) == 2 and ds.class_names == NAMES and ds.name == "tiny" and ds.ignore_index == 255
+    sample = ds[0]
+    assert set(sample) == {"image", "mask", "dataset", "path"}
+    assert isinstance(sample["image"], tv_tensors.Image) and sample["image"].dtype == torch.uint8
+    assert sample["image"].shape == (3, 6, 8)
+    assert isinstance(sample["mask"], tv_tensors.Mask) and sample["mask"].dtype == torch.int64
+    assert torch.equal(sample["mask"], torch.from_numpy(labels[0]).long())
+    assert sample["dataset"] == "tiny" and sample["path"] == str(root / "img" / "0.png")
+    expected = np.array(Image.open(root / "img" / "0.png"))
+    assert torch.equal(sample["image"], torch.from_numpy(expected).permute(2, 0, 1))
+
+
+def test_sixteen_bit_labels(tmp_path, write_image, write_label):
+    write_image(tmp_path / "x.png", 4, 5)
+    label = np.full((4, 5), 300, np.uint16)
+    label[0, 0] = 65535
+    write_label(tmp_path / "x_label.png", label)
+    (tmp_path / "list.txt").write_text("x.png x_label.png\n")
+    names = [f"c{i}" for i in range(400)]
+    mask = ListFileDataset(tmp_path, tmp_path / "list.txt", names, ignore_index=65535)[0]["mask"]
+    assert mask[0, 0] == 65535 and (mask.flatten()[1:] == 300).all()
+
+
+def test_exif_orientation_is_applied(tmp_path, write_label):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display: stored 4x6 becomes 6x4
+    Image.new("RGB", (6, 4), (200, 10, 10)).save(tmp_path / "x.jpg", exif=exif)
+    write_label(tmp_path / "x.png", np.zeros((6, 4), np.uint8))
+    (tmp_path / "list.txt").write_text("x.jpg x.png\n")
+    assert ListFileDataset(tmp_path, tmp_path / "list.txt", NAMES)[0]["image"].shape == (3, 6, 4)
+
+
+def test_id_map_dict_and_table(tiny):
+    root, _ = tiny
+    ds = ListFileDataset(root, root / "list.txt", ["x", "y"], id_map={2: 0, 0: 255})
+    assert ds[0]["mask"][0, :4].tolist() == [255, 1, 0, 255]
+    table = ListFileDataset(root, root / "list.txt", ["x", "y", "z"], id_map=torch.tensor([2, 1, 0]))
+    assert table[0]["mask"][0, :4].tolist() == [2, 1, 0, 255]
+    short = ListFileDataset(root, root / "list.txt", ["x", "y"], id_map=[1, 0])  # raw 2 is past the table
+    with pytest.raises(LSegError, match=r"lbl/0\.png has ids \[2\]"):
+        short[0]
+
+
+def test_transform_is_applied(tiny):
+    root, _ = tiny
+    ds = ListFileDataset(root, root / "list.txt", NAMES, transform=lambda s: {**s, "extra": 1})
+    assert ds[0]["extra"] == 1
+
+
+def test_missing_list_file_and_root(tmp_path):
+    with pytest.raises(LSegError, match="list file .*nope.txt not found"):
+        ListFileDataset(tmp_path, tmp_path / "nope.txt", NAMES)
+    with pytest.raises(LSegError, match="dataset root .*absent not found"):
+        ListFileDataset(tmp_path / "absent", tmp_path / "nope.txt", NAMES)
+
+
+def test_malformed_list_line(tmp_path):
+    (tmp_path / "list.txt").write_text("a.png b.png\nonly_one.png\n")
+    with pytest.raises(LSegError, match=r"list.txt:2: expected 'IMAGE LABEL'"):
+        ListFileDataset(tmp_path, tmp_path / "list.txt", NAMES)
+
+
+def test_missing_image_or_label(tiny):
+    root, _ = tiny
+    (root / "list.txt").write_text("img/none.png lbl/0.png\nimg/0.png lbl/none.png\n")
+    ds = ListFileDataset(root, root / "list.txt", NAMES)
+    with pytest.raises(LSegError, match=r"image file .*img/none\.png not found"):
+        ds[0]
+    with pytest.raises(LSegError, match=r"label file .*lbl/none\.png not found"):
+        ds[1]
+
+
+def test_size_mismatch(tiny, write_label):
+    root, _ = tiny
+    write_label(root / "lbl" / "0.png", np.zeros((5, 8), np.uint8))
+    with pytest.raises(LSegError, match=r"label .*lbl/0\.png is 8x5 but image .*img/0\.png is 8x6"):
+        ListFileDataset(root, root / "list.txt", NAMES)[0]
+
+
+def test_colour_label_rejected(tiny):
+    root, _ = tiny
+    Image.new("RGB", (8, 6)).save(root / "lbl" / "0.png")
+    with pytest.raises(LSegError, match=r"lbl/0\.png has mode RGB"):
+        ListFileDataset(root, root / "list.txt", NAMES)[0]
+
+
+def test_unknown_ids_error_names_file(tiny):
+    root, _ = tiny
+    with pytest.raises(LSegError, match=r"lbl/0\.png has ids \[2\].*unknown_ids='ignore'"):
+        ListFileDataset(root, root / "list.txt", ["a", "b"])[0]
+
+
+def test_unknown_ids_ignore_warns_once(tiny):
+    root, _ = tiny
+    ds = ListFileDataset(root, root / "list.txt", ["a", "b"], unknown_ids="ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        masks = [ds[0]["mask"], ds[1]["mask"], ds[0]["mask"]]
+    assert len(caught) == 1 and "lbl/0.png" in str(caught[0].message)
+    assert masks[0][0, :4].tolist() == [0, 1, 255, 255] and (masks[1] == 255).all()
+
+
+def test_bad_options(tiny):
+    root, _ = tiny
+    with pytest.raises(LSegError, match="unknown_ids"):
+        ListFileDataset(root, root / "list.txt", NAMES, unknown_ids="drop")
+    with pytest.raises(LSegError, match="ignore_index 1 collides"):
+        ListFileDataset(root, root / "list.txt", NAMES, ignore_index=1)
+
+
+def test_image_folder_and_registry_folder(tmp_path, write_image, write_label):
+    for split in ("train", "val"):
+        for stem in ("b", "a"):
+            write_image(tmp_path / "images" / split / f"{stem}.jpg", 4, 4)
+            write_label(tmp_path / "masks" / split / f"{stem}.png", np.ones((4, 4), np.uint8))
+    (tmp_path / "names.txt").write_text("road\nsky\n\n")
+    ds = image_folder(tmp_path / "images" / "train", tmp_path / "masks" / "train", tmp_path / "names.txt")
+    assert ds.class_names == ["road", "sky"] and [p[0][-5:] for p in ds.pairs] == ["a.jpg", "b.jpg"]
+    assert build_dataset("folder", tmp_path, "val")[1]["mask"].sum() == 16
+    (tmp_path / "masks" / "val" / "a.png").unlink()
+    with pytest.raises(LSegError, match=r"no label .*val/a\.png for image"):
+        folder(tmp_path, "val")
+
+
+def test_build_dataset_errors(tmp_path):
+    with pytest.raises(LSegError, match="unknown dataset 'kitti'.*camvid, ade20k"):
+        build_dataset("kitti", tmp_path, "train")
+    for name in DATASETS:
+        with pytest.raises(LSegError, match=f"{name} root .*missing not found; expected layout: ROOT/"):
+            build_dataset(name, tmp_path / "missing", "train")
+    with pytest.raises(LSegError, match=r"camvid: .*train\.txt not found; expected layout"):
+        camvid(tmp_path, "train")
+    with pytest.raises(LSegError, match="unknown split 'dev'"):
+        ade20k(tmp_path, "dev")
+
+
+def test_ade20k_scan(tmp_path, write_image, write_label):
+    write_image(tmp_path / "images" / "validation" / "ADE_val_1.jpg", 3, 4)
+    write_label(tmp_path / "annotations" / "validation" / "ADE_val_1.png", np.array([[0, 1, 150, 7]] * 3, np.uint8))
+    ds = ade20k(tmp_path, "val")
+    assert len(ds.class_names) == 150 and ds.class_names[:3] == ["wall", "building", "sky"]
+    assert ds.class_names[64] == "coffee table"
+    assert ds[0]["mask"][0].tolist() == [255, 0, 149, 6] and ds.name == "ade20k"
+
+
+def test_mseg_layouts(tmp_path, write_image, write_label):
+    write_image(tmp_path / "ADE20K" / "images" / "training" / "x.jpg", 2, 3)
+    write_label(tmp_path / "ADE20K" / "annotations_semseg150_relabeled" / "training" / "x.png", np.zeros((2, 3), np.uint8))
+    write_image(tmp_path / "COCOPanoptic" / "images" / "val2017" / "y.jpg", 2, 3)
+    write_label(tmp_path / "COCOPanoptic" / "semantic_relabeled133" / "val2017" / "y.png", np.full((2, 3), 5, np.uint8))
+    ade = mseg_ade20k(tmp_path, "train")
+    assert ade.class_names == universal_names() and ade.name == "mseg-ade20k"
+    assert universal_names()[int(ade[0]["mask"][0, 0])] == bundled_names("ade20k-150-relabeled")[0]
+    own = mseg_ade20k(tmp_path, "train", taxonomy="dataset")
+    assert own.class_names == bundled_names("ade20k-150-relabeled") and own[0]["mask"].max() == 0
+    coco = build_dataset("mseg-coco-panoptic", tmp_path, "val")
+    assert universal_names()[int(coco[0]["mask"][0, 0])] == bundled_names("coco-panoptic-133-relabeled")[5]
+    with pytest.raises(LSegError, match=r"COCOPanoptic/images/train2017 not found; expected layout"):
+        mseg_coco_panoptic(tmp_path, "train")
+
+
+def test_mseg_list_file_convention(shared_data, tmp_path, write_image, write_label):
+    """MSeg's own list files resolve against ROOT/ADE20K and ROOT/COCOPanoptic."""
+    lists = shared_data / "mseg" / "dataset_lists"
+    for factory, dataset, sub in (
+        (mseg_ade20k, "ade20k-150-relabeled", "ADE20K"),
+        (mseg_coco_panoptic, "coco-panoptic-133-relabeled", "COCOPanoptic"),
+    ):
+        list_file = lists / dataset / "list" / "val.txt"
+        image, label = list_file.read_text().split("\n", 1)[0].split()
+        write_image(tmp_path / sub / image, 2, 2)
+        write_label(tmp_path / sub / label, np.zeros((2, 2), np.uint8))
+        ds = factory(tmp_path, "val", list_file=list_file)
+        assert len(ds) == len(list_file.read_text().split()) // 2
+        assert ds[0]["path"] == str(tmp_path / sub / image)
+
+
+def test_bundled_names_match_mseg_lists(shared_data):
+    for dataset in ("ade20k-150-relabeled", "coco-panoptic-133-relabeled"):
+        path = shared_data / "mseg" / "dataset_lists" / dataset / f"{dataset}_names.txt"
+        assert bundled_names(dataset) == [n.strip() for n in path.read_text().splitlines() if n.strip()]
+
+
+def test_ade20k_names_match_lseg_label_file(shared_data):
+    rows = (shared_data / "lseg_labels" / "ade20k_objectInfo150.txt").read_text().splitlines()[1:]
+    first_words = [row.split(",")[-1].split(";")[0] for row in rows]
+    names = ade20k_names()
+    assert len(names) == 150
+    assert sum(name.split()[0] == word for name, word in zip(names, first_words, strict=True)) == 150
+
+
+def test_camvid_real_data(shared_data):
+    root = shared_data / "camvid"
+    train, val = camvid(root, "train"), camvid(root, "val")
+    assert (len(train), len(val)) == (367, 101)
+    assert train.class_names == list(CAMVID_CLASSES) and len(CAMVID_CLASSES) == 11
+    seen: set[int] = set()
+    for ds, indices in ((train, (0, 183, 366)), (val, range(101))):
+        for i in indices:
+            sample = ds[i]
+            assert sample["image"].shape == (3, 360, 480) and sample["mask"].shape == (360, 480)
+            seen |= set(sample["mask"].unique().tolist())
+    assert seen == set(range(11)) | {255}

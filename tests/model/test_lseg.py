@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lseg import LSeg, LSegError
+from lseg.model.head import MAX_LOGIT_SCALE, LSegHead
+
+
+def test_logits_are_scaled_cosines_over_the_channel_axis(tiny_model):
+    """Regression for the reimplementation's bug: pixel embeddings normalised along the width axis."""
+    images = torch.randn(2, 3, 64, 96)
+    labels = ["cat", "dog", "other"]
+    pixels = tiny_model.pixel_embeddings(images)  # B x D x H/2 x W/2
+    assert torch.allclose(pixels.norm(dim=1), torch.ones(2, 32, 48), atol=1e-5)
+    assert not torch.allclose(pixels.norm(dim=3), torch.ones(2, 32, 32), atol=1e-2)
+    text = tiny_model.encode_text(labels)
+    expected = (1 / 0.07) * torch.einsum("bdhw,nd->bnhw", pixels, text)
+    expected = F.interpolate(expected, scale_factor=2, mode="bilinear", align_corners=True)
+    assert torch.allclose(tiny_model(images, labels), expected, atol=1e-4)
+
+
+def test_logit_scale_is_inverse_temperature_not_exp():
+    """Regression: exp(0.07) ~ 1.07 made logits too flat to train."""
+    head = LSegHead(features=8, embed_dim=4)
+    assert head.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+    decoded = torch.randn(1, 8, 4, 4)
+    text = head.embed(decoded)[0, :, 0, 0][None]  # the first pixel's own embedding
+    logits = head(decoded, text)
+    assert logits[0, 0, 0, 0].item() == pytest.approx(1 / 0.07, rel=1e-4)
+
+
+def test_learnable_logit_scale_is_capped():
+    head = LSegHead(features=8, embed_dim=4, learn_logit_scale=True)
+    with torch.no_grad():
+        head.log_logit_scale.fill_(math.log(1000.0))
+    assert head.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)
+    with pytest.raises(ValueError):
+        LSegHead(features=8, embed_dim=4, logit_scale=150.0)
+
+
+def test_label_order_equivariance(tiny_model):
+    images = torch.randn(1, 3, 48, 48)
+    labels = ["sky", "road", "tree", "car"]
+    permutation = [2, 0, 3, 1]
+    logits = tiny_model(images, labels)
+    permuted = tiny_model(images, [labels[i] for i in permutation])
+    assert torch.allclose(permuted, logits[:, permutation], atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(37, 53), (64, 64), (17, 129), (1, 1)])
+def test_any_input_size_gives_exact_output_size(tiny_model, size):
+    logits = tiny_model(torch.randn(3, 3, *size), ["a", "b"])
+    assert logits.shape == (3, 2, *size)
+    assert tiny_model.pixel_embeddings(torch.randn(1, 3, *size)).shape[-2:] == (
+        (size[0] + 1) // 2,
+        (size[1] + 1) // 2,
+    )
+
+
+def test_batch_items_are_independent(tiny_model):
+    images = torch.randn(2, 3, 32, 48)
+    batched = tiny_model(images, ["a", "b"])
+    single = tiny_model(images[1:], ["a", "b"])
+    assert torch.allclose(batched[1:], single, atol=1e-5)
+
+
+def test_gradients_reach_image_encoder_never_text_encoder():
+    model = LSeg.from_config("tiny").train()
+    logits = model(torch.randn(2, 3, 32, 32), ["a", "b", "c"])
+    F.cross_entropy(logits, torch.randint(0, 3, (2, 32, 32))).backward()
+    assert all(p.grad is None for p in model.text_encoder.parameters())
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    assert model.image_encoder.model.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert model.head.project.weight.grad.abs().sum() > 0
+    assert not model.text_encoder.training  # frozen encoder stays in eval mode
+
+
+def test_regularizer_blocks_keep_shape_and_share_weights():
+    cfg = {"regularizer": "bottleneck", "regularizer_depth": 3}
+    model = LSeg.from_config({**_tiny_dict(), **cfg})
+    assert model(torch.randn(1, 3, 33, 41), ["a", "b", "c"]).shape == (1, 3, 33, 41)
+    assert sum(p.numel() for p in model.head.regularizer.parameters()) == 10  # one 3x3 conv + bias
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(LSegError, match="valid presets: .*tiny"):
+        LSeg.from_config("nope")
+
+
+def test_unknown_backbone_is_a_clear_error():
+    cfg = _tiny_dict()
+    cfg["image_encoder"] = {**cfg["image_encoder"], "name": "vit_does_not_exist"}
+    with pytest.raises(LSegError, match="unknown timm backbone 'vit_does_not_exist'"):
+        LSeg.from_config(cfg)
+
+
+def test_random_presets_build_without_downloads():
+    model = LSeg.from_config("vit_b16", pretrained=False)
+    assert model.text_encoder.embed_dim == 512
+    assert model.image_encoder.hooks == [2, 5, 8, 11]
+    assert model.image_encoder.out_channels == [96, 192, 384, 768]
+
+
+def _tiny_dict() -> dict:
+    import json
+    from importlib import resources
+
+    return json.loads(resources.files("lseg.model").joinpath("presets", "tiny.json").read_text())

