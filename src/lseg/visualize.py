@@ -49,6 +49,14 @@ def overlay(image: np.ndarray, label_map: np.ndarray, labels: list[str], alpha: 
     return canvas
 
 
+def _publish(temporary: str, path: Path) -> None:
+    """mkstemp creates files readable by their owner only; give them the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    os.replace(temporary, path)
+
+
 def save_image_atomic(image: Image.Image | np.ndarray, path: str | Path) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
     path = Path(path)
@@ -59,7 +67,7 @@ def save_image_atomic(image: Image.Image | np.ndarray, path: str | Path) -> None
     os.close(handle)
     try:
         image.save(temporary)
-        os.replace(temporary, path)
+        _publish(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -72,7 +80,7 @@ def save_array_atomic(array: np.ndarray, path: str | Path) -> None:
     os.close(handle)
     try:
         np.save(temporary, array)
-        os.replace(temporary, path)
+        _publish(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -11,7 +11,9 @@ def test_sample_format():
     ds = SyntheticStreetScenes(3, size=(64, 96), seed=1)
     sample = ds[2]
     assert len(ds) == 3 and ds.name == "synthetic" and ds.ignore_index == 255
-    assert ds.class_names == list(SYNTHETIC_CLASS_NAMES) == ["sky", "road", "building", "tree", "car", "person"]
+    assert (
+        ds.class_names == list(SYNTHETIC_CLASS_NAMES) == ["sky", "road", "building", "tree", "car", "person"]
+    )
     assert isinstance(sample["image"], tv_tensors.Image) and sample["image"].dtype == torch.uint8
     assert sample["image"].shape == (3, 64, 96)
     assert isinstance(sample["mask"], tv_tensors.Mask) and sample["mask"].dtype == torch.int64

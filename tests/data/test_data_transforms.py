@@ -7,7 +7,9 @@ from lseg.data import LSEG_MEAN, LSEG_STD, collate, eval_transform, train_transf
 from lseg.errors import LSegError
 
 # One saturated colour per class, far apart, none equal to the mean grey that padding uses.
-COLOURS = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255]], dtype=torch.uint8)
+COLOURS = torch.tensor(
+    [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255]], dtype=torch.uint8
+)
 
 
 def block_sample(height: int = 60, width: int = 80, block: int = 10, seed: int = 0) -> dict:

@@ -8,7 +8,7 @@ import sys
 from lseg import __version__
 from lseg.errors import LSegError
 
-SUBCOMMANDS = ["segment"]
+SUBCOMMANDS = ["quickstart", "segment", "evaluate", "features", "query", "convert", "train", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv[:1] == ["train"]:  # LightningCLI parses its own arguments (configs, dotted overrides)
+        from lseg.cli.train import run as run_train
+
+        args = argparse.Namespace(run=run_train, lightning_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2

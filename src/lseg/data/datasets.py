@@ -158,10 +158,8 @@ class ListFileDataset(Dataset):
                 f"ignore_index {ignore_index} collides with class {self.class_names[ignore_index]!r}"
             )
         if isinstance(list_file, (str, os.PathLike)):
-            self.list_file: Path | None = Path(list_file)
-            self.pairs = _read_list_file(self.list_file)
+            self.pairs = _read_list_file(Path(list_file))
         else:
-            self.list_file = None
             self.pairs = [(str(image), str(label)) for image, label in list_file]
             if not self.pairs:
                 raise LSegError(f"dataset at {self.root} has no samples")

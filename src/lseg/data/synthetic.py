@@ -253,10 +253,6 @@ def render_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.
 class SyntheticStreetScenes(Dataset):
     """``num_images`` procedural street scenes; sample ``i`` depends only on ``(seed, i)``."""
 
-    name = "synthetic"
-    class_names = list(CLASS_NAMES)
-    ignore_index = IGNORE_INDEX
-
     def __init__(
         self,
         num_images: int,
@@ -268,6 +264,9 @@ class SyntheticStreetScenes(Dataset):
             raise LSegError(
                 f"synthetic scenes need num_images >= 1 and size >= 16x16, got {num_images}, {size}"
             )
+        self.name = "synthetic"
+        self.class_names = list(CLASS_NAMES)
+        self.ignore_index = IGNORE_INDEX
         self.num_images = num_images
         self.size = (int(size[0]), int(size[1]))
         self.seed = seed

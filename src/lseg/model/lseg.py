@@ -102,11 +102,19 @@ class LSeg(nn.Module):
         """N x D label embeddings, L2-normalised (cached; the text encoder is frozen)."""
         return self.text_encoder.encode(list(labels)).to(self.device)
 
+    def decode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Decoder output (stride 2) of the input padded to the encoder's multiple."""
+        padded = pad_to_multiple(pixel_values, self.image_encoder.pad_multiple)
+        return self.decoder(self.image_encoder(padded))
+
+    def classify(self, decoded: torch.Tensor, text: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Logits of `decode`'s output against N x D label embeddings, cropped to the input `size`."""
+        return self.head(decoded, text)[..., : size[0], : size[1]]
+
     def pixel_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised B x D x ceil(H/2) x ceil(W/2) embeddings of normalised B x 3 x H x W images."""
         height, width = pixel_values.shape[-2:]
-        padded = pad_to_multiple(pixel_values, self.image_encoder.pad_multiple)
-        embeddings = self.head.embed(self.decoder(self.image_encoder(padded)))
+        embeddings = self.head.embed(self.decode(pixel_values))
         return embeddings[..., : (height + 1) // 2, : (width + 1) // 2]
 
     def forward(self, pixel_values: torch.Tensor, labels: Sequence[str] | torch.Tensor) -> torch.Tensor:
@@ -114,10 +122,7 @@ class LSeg(nn.Module):
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise LSegError(f"pixel_values must be B x 3 x H x W, got {tuple(pixel_values.shape)}")
         text = labels if isinstance(labels, torch.Tensor) else self.encode_text(labels)
-        height, width = pixel_values.shape[-2:]
-        padded = pad_to_multiple(pixel_values, self.image_encoder.pad_multiple)
-        logits = self.head(self.decoder(self.image_encoder(padded)), text)
-        return logits[..., :height, :width]
+        return self.classify(self.decode(pixel_values), text, pixel_values.shape[-2:])
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] float B x 3 x H x W -> model input."""

@@ -1,0 +1,206 @@
+"""`lseg query`: cosine similarity of a text prompt with saved dense features -> heatmaps."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lseg.errors import LSegError
+
+# Viridis, sampled at 9 evenly spaced points (perceptually uniform, colour-blind safe).
+VIRIDIS = np.array(
+    [
+        [68, 1, 84],
+        [71, 44, 122],
+        [59, 81, 139],
+        [44, 113, 142],
+        [33, 144, 141],
+        [39, 173, 129],
+        [92, 200, 99],
+        [170, 220, 50],
+        [253, 231, 37],
+    ],
+    dtype=np.float32,
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "query",
+        help="heatmaps of a text prompt's similarity with saved features",
+        description="Cosine similarity of a text embedding with every pixel of feature maps written by "
+        "`lseg features`: writes NAME.TEXT.png (colour heatmap) and, when the sidecar json names an image "
+        "that exists, NAME.TEXT.overlay.png; prints max/mean similarity. Without --checkpoint/--preset the "
+        "checkpoint recorded in the sidecar json is used.",
+    )
+    parser.add_argument(
+        "inputs", nargs="+", metavar="FEATURES", help=".npy/.pt feature files or folders of them"
+    )
+    parser.add_argument(
+        "--text", action="append", required=True, help="text prompt, e.g. chair (repeat for several)"
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--vmin", type=float, help="similarity shown as the darkest colour (default: map min)"
+    )
+    parser.add_argument(
+        "--vmax", type=float, help="similarity shown as the brightest colour (default: map max)"
+    )
+    parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlay (0.5)")
+    parser.add_argument(
+        "--save-similarity", action="store_true", help="also write NAME.TEXT.npy (float32 h x w similarities)"
+    )
+    from lseg.cli.common import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+# --------------------------------------------------------------------------- pure functions
+def similarity_maps(features: Any, text_embeddings: Any) -> np.ndarray:
+    """N x h x w cosine similarities of a D x h x w feature map with N x D text embeddings (float32)."""
+    import torch
+    import torch.nn.functional as F
+
+    feats = torch.from_numpy(np.array(features, dtype=np.float32))  # a copy: also of read-only memmaps
+    text = torch.from_numpy(np.array(text_embeddings, dtype=np.float32))
+    text = text.reshape(1, -1) if text.ndim == 1 else text
+    if feats.ndim != 3:
+        raise LSegError(f"features must be D x h x w, got shape {tuple(feats.shape)}")
+    if feats.shape[0] != text.shape[1]:
+        raise LSegError(
+            f"features have {feats.shape[0]} channels but the text embedding has {text.shape[1]}: "
+            "query with the checkpoint that wrote the features"
+        )
+    return torch.einsum("dhw,nd->nhw", F.normalize(feats, dim=0), F.normalize(text, dim=1)).numpy()
+
+
+def similarity_map(features: Any, text_embedding: Any) -> np.ndarray:
+    """h x w cosine similarities of a D x h x w feature map with one D text embedding."""
+    return similarity_maps(features, np.asarray(text_embedding).reshape(1, -1))[0]
+
+
+def colormap(values: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """h x w values -> h x w x 3 uint8 viridis colours; range [vmin, vmax] (default: min..max)."""
+    low = float(values.min()) if vmin is None else vmin
+    high = float(values.max()) if vmax is None else vmax
+    scaled = np.clip((values - low) / (high - low), 0, 1) if high > low else np.zeros_like(values)
+    position = scaled * (len(VIRIDIS) - 1)
+    index = np.minimum(position.astype(np.int64), len(VIRIDIS) - 2)
+    fraction = (position - index)[..., None]
+    colours = VIRIDIS[index] * (1 - fraction) + VIRIDIS[index + 1] * fraction
+    return colours.round().astype(np.uint8)
+
+
+def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an h x w float map to `size` (H, W)."""
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(values.shape) == tuple(size):
+        return values
+    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "text"
+
+
+def find_feature_files(inputs: list[str]) -> list[Path]:
+    """Files as given; folders expand to their (non-hidden) .npy/.pt files, sorted."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(
+                p
+                for p in item.iterdir()
+                if p.suffix in (".npy", ".pt") and not p.name.startswith(".") and p.is_file()
+            )
+            if not found:
+                raise LSegError(f"no .npy or .pt feature files in {item}")
+            paths.extend(found)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise LSegError(f"feature file not found: {item}")
+    return paths
+
+
+# --------------------------------------------------------------------------- command
+def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+    from rich.console import Console
+    from rich.table import Table
+
+    from lseg.cli.common import load_model_from_args
+    from lseg.cli.features import load_features, read_sidecar, write_atomic
+    from lseg.images import load_image
+
+    def save_png(array: np.ndarray, path: Path) -> None:
+        write_atomic(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+    def save_npy(array: np.ndarray, path: Path) -> None:
+        write_atomic(path, lambda f: np.save(f, array))
+
+    if not 0 <= args.alpha <= 1:
+        raise LSegError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    if args.vmin is not None and args.vmax is not None and args.vmin >= args.vmax:
+        raise LSegError(f"--vmin ({args.vmin}) must be below --vmax ({args.vmax})")
+    texts = [t.strip() for t in args.text]
+    if any(not t for t in texts):
+        raise LSegError("--text must not be empty")
+    slugs = [slug(t) for t in texts]
+    if len(set(slugs)) != len(slugs):
+        raise LSegError("two --text prompts give the same file name; make them differ in letters or digits")
+    paths = find_feature_files(args.inputs)
+    if len({p.stem for p in paths}) != len(paths):
+        raise LSegError("several feature files share a name; their heatmaps would overwrite each other")
+    sidecars = {p: read_sidecar(p.with_suffix(".json")) or {} for p in paths}
+    if not args.checkpoint and not args.preset:
+        recorded = {(m.get("checkpoint"), m.get("preset")) for m in sidecars.values()}
+        if len(recorded) != 1 or recorded == {(None, None)}:
+            raise LSegError(
+                "give --checkpoint or --preset (the feature sidecars do not name a single checkpoint)"
+            )
+        args.checkpoint, args.preset = next(iter(recorded))
+    model = load_model_from_args(args)
+    embeddings = model.encode_text(texts).float().cpu().numpy()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = Table(title=f"lseg query: {len(paths)} feature map(s) x {len(texts)} prompt(s) -> {out}")
+    for column in ("features", "text", "max", "mean", "argmax (x, y)"):
+        table.add_column(column)
+    for path in paths:
+        features = load_features(path)
+        meta = sidecars[path]
+        image_size = meta.get("image_size")
+        image_path = Path(meta["image"]) if meta.get("image") else None
+        image = load_image(image_path) if image_path is not None and image_path.is_file() else None
+        if image is not None:
+            image_size = list(image.shape[:2])
+        for text, name, similarity in zip(texts, slugs, similarity_maps(features, embeddings)):
+            row, col = np.unravel_index(int(similarity.argmax()), similarity.shape)
+            if image_size:
+                # Report the argmax in image pixels (feature pixel centre scaled by the stride).
+                x = (col + 0.5) * image_size[1] / similarity.shape[1]
+                y = (row + 0.5) * image_size[0] / similarity.shape[0]
+                where = f"({x:.0f}, {y:.0f}) px"
+            else:
+                where = f"({col}, {row}) feature px"
+            table.add_row(path.name, text, f"{similarity.max():.3f}", f"{similarity.mean():.3f}", where)
+            full = resize_map(similarity, tuple(image_size)) if image_size else similarity
+            heat = colormap(full, args.vmin, args.vmax)
+            save_png(heat, out / f"{path.stem}.{name}.png")
+            if image is not None:
+                blended = image.astype(np.float32) * (1 - args.alpha) + heat.astype(np.float32) * args.alpha
+                save_png(blended.round().astype(np.uint8), out / f"{path.stem}.{name}.overlay.png")
+            if args.save_similarity:
+                save_npy(similarity.astype(np.float32), out / f"{path.stem}.{name}.npy")
+        del features
+    Console().print(table)
+    return 0

@@ -1,0 +1,182 @@
+"""Which words an evaluation asks the model for, and how its predictions map to the dataset's classes.
+
+Three ways to choose the text of each class (dataset label space):
+
+* the dataset's class names (default);
+* a labels file: one label per line, line ``i`` = the text for class ``i`` (exactly one line per class);
+* a synonyms file: ``ClassName: word`` (or ``ClassName<TAB>word``) lines that replace the text of the
+  classes they name; the other classes keep their names.
+
+In the universal label space the model is asked for the 194 MSeg universal classes and its predictions
+are mapped to the dataset's classes by name through ``MSeg_master.tsv`` (see `universal_label_space`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lseg.errors import LSegError
+
+IGNORE_INDEX = 255
+
+# Dataset registry name -> (MSeg_master.tsv column naming its classes, aliases taxonomy name -> dataset name).
+TAXONOMY_COLUMNS: dict[str, tuple[str, dict[str, str] | None]] = {
+    "camvid": ("camvid-11", None),  # aliases filled lazily (lseg.data.CAMVID_TAXONOMY_ALIASES)
+    "mseg-ade20k": ("ade20k-150-relabeled", None),
+    "mseg-coco-panoptic": ("coco-panoptic-133-relabeled", None),
+}
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise LSegError(f"{what} {path} not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise LSegError(f"cannot read {what} {path}: {error}") from None
+
+
+def read_labels_file(path: str | Path, class_names: Sequence[str]) -> list[str]:
+    """One label per non-empty line, line ``i`` for class ``i``; the count must match the classes."""
+    path = Path(path)
+    labels = [line.strip() for line in _read_text(path, "labels file").splitlines() if line.strip()]
+    if len(labels) != len(class_names):
+        raise LSegError(
+            f"labels file {path} has {len(labels)} labels but the evaluation has {len(class_names)} classes; "
+            "give one label per line, line i for class i"
+        )
+    return labels
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name).strip().lower()
+
+
+def read_synonyms(path: str | Path, class_names: Sequence[str]) -> dict[str, str]:
+    """``{class name: word}`` from ``ClassName: word`` or ``ClassName<TAB>word`` lines.
+
+    Blank lines and lines starting with ``#`` are skipped. Class names match exactly, else ignoring case
+    and ``_``/``-``/space differences. Unknown class names, duplicates and empty words raise LSegError.
+    """
+    path = Path(path)
+    exact = set(class_names)
+    loose: dict[str, str] = {}
+    for name in class_names:
+        loose.setdefault(_norm(name), name)
+    mapping: dict[str, str] = {}
+    unknown: list[str] = []
+    for lineno, raw in enumerate(_read_text(path, "synonyms file").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "\t" in line:
+            key, _, word = line.partition("\t")
+        elif ":" in line:
+            key, _, word = line.partition(":")
+        else:
+            raise LSegError(
+                f"{path}:{lineno}: expected 'ClassName: word' or 'ClassName<TAB>word', got {line!r}"
+            )
+        key, word = key.strip(), word.strip()
+        if not word:
+            raise LSegError(f"{path}:{lineno}: no word given for class {key!r}")
+        name = key if key in exact else loose.get(_norm(key))
+        if name is None:
+            unknown.append(key)
+            continue
+        if name in mapping:
+            raise LSegError(f"{path}:{lineno}: class {name!r} is given twice")
+        mapping[name] = word
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        raise LSegError(
+            f"synonyms file {path} names {len(unknown)} unknown class(es): {shown}; "
+            f"known classes are e.g. {', '.join(list(class_names)[:8])}"
+        )
+    return mapping
+
+
+def apply_synonyms(class_names: Sequence[str], synonyms: dict[str, str]) -> list[str]:
+    """Text of each class: its synonym if one is given, else its name."""
+    return [synonyms.get(name, name) for name in class_names]
+
+
+def universal_prompt_names() -> list[str]:
+    """MSeg universal class names as words: ``sidewalk_pavement`` -> ``sidewalk pavement``."""
+    from lseg.data.taxonomy import universal_names
+
+    return [name.replace("_", " ") for name in universal_names()]
+
+
+def taxonomy_column(dataset: str, column: str | None = None) -> tuple[str, dict[str, str] | None]:
+    """MSeg taxonomy column (and name aliases) of a registry dataset, or the column given."""
+    if column is not None:
+        from lseg.data.taxonomy import dataset_columns
+
+        if column not in dataset_columns():
+            raise LSegError(
+                f"unknown taxonomy column {column!r}; choose one of {', '.join(dataset_columns())}"
+            )
+        return column, None
+    if dataset not in TAXONOMY_COLUMNS:
+        raise LSegError(
+            f"--label-space universal needs the dataset's column in MSeg_master.tsv; known for "
+            f"{', '.join(TAXONOMY_COLUMNS)} (for ADE20K use mseg-ade20k); for other datasets pass "
+            "--taxonomy-column COLUMN"
+        )
+    found, aliases = TAXONOMY_COLUMNS[dataset]
+    if dataset == "camvid":
+        from lseg.data import CAMVID_TAXONOMY_ALIASES
+
+        aliases = dict(CAMVID_TAXONOMY_ALIASES)
+    return found, aliases
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """Labels asked of the model and, when they are not the dataset's classes, where each one goes.
+
+    ``to_class[i]`` is the dataset class of predicted label ``i`` (``IGNORE_INDEX``: none); None means
+    label ``i`` is class ``i``.
+    """
+
+    name: str
+    labels: list[str]
+    to_class: torch.Tensor | None = None
+    column: str | None = None
+
+
+def dataset_label_space(class_names: Sequence[str], labels: Sequence[str] | None = None) -> LabelSpace:
+    """Labels are the dataset's classes (optionally with other words)."""
+    labels = list(class_names) if labels is None else list(labels)
+    if len(labels) != len(class_names):
+        raise LSegError(f"{len(labels)} labels given for {len(class_names)} classes")
+    return LabelSpace("dataset", labels)
+
+
+def universal_label_space(
+    dataset: str,
+    class_names: Sequence[str],
+    labels: Sequence[str] | None = None,
+    column: str | None = None,
+) -> LabelSpace:
+    """Ask for the universal classes; map each to the dataset class of the same MSeg row.
+
+    ``labels`` replaces the universal words (one per universal class, in universal-id order).
+    """
+    from lseg.data.taxonomy import label_id_map, universal_names
+
+    column, aliases = taxonomy_column(dataset, column)
+    universal = universal_names()
+    table = label_id_map(universal, column, list(class_names), aliases=aliases, ignore_index=IGNORE_INDEX)
+    labels = universal_prompt_names() if labels is None else list(labels)
+    if len(labels) != len(universal):
+        raise LSegError(f"{len(labels)} labels given for {len(universal)} universal classes")
+    if not bool((table != IGNORE_INDEX).any()):
+        raise LSegError(f"no universal class maps to a class of {dataset} through column {column!r}")
+    return LabelSpace("universal", labels, table, column)

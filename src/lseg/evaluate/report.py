@@ -1,0 +1,382 @@
+"""Evaluation reports: metrics.json, per-class IoU bar chart, confusion matrix, best/worst grid, table.
+
+Files are written into a hidden staging folder beside the output folder and moved into place only
+when all of them are complete, so a failure leaves no half-made report. Charts use matplotlib (the
+``train`` extra, Agg backend, imported lazily); the image grid only needs Pillow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from lseg.errors import LSegError
+
+METRICS_FILE = "metrics.json"
+IOU_CHART = "per_class_iou.png"
+CONFUSION_CHART = "confusion_matrix.png"
+EXAMPLES_GRID = "best_worst.png"
+
+
+# ----------------------------------------------------------------------------- JSON and provenance
+def jsonable(value: Any) -> Any:
+    """Plain JSON: NaN / inf -> null, numpy and torch scalars -> numbers, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", None) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def to_json(payload: dict[str, Any]) -> str:
+    return json.dumps(jsonable(payload), indent=2, allow_nan=False) + "\n"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_info(checkpoint: str | None, preset: str | None = None) -> dict[str, Any]:
+    """Path of the checkpoint and the sha256 of its weights file(s) (a folder: model.safetensors)."""
+    if checkpoint is None:
+        return {"path": None, "preset": preset, "sha256": {}}
+    path = Path(checkpoint)
+    files: list[Path] = []
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".ckpt", ".pt", ".pth"))
+    elif path.is_file():
+        files = [path]
+    else:  # hub repo id: hash the cached weights if present
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            from lseg.model.checkpoint import WEIGHTS_NAME
+
+            cached = try_to_load_from_cache(str(checkpoint), WEIGHTS_NAME)
+            if isinstance(cached, str):
+                files = [Path(cached)]
+        except Exception:  # provenance is best effort for hub ids
+            files = []
+    return {
+        "path": str(path.resolve()) if path.exists() else str(checkpoint),
+        "preset": preset,
+        "sha256": {f.name: sha256_file(f) for f in files},
+    }
+
+
+def environment(device: str) -> dict[str, Any]:
+    import torch
+
+    import lseg
+
+    info = {
+        "lseg_version": lseg.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": device,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+# ----------------------------------------------------------------------------- staging
+class Staging:
+    """A hidden sibling folder of `out`; `commit()` moves its files into `out` (created if absent)."""
+
+    def __init__(self, out: Path) -> None:
+        if out.exists() and not out.is_dir():
+            raise LSegError(f"--out {out} exists and is not a folder")
+        self.out = out
+        self.existed = out.exists()
+        self.created_parent: Path | None = None
+        parent = out.parent
+        if not parent.exists():
+            top = parent
+            while not top.parent.exists():
+                top = top.parent
+            self.created_parent = top
+            parent.mkdir(parents=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=parent))
+
+    def commit(self) -> None:
+        if not self.out.exists():
+            os.replace(self.path, self.out)
+            return
+        for item in sorted(self.path.iterdir()):
+            os.replace(item, self.out / item.name)
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.created_parent is not None:
+            shutil.rmtree(self.created_parent, ignore_errors=True)
+
+
+def write_staged(out: str | Path, writers: Iterable[tuple[str, Callable[[Path], None]]]) -> list[Path]:
+    """Run ``writer(path)`` for each ``(name, writer)`` in a staging folder, then move all into `out`."""
+    out = Path(out)
+    staging = Staging(out)
+    names = []
+    try:
+        for name, writer in writers:
+            writer(staging.path / name)
+            names.append(name)
+        staging.commit()
+    except BaseException:
+        staging.abort()
+        raise
+    return [out / name for name in names]
+
+
+# ----------------------------------------------------------------------------- charts
+def require_matplotlib() -> Any:
+    """`matplotlib.pyplot` on the Agg backend, or an LSegError saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise LSegError(
+            "evaluation charts need matplotlib: pip install 'lseg[train]' (or pip install matplotlib)"
+        ) from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+
+
+def plot_per_class_iou(
+    class_names: Sequence[str], ious: Sequence[float], path: Path, title: str = "per-class IoU"
+) -> None:
+    """Horizontal bars, one per class in class order; classes without a defined IoU are marked n/a."""
+    plt = require_matplotlib()
+    count = len(class_names)
+    height = min(60.0, max(2.5, 0.22 * count + 1.2))
+    fig, ax = plt.subplots(figsize=(7.5, height))
+    try:
+        values = [0.0 if v is None or math.isnan(v) else 100 * v for v in ious]
+        positions = np.arange(count)
+        ax.barh(positions, values, color="#4c72b0")
+        ax.set_yticks(positions, labels=list(class_names), fontsize=8 if count <= 60 else 6)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("IoU (%)")
+        defined = [v for v in ious if v is not None and not math.isnan(v)]
+        mean = 100 * sum(defined) / len(defined) if defined else math.nan
+        ax.set_title(f"{title} (mIoU {mean:.1f}%)")
+        if defined:
+            ax.axvline(mean, color="#c44e52", linestyle="--", linewidth=1)
+        for y, v in zip(positions, ious, strict=True):
+            if v is None or math.isnan(v):
+                ax.text(1, y, "n/a (absent)", va="center", fontsize=7, color="grey")
+        _save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_confusion(class_names: Sequence[str], confmat: np.ndarray, path: Path) -> None:
+    """Row-normalised confusion matrix (rows: ground truth, columns: prediction) with class names."""
+    plt = require_matplotlib()
+    confmat = np.asarray(confmat, dtype=np.float64)
+    rows = confmat.sum(1, keepdims=True)
+    normalised = np.divide(confmat, rows, out=np.zeros_like(confmat), where=rows > 0)
+    count = len(class_names)
+    side = min(40.0, max(4.5, 0.3 * count + 2))
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    try:
+        image = ax.imshow(normalised, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        font = 8 if count <= 30 else (6 if count <= 80 else 4)
+        ticks = np.arange(count)
+        ax.set_xticks(ticks, labels=list(class_names), rotation=90, fontsize=font)
+        ax.set_yticks(ticks, labels=list(class_names), fontsize=font)
+        ax.set_xlabel("prediction")
+        ax.set_ylabel("ground truth")
+        ax.set_title("confusion matrix (rows normalised)")
+        if count <= 20:
+            for t in range(count):
+                for p in range(count):
+                    if rows[t, 0] > 0 and normalised[t, p] >= 0.005:
+                        colour = "black" if normalised[t, p] > 0.5 else "white"
+                        ax.text(
+                            p,
+                            t,
+                            f"{normalised[t, p]:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=6,
+                            color=colour,
+                        )
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        _save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- best / worst grid
+def _colour_labels(label_map: np.ndarray, count: int, ignore_index: int = 255) -> np.ndarray:
+    from lseg.visualize import palette
+
+    colours = palette(count)
+    out = np.zeros((*label_map.shape, 3), dtype=np.uint8)
+    valid = (label_map >= 0) & (label_map < count) & (label_map != ignore_index)
+    out[valid] = colours[label_map[valid]]
+    return out
+
+
+def _tile(array: np.ndarray, height: int, nearest: bool) -> Image.Image:
+    image = Image.fromarray(array)
+    width = max(1, round(array.shape[1] * height / array.shape[0]))
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    return image.resize((width, height), resample)
+
+
+def examples_grid(
+    best: Sequence[Any],
+    worst: Sequence[Any],
+    class_names: Sequence[str],
+    rank_by: str,
+    tile_height: int = 160,
+) -> Image.Image:
+    """Rows of image | ground truth | prediction: best images first, then the worst."""
+    font = ImageFont.load_default(size=13)
+    header = 20
+    rows = [("best", e) for e in best] + [("worst", e) for e in worst]
+    tiles = []
+    for kind, example in rows:
+        image = _tile(example.image, tile_height, nearest=False)
+        truth = _tile(_colour_labels(example.mask, len(class_names)), tile_height, nearest=True)
+        pred = _tile(_colour_labels(example.prediction, len(class_names)), tile_height, nearest=True)
+        score = getattr(example.score, rank_by)
+        caption = f"{kind}: {rank_by} {100 * score:.1f}%  {Path(example.score.path).name}"
+        tiles.append((caption, [image, truth, pred]))
+    gap = 4
+    width = max((sum(t.width for t in ims) + gap * 2 for _, ims in tiles), default=300)
+    width = max(width, 300)
+    column_header = 18
+    shown: set[int] = set()
+    for _, example in rows:
+        for array in (example.mask, example.prediction):
+            shown.update(int(v) for v in np.unique(array) if 0 <= v < len(class_names))
+    legend = _legend_lines(sorted(shown), class_names, width, font)
+    height = column_header + len(tiles) * (tile_height + header + gap) + 18 * len(legend) + 4
+    canvas = Image.new("RGB", (width, max(height, column_header + 1)), "white")
+    draw = ImageDraw.Draw(canvas)
+    if tiles:
+        x = 0
+        for title, tile in zip(("image", "ground truth", "prediction"), tiles[0][1], strict=True):
+            draw.text((x + 2, 2), title, fill="black", font=font)
+            x += tile.width + gap
+    y = column_header
+    for caption, images in tiles:
+        draw.text((2, y + 3), caption, fill="black", font=font)
+        x = 0
+        for tile in images:
+            canvas.paste(tile, (x, y + header))
+            x += tile.width + gap
+        y += tile_height + header + gap
+    from lseg.visualize import palette
+
+    colours = palette(len(class_names))
+    for line in legend:
+        x = 2
+        for index in line:
+            draw.rectangle([x, y + 2, x + 12, y + 14], fill=tuple(int(c) for c in colours[index]))
+            draw.text((x + 16, y + 1), class_names[index], fill="black", font=font)
+            x += 16 + int(font.getlength(class_names[index])) + 12
+        y += 18
+    return canvas
+
+
+def _legend_lines(
+    indices: Sequence[int], class_names: Sequence[str], width: int, font: Any
+) -> list[list[int]]:
+    """Class indices wrapped into lines of legend entries (swatch + name) that fit `width`."""
+    lines: list[list[int]] = []
+    x = width
+    for index in indices:
+        entry = 16 + int(font.getlength(class_names[index])) + 12
+        if x + entry > width and (not lines or lines[-1]):
+            lines.append([])
+            x = 2
+        lines[-1].append(index)
+        x += entry
+    return lines
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    image.save(path, format="PNG")
+
+
+def write_text(text: str, path: Path) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- console
+def _pct(value: float | None) -> str:
+    return (
+        "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+    )
+
+
+def print_summary(
+    title: str, scalars: dict[str, float], per_class: dict[str, float], console: Any = None
+) -> None:
+    """Rich tables: the headline metrics, then IoU per class."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    head = Table(title=title)
+    head.add_column("metric")
+    head.add_column("value (%)", justify="right")
+    for name, value in scalars.items():
+        head.add_row(name, _pct(value))
+    console.print(head)
+    classes = Table(title="per-class IoU (%)")
+    classes.add_column("class")
+    classes.add_column("IoU", justify="right")
+    for name, value in per_class.items():
+        classes.add_row(name, _pct(value))
+    console.print(classes)
+
+
+def segmentation_writers(report: Any, payload: dict[str, Any]) -> list[tuple[str, Callable[[Path], None]]]:
+    """The (file name, writer) pairs of a dataset evaluation."""
+    ious = report.metrics["per_class_iou"]
+    writers: list[tuple[str, Callable[[Path], None]]] = [
+        (IOU_CHART, lambda p: plot_per_class_iou(report.class_names, ious, p)),
+        (CONFUSION_CHART, lambda p: plot_confusion(report.class_names, report.confmat.numpy(), p)),
+    ]
+    if report.best or report.worst:
+        grid = examples_grid(report.best, report.worst, report.class_names, report.rank_by)
+        writers.append((EXAMPLES_GRID, lambda p: save_png(grid, p)))
+    writers.append((METRICS_FILE, lambda p: write_text(to_json(payload), p)))
+    return writers

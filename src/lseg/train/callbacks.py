@@ -1,0 +1,76 @@
+"""Callbacks: save-and-stop on preemption signals, and export of the final model."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class SignalCheckpoint(L.Callback):
+    """On SIGTERM (and SIGUSR1 outside SLURM) save `last.ckpt` after the current step, then stop.
+
+    Under SLURM, Lightning's own SIGUSR1 handler saves and requeues the job (see
+    scripts/slurm/train.sbatch); we leave that signal to it.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        signals = [signal.SIGTERM]
+        if hasattr(signal, "SIGUSR1") and not SLURMEnvironment.detect():
+            signals.append(signal.SIGUSR1)
+        for signum in signals:
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if self.received is None:
+            return
+        checkpoint = next((c for c in trainer.checkpoint_callbacks if c.dirpath), None)
+        directory = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir) / "checkpoints"
+        trainer.save_checkpoint(directory / "last.ckpt")
+        rank_zero_info(
+            f"signal {self.received}: saved {directory / 'last.ckpt'}; resume with --ckpt_path last"
+        )
+        trainer.should_stop = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+class ExportPretrained(L.Callback):
+    """After fitting, write the best (by the checkpoint monitor) or last weights with `save_pretrained`."""
+
+    def __init__(self, dirname: str = "model") -> None:
+        self.dirname = dirname
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if any(isinstance(c, SignalCheckpoint) and c.received for c in trainer.callbacks):
+            return  # interrupted: the run is not finished, resume it instead
+        best = next(
+            (
+                c.best_model_path
+                for c in trainer.checkpoint_callbacks
+                if isinstance(c, ModelCheckpoint) and c.best_model_path
+            ),
+            "",
+        )
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            pl_module.load_state_dict(state)
+        if trainer.is_global_zero:
+            target = Path(trainer.default_root_dir) / self.dirname
+            pl_module.model.save_pretrained(target)
+            rank_zero_info(f"exported {'best' if best else 'final'} model to {target}")

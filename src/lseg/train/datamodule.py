@@ -1,0 +1,151 @@
+"""Datasets for training, described as data (so YAML configs and the CLI can set every field).
+
+Each training dataset keeps its own label names; a mixed batch scores each sample against its own
+dataset's labels (how the LSeg paper trained its 7-dataset demo model). Alternatively MSeg datasets
+can be mapped into the 194-class universal taxonomy, as the original reimplementation did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from lseg.data import SyntheticStreetScenes, build_dataset, collate, eval_transform, train_transform
+from lseg.errors import LSegError
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset: a registry name (camvid, ade20k, mseg-ade20k, mseg-coco-panoptic, folder, synthetic),
+    where it lives, and optionally the words used as its labels (default: its class names)."""
+
+    name: str
+    root: str | None = None
+    split: str = "train"
+    labels: list[str] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # extra build_dataset keyword arguments
+
+
+def build(spec: DatasetSpec | dict[str, Any], transform) -> tuple[Dataset, list[str]]:
+    """Dataset with `transform`, and the words its class ids are asked as."""
+    if isinstance(spec, dict):
+        spec = DatasetSpec(**spec)
+    if spec.name == "synthetic":
+        options = {"num_images": 256, **spec.options}
+        if "size" in options:
+            options["size"] = tuple(options["size"])
+        dataset = SyntheticStreetScenes(transform=transform, **options)
+    else:
+        if spec.root is None:
+            raise LSegError(f"dataset '{spec.name}' needs a root folder")
+        dataset = build_dataset(spec.name, spec.root, spec.split, transform=transform, **spec.options)
+    labels = list(spec.labels) if spec.labels else list(dataset.class_names)
+    if len(labels) != len(dataset.class_names):
+        raise LSegError(
+            f"dataset '{spec.name}' has {len(dataset.class_names)} classes but {len(labels)} labels were given"
+        )
+    return dataset, labels
+
+
+class LabelledDataset(Dataset):
+    """Tags every sample with the key of its label set (datasets may share a registry name)."""
+
+    def __init__(self, dataset: Dataset, key: str) -> None:
+        self.dataset, self.key = dataset, key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        sample["dataset"] = self.key
+        return sample
+
+
+class LSegDataModule(L.LightningDataModule):
+    """Training and validation data with LSeg's augmentation (random scale, pad, crop, flip)."""
+
+    def __init__(
+        self,
+        train: list[DatasetSpec],
+        val: DatasetSpec | None = None,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        crop_size: int = 480,
+        base_size: int = 520,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        color_jitter: bool = False,
+        val_size: int | None = None,
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        if not train:
+            raise LSegError("give at least one training dataset")
+        self.train_specs = [DatasetSpec(**s) if isinstance(s, dict) else s for s in train]
+        self.val_spec = DatasetSpec(**val) if isinstance(val, dict) else val
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.crop_size = crop_size
+        self.base_size = base_size
+        self.scale_range = tuple(scale_range)
+        self.color_jitter = color_jitter
+        self.val_size = val_size
+        self.ignore_index = ignore_index
+        self.label_sets: dict[str, list[str]] = {}
+        self.val_key: str | None = None
+
+    def _normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The model's mean/std, so data and model can never disagree."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None:
+            return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        return tuple(module.model.config.mean), tuple(module.model.config.std)
+
+    def setup(self, stage: str | None = None) -> None:
+        mean, std = self._normalisation()
+        augment = train_transform(
+            crop_size=self.crop_size,
+            base_size=self.base_size,
+            scale_range=self.scale_range,
+            mean=mean,
+            std=std,
+            ignore_index=self.ignore_index,
+            color_jitter=self.color_jitter,
+        )
+        datasets = []
+        for index, spec in enumerate(self.train_specs):
+            dataset, labels = build(spec, augment)
+            key = spec.name if len(self.train_specs) == 1 else f"{index}:{spec.name}"
+            self.label_sets[key] = labels
+            datasets.append(LabelledDataset(dataset, key))
+        self.train_dataset = ConcatDataset(datasets)
+        self.val_dataset = None
+        if self.val_spec is not None:
+            dataset, labels = build(self.val_spec, eval_transform(self.val_size, mean=mean, std=std))
+            self.val_key = f"val:{self.val_spec.name}"
+            self.label_sets[self.val_key] = labels
+            self.val_dataset = LabelledDataset(dataset, self.val_key)
+
+    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, shuffle=False, batch_size=max(1, self.batch_size // 2))
