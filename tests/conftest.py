@@ -10,6 +10,10 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Tiny test models gain nothing from intra-op threads, and on a loaded 2-core machine extra threads
+# oversubscribe the CPU badly; one thread keeps the suite fast and its timings stable.
+torch.set_num_threads(1)
+
 
 def shared_data_dir() -> Path:
     return Path(os.environ.get("LSEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -154,3 +154,18 @@ def test_unknown_protocol_lists_valid_names():
 def test_invalid_protocols_are_user_errors(kwargs):
     with pytest.raises(LSegError):
         InferenceProtocol("bad", **kwargs)
+
+
+def test_resolve_protocol_size_semantics():
+    from lseg.inference import resolve_protocol
+
+    single, resize = resolve_protocol("single", 240)
+    assert resize == 240 and single.base_size is None
+    multi, resize = resolve_protocol("lseg-ms", 240)
+    assert resize is None and multi.base_size == 240 and multi.crop_size == 480
+    openscene, _ = resolve_protocol("openscene", 320)
+    assert (openscene.base_size, openscene.crop_size, openscene.stride) == (320, 320, 213)
+    slide, _ = resolve_protocol("slide", None, crop_size=240)
+    assert (slide.crop_size, slide.stride) == (240, 160)
+    with pytest.raises(LSegError, match="no sliding window"):
+        resolve_protocol("single", None, crop_size=240)

@@ -116,6 +116,34 @@ class ScalePass:
         return self.grid[0] * self.grid[1]
 
 
+def resolve_protocol(
+    name: str, size: int | None = None, crop_size: int | None = None, stride: int | None = None
+) -> tuple[InferenceProtocol, int | None]:
+    """The named protocol for a model that should see long side `size` at scale 1, and the long side
+    to resize inputs to before the protocol runs.
+
+    Protocols without a base size (single, slide) keep their settings and the input is resized to
+    `size`. Protocols with one (lseg-ms, openscene) take `size` as their base size and resize by
+    themselves; when their crop equals the base size (openscene: one whole-image window, like
+    OpenScene's `img_long_side`) the crop follows, with a 2/3 stride. `crop_size` and `stride`
+    override the sliding window of protocols that have one.
+    """
+    spec = get_protocol(name)
+    overrides: dict[str, object] = {}
+    resize = size
+    if size is not None and spec.base_size is not None:
+        overrides["base_size"] = size
+        resize = None
+        if spec.crop_size is not None and spec.crop_size == spec.base_size:
+            overrides.update(crop_size=size, stride=max(1, round(size * 2 / 3)))
+    if crop_size is not None or stride is not None:
+        if spec.crop_size is None:
+            raise LSegError(f"protocol {name!r} has no sliding window; crop size and stride do not apply")
+        crop = crop_size or overrides.get("crop_size", spec.crop_size)
+        overrides.update(crop_size=crop, stride=stride or max(1, round(crop * 2 / 3)))
+    return get_protocol(name, **overrides), resize
+
+
 def scaled_size(height: int, width: int, long_side: int) -> tuple[int, int]:
     """Size with the long side set to `long_side`, short side rounded half up (as the original)."""
     if height > width:

@@ -30,15 +30,6 @@ def camvid_mask(shift: int) -> np.ndarray:
     return mask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared cores: several intra-op threads under load make the tiny model 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def camvid_root(tmp_path) -> Path:
     root = tmp_path / "camvid"

@@ -159,3 +159,10 @@ def test_distributed_evaluation_matches_single_process(tmp_path):
         assert (best, worst) == (0, 4)
     assert results[0][4] and not results[1][4]  # only rank 0 loads the pictures for the grid
     assert not math.isnan(single.metrics["miou"])
+
+
+def test_label_ids_beyond_the_classes_name_the_image():
+    dataset = Painted(2)
+    dataset.samples[1]["mask"][2, 2] = 7
+    with pytest.raises(LSegError, match=r"img1.png: target labels must be in \[0, 3\)"):
+        evaluate_dataset(FakeModel(), dataset)

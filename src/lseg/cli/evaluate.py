@@ -50,8 +50,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--size",
         type=int,
-        help="resize the image's long side to N before inference (zero-shot: N x N, default 480)",
+        help="long side (pixels) the model sees at scale 1: resizes the image for single/slide, replaces the "
+        "base size of lseg-ms (zero-shot: N x N, default 480)",
     )
+    parser.add_argument("--crop-size", type=int, help="sliding-window crop of slide/lseg-ms (default 480)")
+    parser.add_argument("--stride", type=int, help="sliding-window stride (default: 2/3 of the crop)")
     parser.add_argument(
         "--prompt-template",
         help='prompt wrapping each label, e.g. "a photo of a {}." (default: the model\'s)',
@@ -86,7 +89,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------- argument checks
 def _check_args(args: argparse.Namespace) -> None:
-    from lseg.inference import get_protocol
+    from lseg.inference import resolve_protocol
 
     if args.size is not None and args.size < 8:
         raise LSegError(f"--size must be at least 8 pixels, got {args.size}")
@@ -102,7 +105,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise LSegError(
             f"--prompt-template must contain '{{}}' where the label goes, got {args.prompt_template!r}"
         )
-    get_protocol(args.protocol)
+    resolve_protocol(args.protocol, args.size, args.crop_size, args.stride)  # fails early on bad values
     if not args.checkpoint and not args.preset:
         raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
     out = Path(args.out)
@@ -223,6 +226,7 @@ def _run_dataset(args: argparse.Namespace, device: Any) -> int:
 
     from lseg.evaluate import report as R
     from lseg.evaluate.runner import evaluate_dataset
+    from lseg.inference import resolve_protocol
     from lseg.model.text_encoder import validate_labels
 
     dataset, split = _build_dataset(args)
@@ -236,14 +240,15 @@ def _run_dataset(args: argparse.Namespace, device: Any) -> int:
     with Progress(console=console, transient=True, disable=rank != 0) as progress:
         total = min(len(dataset), args.max_images or len(dataset))
         task = progress.add_task("evaluating", total=total)
+        protocol, resize = resolve_protocol(args.protocol, args.size, args.crop_size, args.stride)
         report = evaluate_dataset(
             model,
             dataset,
             space,
-            args.protocol,
+            protocol,
             device,
             args.batch_size,
-            size=args.size,
+            size=resize,
             num_workers=args.num_workers,
             max_images=args.max_images,
             rank_by=args.rank_by,

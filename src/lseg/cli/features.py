@@ -81,23 +81,6 @@ def model_input_size(protocol, height: int, width: int) -> tuple[int, int]:
     return scaled_size(height, width, protocol.base_size)
 
 
-def resolve_protocol(name: str, size: int | None = None):
-    """The named protocol; with `size`, protocols that resize (base size) use it as their base size.
-
-    When the crop equals the base size (openscene: one whole-image window, as OpenScene's
-    `img_long_side`), the crop follows too, with the usual 2/3 stride.
-    """
-    from lseg.inference import get_protocol
-
-    spec = get_protocol(name)
-    if size is None or spec.base_size is None:
-        return spec
-    overrides: dict[str, Any] = {"base_size": size}
-    if spec.crop_size is not None and spec.crop_size == spec.base_size:
-        overrides.update(crop_size=size, stride=max(1, round(size * 2 / 3)))
-    return get_protocol(name, **overrides)
-
-
 def extract_features(
     model, image: np.ndarray, protocol: str = "single", size: int | None = None, feature_grid: str = "model"
 ) -> tuple[Any, dict[str, Any]]:
@@ -111,13 +94,11 @@ def extract_features(
     import torch
     import torch.nn.functional as F
 
-    from lseg.inference import run_protocol
+    from lseg.inference import resolve_protocol, run_protocol
 
     if feature_grid not in GRIDS:
         raise LSegError(f"unknown feature grid {feature_grid!r}; choose one of: {', '.join(GRIDS)}")
-    spec = resolve_protocol(protocol, size)
-    if spec.base_size is not None:
-        size = None  # the protocol resizes; `size` went into its base size
+    spec, size = resolve_protocol(protocol, size)
     height, width = image.shape[:2]
     was_training = model.training
     model.eval()

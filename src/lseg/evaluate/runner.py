@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from lseg.errors import LSegError
 from lseg.evaluate.labels import IGNORE_INDEX, LabelSpace, dataset_label_space
 from lseg.evaluate.metrics import SegmentationMetrics, class_iou, confusion_matrix, metrics_from_confusion
-from lseg.inference import InferenceProtocol, get_protocol, run_protocol
+from lseg.inference import InferenceProtocol, resolve_protocol, run_protocol
 
 RANK_BY = ("miou", "pixel_accuracy")
 
@@ -272,7 +272,8 @@ def evaluate_dataset(
         device: where the model runs (the model is moved there).
         batch_size: images per forward pass; consecutive images of one size are batched together.
         class_names: dataset classes (default ``dataset.class_names``).
-        size: long side the image is resized to before inference (None: original size).
+        size: long side the model sees at scale 1 (None: original size): resizes the image for
+            single/slide, replaces the base size of lseg-ms/openscene (`inference.resolve_protocol`).
         max_images: evaluate only the first N images.
         rank_by: per-image score choosing best / worst images: "miou" or "pixel_accuracy".
         num_examples: how many best and how many worst images to keep.
@@ -293,7 +294,10 @@ def evaluate_dataset(
     class_names = list(class_names)
     num_classes = len(class_names)
     space = labels if isinstance(labels, LabelSpace) else dataset_label_space(class_names, labels)
-    spec = get_protocol(protocol) if isinstance(protocol, str) else protocol
+    if isinstance(protocol, str):
+        spec, size = resolve_protocol(protocol, size)
+    else:
+        spec = protocol
     device = torch.device(device)
     amp = device.type == "cuda" if amp is None else amp
     config = getattr(model, "config", None)
@@ -375,10 +379,14 @@ def evaluate_dataset(
                     model_seconds += time.perf_counter() - tick
                     for sample, mask, pred in zip(group, masks, preds, strict=True):
                         target = mask.to(device)
-                        metric.update(pred[None], target[None])
-                        confmat = confusion_matrix(pred, target, num_classes, ignore_index).cpu()
-                        miou, accuracy, pixels = image_scores(confmat)
                         path = str(sample.get("path", ""))
+                        try:
+                            confmat = confusion_matrix(pred, target, num_classes, ignore_index)
+                        except ValueError as error:  # label ids beyond the class list
+                            raise LSegError(f"{path or 'a sample'}: {error}") from None
+                        metric.update(pred[None], target[None])
+                        confmat = confmat.cpu()
+                        miou, accuracy, pixels = image_scores(confmat)
                         score = ImageScore(indices[position], path, miou, accuracy, pixels)
                         position += 1
                         records.append(score)

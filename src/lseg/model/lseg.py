@@ -152,13 +152,17 @@ class LSeg(nn.Module):
         size: int | None = None,
         protocol: str = "single",
     ) -> SegmentationResult | list[SegmentationResult]:
-        """Segment one image (or a list) with the given label words; results at original resolution."""
-        from lseg.inference import get_protocol, run_protocol
+        """Segment one image (or a list) with the given label words; results at original resolution.
+
+        `size` is the long side the model sees (at scale 1 for multi-scale protocols); `protocol` is
+        single, slide, lseg-ms or openscene (`lseg.inference`).
+        """
+        from lseg.inference import resolve_protocol, run_protocol
 
         single = not isinstance(images, (list, tuple))
         labels = list(labels) if labels is not None else list(self.config.labels)
         text = self.encode_text(labels)
-        spec = get_protocol(protocol)
+        spec, size = resolve_protocol(protocol, size)
         was_training = self.training
         self.eval()
         results = []
@@ -196,9 +200,9 @@ class LSeg(nn.Module):
 
         A batch tensor B x 3 x H x W (uint8 or [0, 1] float) gives B x D x H/2 x W/2.
         """
-        from lseg.inference import get_protocol, run_protocol
+        from lseg.inference import resolve_protocol, run_protocol
 
-        spec = get_protocol(protocol)
+        spec, size = resolve_protocol(protocol, size)
         was_training = self.training
         self.eval()
         try:

@@ -31,6 +31,11 @@ class LSegCLI(LightningCLI):
         )
         parser.add_lightning_class_args(ExportPretrained, "export")
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        if config.get("enable_progress_bar") is not False:
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
 
 def run_training(args: list[str]) -> None:
     """`lseg train ARGS` == `LightningCLI fit ARGS` with our defaults."""
@@ -43,7 +48,7 @@ def run_training(args: list[str]) -> None:
         LSegDataModule,
         args=["fit", *args],
         trainer_defaults={
-            "callbacks": [SignalCheckpoint(), RichProgressBar()],
+            "callbacks": [SignalCheckpoint()],
             "default_root_dir": "runs/lseg",
         },
         save_config_kwargs={"overwrite": True},

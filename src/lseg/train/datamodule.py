@@ -7,12 +7,13 @@ can be mapped into the 194-class universal taxonomy, as the original reimplement
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from lseg.data import SyntheticStreetScenes, build_dataset, collate, eval_transform, train_transform
 from lseg.errors import LSegError
@@ -31,7 +32,7 @@ class DatasetSpec:
 
 
 def build(spec: DatasetSpec | dict[str, Any], transform) -> tuple[Dataset, list[str]]:
-    """Dataset with `transform`, and the words its class ids are asked as."""
+    """Dataset with `transform`, and the words its class ids are asked as (default: its class names)."""
     if isinstance(spec, dict):
         spec = DatasetSpec(**spec)
     if spec.name == "synthetic":
@@ -43,10 +44,11 @@ def build(spec: DatasetSpec | dict[str, Any], transform) -> tuple[Dataset, list[
         if spec.root is None:
             raise LSegError(f"dataset '{spec.name}' needs a root folder")
         dataset = build_dataset(spec.name, spec.root, spec.split, transform=transform, **spec.options)
-    labels = list(spec.labels) if spec.labels else list(dataset.class_names)
+    # Class names such as MSeg's "traffic_light" are asked as words ("traffic light"), as in evaluation.
+    labels = list(spec.labels) if spec.labels else [n.replace("_", " ") for n in dataset.class_names]
     if len(labels) != len(dataset.class_names):
         raise LSegError(
-            f"dataset '{spec.name}' has {len(dataset.class_names)} classes but {len(labels)} labels were given"
+            f"dataset '{spec.name}' has {len(dataset.class_names)} classes, {len(labels)} labels were given"
         )
     return dataset, labels
 
@@ -66,6 +68,46 @@ class LabelledDataset(Dataset):
         return sample
 
 
+class SeededSamples(Dataset):
+    """Draws each sample's augmentation from its own seed, given by `EpochSampler` with the index.
+
+    Randomness then depends only on (seed, epoch, position), not on worker count, global RNG use
+    elsewhere (validation, logging) or process restarts, so resuming from a checkpoint reproduces
+    the uninterrupted run exactly.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class EpochSampler(Sampler):
+    """Shuffles with a generator seeded by (seed, epoch); yields (index, per-sample seed) pairs."""
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator).tolist()
+        return iter(zip(order, seeds))
+
+
 class LSegDataModule(L.LightningDataModule):
     """Training and validation data with LSeg's augmentation (random scale, pad, crop, flip)."""
 
@@ -81,6 +123,7 @@ class LSegDataModule(L.LightningDataModule):
         color_jitter: bool = False,
         val_size: int | None = None,
         ignore_index: int = 255,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if not train:
@@ -95,6 +138,7 @@ class LSegDataModule(L.LightningDataModule):
         self.color_jitter = color_jitter
         self.val_size = val_size
         self.ignore_index = ignore_index
+        self.seed = seed
         self.label_sets: dict[str, list[str]] = {}
         self.val_key: str | None = None
 
@@ -122,7 +166,7 @@ class LSegDataModule(L.LightningDataModule):
             key = spec.name if len(self.train_specs) == 1 else f"{index}:{spec.name}"
             self.label_sets[key] = labels
             datasets.append(LabelledDataset(dataset, key))
-        self.train_dataset = ConcatDataset(datasets)
+        self.train_dataset = SeededSamples(ConcatDataset(datasets))
         self.val_dataset = None
         if self.val_spec is not None:
             dataset, labels = build(self.val_spec, eval_transform(self.val_size, mean=mean, std=std))
@@ -130,22 +174,25 @@ class LSegDataModule(L.LightningDataModule):
             self.label_sets[self.val_key] = labels
             self.val_dataset = LabelledDataset(dataset, self.val_key)
 
-    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
+    def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=EpochSampler(len(self.train_dataset), self.seed),
+            drop_last=True,
             num_workers=self.num_workers,
             collate_fn=collate,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True, batch_size=self.batch_size)
-
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
             return []
-        return self._loader(self.val_dataset, shuffle=False, batch_size=max(1, self.batch_size // 2))
+        return DataLoader(
+            self.val_dataset,
+            batch_size=max(1, self.batch_size // 2),
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=torch.cuda.is_available(),
+        )

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -175,34 +173,3 @@ class LSegModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # ----------------------------------------------------------------- exact resume
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save RNG states so `--ckpt_path last` continues exactly (same crops, same order)."""
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "numpy": _numpy_state_to_plain(np.random.get_state()),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states")
-        if not states:
-            return
-        torch.set_rng_state(states["torch"])
-        np.random.set_state(_numpy_state_from_plain(states["numpy"]))
-        random.setstate(states["python"])
-        if states["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _numpy_state_to_plain(state: tuple) -> tuple:
-    """NumPy's RNG state holds an ndarray; store a tensor so checkpoints load with weights_only=True."""
-    kind, keys, position, has_gauss, cached = state
-    return kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached
-
-
-def _numpy_state_from_plain(state: tuple) -> tuple:
-    kind, keys, position, has_gauss, cached = state
-    return kind, keys.numpy().astype(np.uint32), position, has_gauss, cached

@@ -1,0 +1,178 @@
+"""Every image-encoder preset builds offline and feeds the DPT decoder four maps at strides 4..32."""
+
+import pytest
+import torch
+
+from lseg import LSeg
+from lseg.model import load_preset, preset_names
+from lseg.model.image_encoder import STRIDES, build_image_encoder
+from lseg.model.original import convert_state_dict
+
+from .test_original import save_lightning, tiny_clip_state
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_builds_without_downloads_and_has_four_strides(name):
+    config = load_preset(name)
+    config.image_encoder.pretrained = False
+    with torch.device("meta"):  # shapes only: the big presets would take seconds to initialise
+        encoder = build_image_encoder(config.image_encoder)
+        images = torch.empty(2, 3, 7 * encoder.pad_multiple, 5 * encoder.pad_multiple)
+        maps = encoder(images)
+    assert [m.shape[1] for m in maps] == list(encoder.out_channels)
+    for feature_map, stride in zip(maps, STRIDES):
+        assert feature_map.shape[-2:] == (images.shape[-2] // stride, images.shape[-1] // stride)
+
+
+@pytest.mark.parametrize(
+    "image_encoder",
+    [
+        {"type": "cnn", "name": "resnet18d", "pretrained": False},
+        {"type": "cnn", "name": "convnext_atto", "pretrained": False},
+        {
+            "type": "hybrid",
+            "name": "vit_base_r50_s16_384",
+            "pretrained": False,
+            "hooks": [0, 1],
+            "kwargs": {"depth": 2, "embed_dim": 64, "num_heads": 2},
+        },
+    ],
+)
+def test_cnn_and_hybrid_models_give_exact_output_sizes(image_encoder):
+    config = {
+        "image_encoder": image_encoder,
+        "text_encoder": {
+            "pretrained": None,
+            "custom": {"embed_dim": 16, "width": 32, "heads": 2, "layers": 1},
+        },
+        "features": 32,
+    }
+    model = LSeg.from_config(config).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 45, 67), ["a", "b", "c"])
+    assert logits.shape == (2, 3, 45, 67)
+
+
+def test_channels_come_from_feature_info():
+    encoder = build_image_encoder(
+        load_preset("resnet26d").image_encoder.__class__(type="cnn", name="resnet26d", pretrained=False)
+    )
+    assert encoder.out_channels == encoder.model.feature_info.channels() == [256, 512, 1024, 2048]
+
+
+def test_hybrid_tokens_match_timm_patch_embedding():
+    config = load_preset("vit_hybrid_b").image_encoder
+    config.pretrained = False
+    config.kwargs = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+    config.hooks = [0, 1]
+    encoder = build_image_encoder(config).eval()
+    images = torch.randn(1, 3, 64, 96)
+    backbone = encoder.model.patch_embed.backbone
+    x = backbone.stem(images)
+    for stage in backbone.stages:
+        x = stage(x)
+    ours = encoder.model.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    timm_tokens = encoder.model.patch_embed(images)
+    assert torch.allclose(ours, timm_tokens.reshape(ours.shape), atol=1e-6)
+
+
+def original_resnet_key(key: str) -> str:
+    """torchvision/timm ResNet key -> the original LSeg layout (stem and layer1 fused into `layer1`)."""
+    for prefix, target in (("conv1.", "layer1.0."), ("bn1.", "layer1.1."), ("layer1.", "layer1.4.")):
+        if key.startswith(prefix):
+            return target + key.removeprefix(prefix)
+    return key
+
+
+def original_rn101_schema() -> dict[str, torch.Tensor]:
+    """Random tensors in the layout of the original ResNet-101 zero-shot checkpoints (1,036 tensors)."""
+    import timm
+
+    with torch.device("meta"):
+        resnet = timm.create_model("resnet101", pretrained=False)
+    state = {}
+    for key, value in resnet.state_dict().items():
+        if not key.startswith("fc."):
+            state[f"net.pretrained.{original_resnet_key(key)}"] = torch.zeros(value.shape, dtype=value.dtype)
+    for i, channels in enumerate([256, 512, 1024, 2048], 1):
+        state[f"net.scratch.layer{i}_rn.weight"] = torch.zeros(256, channels, 3, 3)
+    for i in range(1, 5):
+        r = f"net.scratch.refinenet{i}."
+        state[r + "out_conv.weight"], state[r + "out_conv.bias"] = (
+            torch.zeros(256, 256, 1, 1),
+            torch.zeros(256),
+        )
+        for unit in ("resConfUnit1", "resConfUnit2"):
+            for n in (1, 2):
+                state[f"{r}{unit}.conv{n}.weight"] = torch.zeros(256, 256, 3, 3)
+                for stat, shape in (
+                    ("weight", 256),
+                    ("bias", 256),
+                    ("running_mean", 256),
+                    ("running_var", 256),
+                ):
+                    state[f"{r}{unit}.bn{n}.{stat}"] = torch.ones(shape)
+                state[f"{r}{unit}.bn{n}.num_batches_tracked"] = torch.tensor(0)
+    state["net.scratch.head1.weight"], state["net.scratch.head1.bias"] = (
+        torch.zeros(512, 256, 1, 1),
+        torch.zeros(512),
+    )
+    return state
+
+
+def test_original_rn101_schema_loads_strictly():
+    import open_clip
+
+    with torch.device("meta"):
+        clip = open_clip.model.CLIP(**open_clip.get_model_config("ViT-B-32"))
+    state = original_rn101_schema()
+    state.update(
+        {
+            f"net.clip_pretrained.{k}": torch.zeros(v.shape)
+            for k, v in clip.state_dict().items()
+            if k != "attn_mask"
+        }
+    )
+    assert len(state) == 1036
+    config, converted = convert_state_dict(state, source="pascal_fold0.ckpt")
+    assert config.image_encoder.type == "cnn" and config.image_encoder.name == "resnet101"
+    assert config.mean == (0.485, 0.456, 0.406)
+    with torch.device("meta"):
+        model = LSeg(config, load_pretrained=False)
+    assert set(converted) == set(model.state_dict())
+
+
+def test_tiny_original_rn_checkpoint_runs(tmp_path):
+    """End to end through `from_pretrained` with a small random ResNet-50-shaped original checkpoint."""
+    import timm
+
+    resnet = timm.create_model("resnet50", pretrained=False)
+    state = {}
+    for key, value in resnet.state_dict().items():
+        if not key.startswith("fc."):
+            state[f"net.pretrained.{original_resnet_key(key)}"] = value
+    features = 16
+    for i, channels in enumerate([256, 512, 1024, 2048], 1):
+        state[f"net.scratch.layer{i}_rn.weight"] = torch.randn(features, channels, 3, 3) * 0.01
+    for i in range(1, 5):
+        r = f"net.scratch.refinenet{i}."
+        state[r + "out_conv.weight"], state[r + "out_conv.bias"] = (
+            torch.randn(features, features, 1, 1),
+            torch.zeros(features),
+        )
+        for unit in ("resConfUnit1", "resConfUnit2"):
+            for n in (1, 2):
+                state[f"{r}{unit}.conv{n}.weight"] = torch.randn(features, features, 3, 3) * 0.05
+                for stat in ("weight", "running_var"):
+                    state[f"{r}{unit}.bn{n}.{stat}"] = torch.ones(features)
+                for stat in ("bias", "running_mean"):
+                    state[f"{r}{unit}.bn{n}.{stat}"] = torch.zeros(features)
+                state[f"{r}{unit}.bn{n}.num_batches_tracked"] = torch.tensor(0)
+    state["net.scratch.head1.weight"], state["net.scratch.head1.bias"] = (
+        torch.randn(32, features, 1, 1),
+        torch.zeros(32),
+    )
+    state.update({f"net.clip_pretrained.{k}": v for k, v in tiny_clip_state().items()})
+    model = LSeg.from_pretrained(save_lightning(state, tmp_path / "rn.ckpt")).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 50, 70), ["a", "b"]).shape == (1, 2, 50, 70)

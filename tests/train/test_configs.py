@@ -1,0 +1,29 @@
+"""Every shipped YAML config parses against the current LightningCLI signature (no training run)."""
+
+import pytest
+
+from lseg.cli.main import main
+from tests.conftest import REPO_ROOT
+
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {c.stem for c in CONFIGS}
+    assert {
+        "quickstart",
+        "camvid",
+        "camvid_gpu",
+        "ade20k_vitl16",
+        "mseg_coco_ade",
+        "mseg7_own_labels",
+    } <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
+def test_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed and "checkpoint:" in printed

@@ -1,0 +1,199 @@
+"""Training behaviour on tiny models and synthetic scenes (seconds each)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import lightning as L
+import pytest
+import torch
+
+from lseg import LSeg, LSegError
+from lseg.train.callbacks import ExportPretrained
+from lseg.train.datamodule import LSegDataModule
+from lseg.train.module import LSegModule, NonFiniteLossError
+
+SIZE = [64, 80]
+
+
+def data(batch_size: int = 4, train=None, num_workers: int = 0, **kwargs) -> LSegDataModule:
+    train = train or [{"name": "synthetic", "options": {"num_images": 16, "size": SIZE, "seed": 0}}]
+    return LSegDataModule(
+        train=train,
+        val={"name": "synthetic", "options": {"num_images": 4, "size": SIZE, "seed": 1}},
+        batch_size=batch_size,
+        num_workers=num_workers,
+        crop_size=64,
+        base_size=80,
+        **kwargs,
+    )
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    options = {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": str(tmp_path),
+        "deterministic": True,
+    }
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    L.seed_everything(0)
+    module = LSegModule(model="tiny", optimizer="adamw", lr=0.002, head_lr_multiplier=1.0)
+    datamodule = data()
+    fixed = trainer(tmp_path, max_steps=1)
+    fixed.fit(module, datamodule=datamodule)  # sets up data and optimizer
+    batch = next(iter(datamodule.train_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        before = module._loss(batch).item()
+    trainer(tmp_path, max_epochs=6, enable_checkpointing=False).fit(module, datamodule=datamodule)
+    module.eval()
+    with torch.no_grad():
+        after = module._loss(batch).item()
+    assert after < 0.8 * before
+
+
+class Interrupt(L.Callback):
+    """Stops the run after its first epoch, as a preempted job would be."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def test_resume_continues_identically(tmp_path):
+    def run(folder, interrupt=False, ckpt_path=None):
+        L.seed_everything(0)
+        module = LSegModule(model="tiny", optimizer="sgd", lr=0.01)
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder / "ckpt", save_last=True)
+        t = trainer(folder, max_epochs=3, callbacks=[checkpoint, *([Interrupt()] if interrupt else [])])
+        t.fit(module, datamodule=data(num_workers=1 if interrupt else 0), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(tmp_path / "a")
+    run(tmp_path / "b", interrupt=True)
+    resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_mixed_batches_use_each_datasets_own_labels(tmp_path, monkeypatch):
+    datamodule = data(
+        batch_size=8,
+        train=[
+            {"name": "synthetic", "options": {"num_images": 8, "size": SIZE, "seed": 0}},
+            {
+                "name": "synthetic",
+                "labels": ["clouds", "street", "house", "vegetation", "automobile", "pedestrian"],
+                "options": {"num_images": 8, "size": SIZE, "seed": 5},
+            },
+        ],
+    )
+    module = LSegModule(model="tiny")
+    seen = []
+    original = module.model.classify
+
+    def spy(decoded, text, size):
+        seen.append((decoded.shape[0], text.clone()))
+        return original(decoded, text, size)
+
+    monkeypatch.setattr(module.model, "classify", spy)
+    trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=datamodule)
+    sets = datamodule.label_sets
+    assert sets["1:synthetic"][0] == "clouds" and sets["0:synthetic"][0] == "sky"
+    assert len(seen) == 2 and sum(rows for rows, _ in seen) == 8  # one head call per dataset in the batch
+    own = [module.model.encode_text(sets[key]) for key in ("0:synthetic", "1:synthetic")]
+    for _, text in seen:
+        assert sum(torch.equal(text, candidate) for candidate in own) == 1
+    assert not torch.equal(seen[0][1], seen[1][1])
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+    module = LSegModule(model="tiny", optimizer="sgd", lr=1e30, scale_lr=False)
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at global step \d+"):
+        trainer(tmp_path, max_epochs=3, enable_checkpointing=False).fit(module, datamodule=data())
+
+
+def test_learning_rate_scales_with_batch_and_head_is_faster(tmp_path):
+    module = LSegModule(model="tiny", optimizer="sgd", lr=0.004, head_lr_multiplier=10)
+    t = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    t.fit(module, datamodule=data(batch_size=8))
+    groups = t.optimizers[0].param_groups
+    assert groups[0]["initial_lr"] == pytest.approx(0.004 * 8 / 16)
+    assert groups[1]["initial_lr"] == pytest.approx(0.004 * 8 / 16 * 10)
+    trainable = {id(p) for g in groups for p in g["params"]}
+    assert not any(id(p) in trainable for p in module.model.text_encoder.parameters())
+
+
+def test_export_and_checkpoint_load_as_models(tmp_path):
+    module = LSegModule(model="tiny")
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/miou", mode="max"
+    )
+    trainer(tmp_path, limit_train_batches=2, callbacks=[checkpoint, ExportPretrained()]).fit(
+        module, datamodule=data()
+    )
+    assert checkpoint.best_model_path
+    exported = LSeg.from_pretrained(tmp_path / "model")
+    from_ckpt = LSeg.from_pretrained(checkpoint.best_model_path)
+    images = torch.randn(1, 3, 32, 32)
+    assert torch.equal(exported.eval()(images, ["a", "b"]), from_ckpt.eval()(images, ["a", "b"]))
+
+
+def test_label_count_must_match_classes():
+    datamodule = data(train=[{"name": "synthetic", "labels": ["only", "two"], "options": {"num_images": 2}}])
+    with pytest.raises(LSegError, match="6 classes, 2 labels"):
+        datamodule.setup("fit")
+
+
+def run_smoke_training(folder, *extra: str) -> subprocess.CompletedProcess:
+    """`lseg train --config configs/smoke.yaml` in a fresh process, as a user runs it."""
+    from tests.conftest import REPO_ROOT
+
+    command = [
+        sys.executable,
+        "-m",
+        "lseg.cli.main",
+        "train",
+        "--config",
+        str(REPO_ROOT / "configs" / "smoke.yaml"),
+        "--trainer.default_root_dir",
+        str(folder),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+    environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+
+
+def test_lseg_train_cli_runs_the_smoke_config(tmp_path):
+    result = run_smoke_training(tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    """DDP over 2 CPU processes (gloo), launched the way `lseg train` is launched on a node."""
+    result = run_smoke_training(tmp_path, "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed_backend=gloo" in result.stderr
+    assert (tmp_path / "model" / "model.safetensors").is_file()
