@@ -176,3 +176,39 @@ def test_tiny_original_rn_checkpoint_runs(tmp_path):
     model = LSeg.from_pretrained(save_lightning(state, tmp_path / "rn.ckpt")).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 50, 70), ["a", "b"]).shape == (1, 2, 50, 70)
+
+
+@pytest.mark.parametrize(
+    "image_encoder",
+    [
+        {
+            "type": "vit",
+            "name": "vit_tiny_patch16_224",
+            "hooks": [0, 1, 2, 3],
+            "channels": [8, 8, 16, 16],
+            "kwargs": {"depth": 5, "embed_dim": 32, "num_heads": 2},
+        },
+        {"type": "cnn", "name": "resnet18d"},
+        {
+            "type": "hybrid",
+            "name": "vit_base_r50_s16_384",
+            "hooks": [0, 1],
+            "kwargs": {"depth": 3, "embed_dim": 64, "num_heads": 2},
+        },
+    ],
+)
+def test_every_trainable_parameter_gets_a_gradient(image_encoder):
+    """DDP fails on parameters that never take part in the loss (e.g. a ViT's unused final norm)."""
+    config = {
+        "image_encoder": {**image_encoder, "pretrained": False},
+        "text_encoder": {
+            "pretrained": None,
+            "custom": {"embed_dim": 16, "width": 32, "heads": 2, "layers": 1},
+        },
+        "features": 16,
+        "regularizer": "bottleneck",
+    }
+    model = LSeg.from_config(config).train()
+    model(torch.randn(2, 3, 64, 64), ["a", "b"]).logsumexp(dim=1).mean().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -197,3 +198,31 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed_backend=gloo" in result.stderr
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+class SendSigterm(L.Callback):
+    """Delivers SIGTERM to this process after the second step, as a scheduler preempting the job would."""
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_last_checkpoint_and_stops(tmp_path):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lseg.train.callbacks import SignalCheckpoint
+
+    module = LSegModule(model="tiny")
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    t = trainer(
+        tmp_path, max_epochs=5, callbacks=[SendSigterm(), SignalCheckpoint(), checkpoint, ExportPretrained()]
+    )
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SIGTERMException):
+        t.fit(module, datamodule=data())
+    assert t.global_step == 2  # stopped right after the step that saw the signal
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2
+    assert not (tmp_path / "model").exists()  # an interrupted run is resumed, not exported
+    assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored

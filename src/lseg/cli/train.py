@@ -27,5 +27,13 @@ def run(args: argparse.Namespace) -> int:
         raise LSegError(
             f"training needs the train extra: pip install 'lseg[train]' ({error.name} missing)"
         ) from error
-    run_training(args.lightning_args)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        run_training(args.lightning_args)
+    except SIGTERMException:
+        print(
+            "lseg: training stopped by SIGTERM after saving checkpoints/last.ckpt; resume: --ckpt_path last"
+        )
+        return 143
     return 0

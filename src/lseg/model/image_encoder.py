@@ -133,6 +133,9 @@ class ViTEncoder(nn.Module):
         self.hooks = list(cfg.hooks or [round(depth * (i + 1) / 4) - 1 for i in range(4)])
         if len(self.hooks) != 4 or not all(0 <= h < depth for h in self.hooks):
             raise LSegError(f"ViT hooks must be 4 block indices in [0, {depth - 1}], got {self.hooks}")
+        # Blocks after the last hook, the final norm and the head never run: drop them (DDP requires
+        # every trainable parameter to receive a gradient).
+        self.model.prune_intermediate_layers(self.hooks, prune_norm=True, prune_head=True)
         dim = self.model.embed_dim
         patch = self.model.patch_embed.patch_size[0]
         self.pad_multiple = math.lcm(patch, 32)
@@ -195,8 +198,9 @@ class HybridViTEncoder(nn.Module):
         )
         depth = len(self.model.blocks)
         self.hooks = list(cfg.hooks or [depth * 2 // 3 - 1, depth - 1])
-        if len(self.hooks) != 2:
-            raise LSegError(f"hybrid ViT hooks must be 2 block indices, got {self.hooks}")
+        if len(self.hooks) != 2 or not all(0 <= h < depth for h in self.hooks):
+            raise LSegError(f"hybrid ViT hooks must be 2 block indices in [0, {depth - 1}], got {self.hooks}")
+        self.model.prune_intermediate_layers(self.hooks, prune_norm=True, prune_head=True)
         dim = self.model.embed_dim
         cnn_channels = [info["num_chs"] for info in backbone.feature_info if info["reduction"] in (4, 8)][-2:]
         vit_channels = (cfg.channels or [dim, dim])[-2:]
@@ -218,7 +222,7 @@ class HybridViTEncoder(nn.Module):
         tokens = self.model._pos_embed(tokens.unflatten(1, grid))
         tokens = self.model.norm_pre(tokens)
         vit_maps = []
-        for index, block in enumerate(self.model.blocks[: max(self.hooks) + 1]):
+        for index, block in enumerate(self.model.blocks):
             tokens = block(tokens)
             if index in self.hooks:
                 vit_maps.append(tokens)

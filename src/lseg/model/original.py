@@ -24,7 +24,7 @@ KNOWN_VITS = {  # (embed dim, patch, grid) -> timm name
 }
 NEVER_USED = (  # present in the original files, never executed by the original forward
     re.compile(r"net\.clip_pretrained\.(visual\..*|logit_scale)$"),
-    re.compile(r"net\.pretrained\.model\.head\..*"),
+    re.compile(r"net\.pretrained\.model\.(head|norm)\..*"),  # hooks are taken before the final norm
     re.compile(r"net\.scratch\.refinenet4\.resConfUnit1\..*"),
 )
 SCRATCH_RULES = (

@@ -15,6 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info
 class SignalCheckpoint(L.Callback):
     """On SIGTERM (and SIGUSR1 outside SLURM) save `last.ckpt` after the current step, then stop.
 
+    Our handler chains to Lightning's, which ends `fit` with a `SIGTERMException` right after the step
+    (so all DDP ranks stop together); the checkpoint is written before that.
     Under SLURM, Lightning's own SIGUSR1 handler saves and requeues the job (see
     scripts/slurm/train.sbatch); we leave that signal to it.
     """
@@ -25,8 +27,12 @@ class SignalCheckpoint(L.Callback):
 
     def _handler(self, signum: int, frame) -> None:
         self.received = signum
+        previous = self._previous.get(signum)
+        if callable(previous):  # Lightning's handler: it stops all ranks together
+            previous(signum, frame)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Installed after Lightning's own handlers (registered when fit starts), chaining to them."""
         signals = [signal.SIGTERM]
         if hasattr(signal, "SIGUSR1") and not SLURMEnvironment.detect():
             signals.append(signal.SIGUSR1)
@@ -45,6 +51,14 @@ class SignalCheckpoint(L.Callback):
         trainer.should_stop = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()

@@ -70,7 +70,8 @@ class History(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.loss.append((trainer.global_step, float(outputs["loss"])))
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Not on_validation_epoch_end: callbacks run before the module's hook that logs val/miou.
         if "val/miou" in trainer.callback_metrics and not trainer.sanity_checking:
             self.miou.append((trainer.global_step, float(trainer.callback_metrics["val/miou"])))
 
