@@ -39,8 +39,8 @@ class WidthNormalisedHead(LSegHead):
         return F.normalize(self.project(decoded), dim=-1)
 
 
-def run_variant(name: str, config: dict, minutes: float) -> dict:
-    L.seed_everything(0, verbose=False)
+def run_variant(name: str, config: dict, minutes: float, seed: int) -> dict:
+    L.seed_everything(seed, verbose=False)
     model_cfg = copy.deepcopy(config["model"])
     if name == "exp007":
         model_cfg["model"]["logit_scale"] = math.exp(0.07)
@@ -50,8 +50,7 @@ def run_variant(name: str, config: dict, minutes: float) -> dict:
         new = WidthNormalisedHead(old.project.in_channels, old.project.out_channels, logit_scale=1 / 0.07)
         new.load_state_dict(old.state_dict())
         module.model.head = new
-    data_cfg = copy.deepcopy(config["data"])
-    data = LSegDataModule(**data_cfg)
+    data = LSegDataModule(**{**copy.deepcopy(config["data"]), "seed": seed})
     history = History()
     trainer = L.Trainer(
         max_epochs=100,
@@ -72,6 +71,7 @@ def run_variant(name: str, config: dict, minutes: float) -> dict:
         final = trainer.validate(module, datamodule=data, verbose=False)[0]
     return {
         "variant": name,
+        "seed": seed,
         "steps": trainer.global_step,
         "loss": history.loss,
         "miou": history.miou,
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "camvid.yaml"))
     parser.add_argument("--minutes", type=float, default=7.0, help="training budget per variant")
     parser.add_argument("--variants", nargs="+", default=["correct", "width", "exp007"])
+    parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--out", default=str(REPO / "docs" / "figures"))
     args = parser.parse_args()
     config = yaml.safe_load(Path(args.config).read_text())
@@ -119,10 +120,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.variants:
-        results.append(run_variant(name, config, args.minutes))
-        print(json.dumps({k: results[-1][k] for k in ("variant", "steps", "final")}), flush=True)
-    (out / "ablation.json").write_text(json.dumps(results) + "\n")
-    plot(results, out / "ablation.png")
+        results.append(run_variant(name, config, args.minutes, args.seed))
+        print(json.dumps({k: results[-1][k] for k in ("variant", "seed", "steps", "final")}), flush=True)
+    suffix = "" if args.seed == 0 else f"_seed{args.seed}"
+    (out / f"ablation{suffix}.json").write_text(json.dumps(results) + "\n")
+    plot(results, out / f"ablation{suffix}.png")
 
 
 if __name__ == "__main__":

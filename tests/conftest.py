@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Before anything imports huggingface_hub (timm and open_clip do at import): tests never download,
+# also on a machine with internet access.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,9 +24,7 @@ def shared_data_dir() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _offline_and_seeded(monkeypatch):
-    """Tests never touch the network and are deterministic."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _seeded():
     torch.manual_seed(0)
 
 
