@@ -108,3 +108,16 @@ def _tiny_dict() -> dict:
     from importlib import resources
 
     return json.loads(resources.files("lseg.model").joinpath("presets", "tiny.json").read_text())
+
+
+def test_segment_batches_same_size_images_with_identical_results(tiny_model):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(30, 40, 3), (30, 40, 3), (25, 33, 3)]]
+    one_by_one = tiny_model.segment(images, labels=["a", "b", "c"])
+    batched = tiny_model.segment(images, labels=["a", "b", "c"], batch_size=3)
+    assert [r.label_map.shape for r in batched] == [(30, 40), (30, 40), (25, 33)]
+    for a, b in zip(one_by_one, batched):
+        assert np.allclose(a.scores, b.scores, atol=1e-5)
+        assert abs(sum(b.shares().values()) - 1) < 1e-6

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -151,15 +152,20 @@ class LSeg(nn.Module):
         labels: Sequence[str] | None = None,
         size: int | None = None,
         protocol: str = "single",
+        batch_size: int = 1,
     ) -> SegmentationResult | list[SegmentationResult]:
         """Segment one image (or a list) with the given label words; results at original resolution.
 
         `size` is the long side the model sees (at scale 1 for multi-scale protocols); `protocol` is
-        single, slide, lseg-ms or openscene (`lseg.inference`).
+        single, slide, lseg-ms or openscene (`lseg.inference`). Up to `batch_size` consecutive images
+        of the same size share a forward pass.
         """
         from lseg.inference import resolve_protocol, run_protocol
 
+        if batch_size < 1:
+            raise LSegError(f"batch_size must be at least 1, got {batch_size}")
         single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
         labels = list(labels) if labels is not None else list(self.config.labels)
         text = self.encode_text(labels)
         spec, size = resolve_protocol(protocol, size)
@@ -167,24 +173,25 @@ class LSeg(nn.Module):
         self.eval()
         results = []
         try:
-            for image in [images] if single else images:
-                original = load_image(image)
-                pixel_values = self.preprocess(original, size)
-                logits = run_protocol(
-                    lambda batch: self(batch, text),  # noqa: B023 - called before the loop advances
-                    pixel_values,
-                    spec,
-                    out_size=original.shape[:2],
-                    amp=self.device.type == "cuda",
-                )[0].float()
-                scores = logits.softmax(dim=0)
-                results.append(
-                    SegmentationResult(
-                        label_map=scores.argmax(dim=0).cpu().numpy(),
-                        scores=scores.cpu().numpy(),
-                        labels=labels,
-                    )
-                )
+            for start in range(0, len(items), batch_size):
+                originals = [load_image(item) for item in items[start : start + batch_size]]
+                inputs = [self.preprocess(original, size) for original in originals]
+                for group in _same_size_runs(originals, inputs):
+                    logits = run_protocol(
+                        lambda batch: self(batch, text),
+                        torch.cat([inputs[i] for i in group]),
+                        spec,
+                        out_size=originals[group[0]].shape[:2],
+                        amp=self.device.type == "cuda",
+                    ).float()
+                    for scores in logits.softmax(dim=1):
+                        results.append(
+                            SegmentationResult(
+                                label_map=scores.argmax(dim=0).cpu().numpy(),
+                                scores=scores.cpu().numpy(),
+                                labels=labels,
+                            )
+                        )
         finally:
             self.train(was_training)
         return results[0] if single else results
@@ -228,3 +235,10 @@ class LSeg(nn.Module):
             return outputs[0]
         squeezed = [o[0] for o in outputs]
         return squeezed[0] if not isinstance(images, (list, tuple)) else squeezed
+
+
+def _same_size_runs(originals: list[np.ndarray], inputs: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of consecutive images whose original and model-input sizes match (one batch each)."""
+    keys = [(o.shape[:2], tuple(t.shape[-2:])) for o, t in zip(originals, inputs)]
+    runs = groupby(range(len(keys)), key=keys.__getitem__)
+    return [list(indices) for _, indices in runs]
