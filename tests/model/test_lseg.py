@@ -114,7 +114,8 @@ def test_segment_batches_same_size_images_with_identical_results(tiny_model):
     import numpy as np
 
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(30, 40, 3), (30, 40, 3), (25, 33, 3)]]
+    shapes = [(30, 40, 3), (30, 40, 3), (25, 33, 3)]
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in shapes]
     one_by_one = tiny_model.segment(images, labels=["a", "b", "c"])
     batched = tiny_model.segment(images, labels=["a", "b", "c"], batch_size=3)
     assert [r.label_map.shape for r in batched] == [(30, 40), (30, 40), (25, 33)]
