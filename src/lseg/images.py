@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lseg.errors import LSegError
@@ -69,19 +70,37 @@ def load_image(source: ImageInput) -> np.ndarray:
     )
 
 
-def find_images(inputs: list[str | Path]) -> list[Path]:
-    """Expand files and directories (non-recursive) into a sorted list of image paths."""
+def expand_paths(inputs: list[str | Path], suffixes: set[str], kind: str) -> list[Path]:
+    """Files as given; folders expand (non-recursively) to their sorted, non-hidden `suffixes` files."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(
+                p for p in item.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith(".")
+            )
             if not found:
-                raise LSegError(
-                    f"no images in directory {item} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
-                )
+                raise LSegError(f"no {kind}s in directory {item} (looked for {', '.join(sorted(suffixes))})")
             paths.extend(found)
         elif item.is_file():
             paths.append(item)
         else:
-            raise LSegError(f"image not found: {item}")
+            raise LSegError(f"{kind} not found: {item}")
     return paths
+
+
+def find_images(inputs: list[str | Path]) -> list[Path]:
+    """Expand files and directories (non-recursive) into a sorted list of image paths."""
+    return expand_paths(inputs, IMAGE_SUFFIXES, "image")
+
+
+def resize_long_side(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Float B x 3 x H x W in [0, 1] with the long side resized to `size` (bilinear, antialiased down)."""
+    if size is None:
+        return images
+    height, width = images.shape[-2:]
+    scale = size / max(height, width)
+    if scale == 1:
+        return images
+    new_size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    resized = F.interpolate(images, size=new_size, mode="bilinear", align_corners=False, antialias=scale < 1)
+    return resized.clamp(0, 1)

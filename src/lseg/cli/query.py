@@ -113,22 +113,9 @@ def slug(text: str) -> str:
 
 def find_feature_files(inputs: list[str]) -> list[Path]:
     """Files as given; folders expand to their (non-hidden) .npy/.pt files, sorted."""
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(
-                p
-                for p in item.iterdir()
-                if p.suffix in (".npy", ".pt") and not p.name.startswith(".") and p.is_file()
-            )
-            if not found:
-                raise LSegError(f"no .npy or .pt feature files in {item}")
-            paths.extend(found)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise LSegError(f"feature file not found: {item}")
-    return paths
+    from lseg.images import expand_paths
+
+    return expand_paths(inputs, {".npy", ".pt"}, "feature file")
 
 
 # --------------------------------------------------------------------------- command

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from lseg.errors import LSegError
 from lseg.evaluate.labels import IGNORE_INDEX, LabelSpace, dataset_label_space
 from lseg.evaluate.metrics import SegmentationMetrics, class_iou, confusion_matrix, metrics_from_confusion
+from lseg.images import resize_long_side
 from lseg.inference import InferenceProtocol, resolve_protocol, run_protocol
 
 RANK_BY = ("miou", "pixel_accuracy")
@@ -184,14 +184,7 @@ def _same_size_groups(batch: list[dict[str, Any]]) -> Iterator[list[dict[str, An
 
 def _preprocess(images: Tensor, size: int | None, mean: Tensor, std: Tensor, device: torch.device) -> Tensor:
     """uint8 B x 3 x H x W -> normalised float on `device`, long side resized to `size` if given."""
-    x = images.to(device, non_blocking=True).float() / 255
-    if size is not None:
-        height, width = x.shape[-2:]
-        scale = size / max(height, width)
-        if scale != 1:
-            new = (max(1, round(height * scale)), max(1, round(width * scale)))
-            x = F.interpolate(x, size=new, mode="bilinear", align_corners=False, antialias=scale < 1)
-            x = x.clamp(0, 1)
+    x = resize_long_side(images.to(device, non_blocking=True).float() / 255, size)
     return (x - mean) / std
 
 

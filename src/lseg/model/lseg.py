@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lseg.errors import LSegError
-from lseg.images import ImageInput, load_image
+from lseg.images import ImageInput, load_image, resize_long_side
 from lseg.model.config import LSegConfig, load_preset
 from lseg.model.dpt import DPTDecoder
 from lseg.model.head import LSegHead
@@ -134,16 +134,8 @@ class LSeg(nn.Module):
     # ----------------------------------------------------------------- user-facing API
     def preprocess(self, image: ImageInput, size: int | None = None) -> torch.Tensor:
         """Any supported image -> normalised 1 x 3 x H x W tensor, long side resized to `size` if given."""
-        array = load_image(image)
-        tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).float() / 255
-        if size is not None:
-            height, width = array.shape[:2]
-            scale = size / max(height, width)
-            new_size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            tensor = F.interpolate(
-                tensor, size=new_size, mode="bilinear", align_corners=False, antialias=scale < 1
-            ).clamp(0, 1)
-        return self.normalize(tensor)
+        tensor = torch.from_numpy(load_image(image)).permute(2, 0, 1).unsqueeze(0).float() / 255
+        return self.normalize(resize_long_side(tensor, size))
 
     @torch.inference_mode()
     def segment(
