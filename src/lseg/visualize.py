@@ -1,11 +1,8 @@
-"""Colour overlays with a legend, and atomic image writing."""
+"""Colour overlays with a legend."""
 
 from __future__ import annotations
 
 import colorsys
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -47,40 +44,3 @@ def overlay(image: np.ndarray, label_map: np.ndarray, labels: list[str], alpha: 
         share = 100.0 * counts[index] / label_map.size
         draw.text((x + font_size + 8, y), f"{labels[index]}  {share:.1f}%", fill="black", font=font)
     return canvas
-
-
-def _publish(temporary: str, path: Path) -> None:
-    """mkstemp creates files readable by their owner only; give them the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    os.replace(temporary, path)
-
-
-def save_image_atomic(image: Image.Image | np.ndarray, path: str | Path) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
-    path = Path(path)
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        image.save(temporary)
-        _publish(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def save_array_atomic(array: np.ndarray, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
-    os.close(handle)
-    try:
-        np.save(temporary, array)
-        _publish(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

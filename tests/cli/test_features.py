@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from lseg import LSeg, LSegError
-from lseg.cli.features import extract_features, load_features, write_atomic
+from lseg.cli.features import extract_features, load_features
 from lseg.cli.main import main
 from lseg.cli.query import colormap, similarity_map
 
@@ -57,16 +57,6 @@ def test_image_grid_is_half_the_original_image(tiny_model):
     assert meta["model_size"] == [32, 48] and features.shape == (32, 50, 75)
     assert meta["feature_stride"] == [2.0, 2.0]
     assert np.allclose(unit_norms(features), 1, atol=1e-5)
-
-
-def test_write_atomic_leaves_nothing_when_interrupted(tmp_path):
-    def explode(file):
-        file.write(b"half")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        write_atomic(tmp_path / "a.npy", explode)
-    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- lseg features

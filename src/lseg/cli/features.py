@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -132,41 +129,19 @@ def extract_features(
     return features, meta
 
 
-# --------------------------------------------------------------------------- atomic files
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # read once at import (main thread): what open() would have given
-
-
-def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """`write(file)` into a hidden temporary beside `path`, then rename: never a half-written file."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.chmod(temporary, _FILE_MODE)  # mkstemp creates 0600 files
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
+# --------------------------------------------------------------------------- files
 def save_features(array: np.ndarray, meta: dict[str, Any], out: Path, name: str, fmt: str) -> None:
     """Array first, then the json sidecar (the completion marker)."""
+    from lseg.files import save_array, write_atomic, write_json_atomic
+
     array_path = out / f"{name}.{fmt}"
     if fmt == "npy":
-        write_atomic(array_path, lambda f: np.save(f, array))
+        save_array(array, array_path)
     else:
         import torch
 
         write_atomic(array_path, lambda f: torch.save(torch.from_numpy(array), f))
-    meta = {**meta, "array": array_path.name}
-    text = (json.dumps(meta, indent=2) + "\n").encode()
-    write_atomic(out / f"{name}.json", lambda f: f.write(text))
+    write_json_atomic(out / f"{name}.json", {**meta, "array": array_path.name})
 
 
 def load_features(path: str | Path) -> np.ndarray:

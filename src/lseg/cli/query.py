@@ -120,19 +120,14 @@ def find_feature_files(inputs: list[str]) -> list[Path]:
 
 # --------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
-    from PIL import Image
     from rich.console import Console
     from rich.table import Table
 
     from lseg.cli.common import load_model_from_args
-    from lseg.cli.features import load_features, read_sidecar, write_atomic
+    from lseg.cli.features import load_features, read_sidecar
+    from lseg.files import save_array as save_npy
+    from lseg.files import save_image as save_png
     from lseg.images import load_image
-
-    def save_png(array: np.ndarray, path: Path) -> None:
-        write_atomic(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
-
-    def save_npy(array: np.ndarray, path: Path) -> None:
-        write_atomic(path, lambda f: np.save(f, array))
 
     if not 0 <= args.alpha <= 1:
         raise LSegError(f"--alpha must be between 0 and 1, got {args.alpha}")

@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
+    from lseg.files import save_array, save_image
     from lseg.images import find_images, load_image
     from lseg.model.text_encoder import validate_labels
-    from lseg.visualize import overlay, save_array_atomic, save_image_atomic
+    from lseg.visualize import overlay
 
     if args.size is not None and args.size < 8:
         raise LSegError(f"--size must be at least 8 pixels, got {args.size}")
@@ -87,13 +88,13 @@ def run(args: argparse.Namespace) -> int:
             seconds = (time.perf_counter() - started) / len(chunk)
             for index, (path, result) in enumerate(zip(chunk, results)):
                 dtype = np.uint8 if len(labels) <= 256 else np.uint16
-                save_image_atomic(result.label_map.astype(dtype), out / f"{path.stem}.labels.png")
-                save_image_atomic(
+                save_image(result.label_map.astype(dtype), out / f"{path.stem}.labels.png")
+                save_image(
                     overlay(load_image(path), result.label_map, labels), out / f"{path.stem}.overlay.png"
                 )
                 if features is not None:
                     array = features[index].to(torch.float16).cpu().numpy()
-                    save_array_atomic(array, out / f"{path.stem}.features.npy")
+                    save_array(array, out / f"{path.stem}.features.npy")
                 shares = sorted(result.shares().items(), key=lambda kv: -kv[1])[:3]
                 top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in shares if share > 0)
                 rows.append(

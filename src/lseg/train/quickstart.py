@@ -181,14 +181,16 @@ def run_quickstart(out: Path, minutes: float = 3.0, train_images: int = 256, see
 def write_outputs(
     folder: Path, model, results: dict[str, Any], history: History, synonyms: list[str]
 ) -> None:
-    from lseg.visualize import overlay, save_image_atomic
+    from lseg.files import save_image
+    from lseg.visualize import overlay
 
     scenes = SyntheticStreetScenes(4, size=(192, 256), seed=12345)  # held out, and larger than training
+    (folder / "overlays").mkdir(exist_ok=True)
     for index in range(len(scenes)):
         image = scenes[index]["image"].permute(1, 2, 0).numpy()
         for tag, labels in (("names", list(SYNTHETIC_CLASS_NAMES)), ("synonyms", synonyms)):
             result = model.segment(image, labels=labels)
-            save_image_atomic(
+            save_image(
                 overlay(image, result.label_map, labels), folder / "overlays" / f"scene{index}.{tag}.png"
             )
     plot_curves(history, folder / "curves.png")
