@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,57 @@ from lseg.errors import LSegError
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
+# Images whose header claims more pixels than this are refused before decoding (decompression bombs):
+# PIL's own default, about 9,459 x 9,459. `set_max_image_pixels` (CLI: --max-image-pixels) changes it.
+DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+# The largest long side (pixels) the model may be asked to see: beyond it, activations need tens of GB.
+MAX_MODEL_SIZE = 4096
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Largest image (width x height) a file may claim; None or 0 lifts the limit (trusted files only)."""
+    if limit is not None and limit < 0:
+        raise LSegError(f"the image pixel limit must be positive (0 = no limit), got {limit}")
+    Image.MAX_IMAGE_PIXELS = limit or None
+
+
+def check_model_size(size: int | None, option: str = "--size") -> int | None:
+    """A long side for the model between 8 and MAX_MODEL_SIZE pixels, or None (the image's own)."""
+    if size is not None and not 8 <= size <= MAX_MODEL_SIZE:
+        raise LSegError(f"{option} must be between 8 and {MAX_MODEL_SIZE} pixels, got {size}")
+    return size
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """A fully decoded PIL image from a file, or LSegError (missing, corrupt, truncated, too large)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LSegError(f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():  # PIL warns between 1x and 2x its limit; we refuse instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and image.width * image.height > limit:
+                raise LSegError(
+                    f"image {path} claims {image.width} x {image.height} pixels, more than the limit of "
+                    f"{limit:,} (a decompression bomb?); raise it with --max-image-pixels if you trust it"
+                )
+            image.load()
+            return image
+    except Image.DecompressionBombError as error:
+        raise LSegError(
+            f"image {path} is too large ({error}); raise the limit with --max-image-pixels if you trust it"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise LSegError(f"cannot read image {path}: {error}") from None
 
 
 def pil_to_rgb(image: Image.Image) -> np.ndarray:
     """EXIF-rotated RGB uint8; 16-bit images are rescaled, alpha is composited on white."""
+    if 0 in image.size:
+        raise LSegError(f"the image is empty ({image.width} x {image.height} pixels)")
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
@@ -32,15 +80,7 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
 def load_image(source: ImageInput) -> np.ndarray:
     """H x W x 3 uint8 RGB from a path, PIL image, HxW[xC] array or CHW tensor (uint8 or [0, 1] float)."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise LSegError(f"image not found: {path}")
-        try:
-            with Image.open(path) as image:
-                image.load()
-                return pil_to_rgb(image)
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise LSegError(f"cannot read image {path}: {error}") from error
+        return pil_to_rgb(open_image(source))
     if isinstance(source, Image.Image):
         return pil_to_rgb(source)
     if isinstance(source, torch.Tensor):
@@ -56,6 +96,8 @@ def load_image(source: ImageInput) -> np.ndarray:
             array = array[..., None]
         if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
             raise LSegError(f"array images must be H x W, H x W x 3 or H x W x 4; got {source.shape}")
+        if 0 in array.shape[:2]:
+            raise LSegError(f"the image is empty ({array.shape[1]} x {array.shape[0]} pixels)")
         if array.dtype == np.uint16:
             array = (array / 257).round().astype(np.uint8)
         elif array.dtype != np.uint8:

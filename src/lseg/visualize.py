@@ -22,6 +22,14 @@ def colorize(label_map: np.ndarray, count: int) -> np.ndarray:
     return palette(count)[label_map]
 
 
+LEGEND_LABEL_CHARS = 40
+
+
+def shorten(label: str, limit: int = LEGEND_LABEL_CHARS) -> str:
+    """A label cut to `limit` characters for a legend (long prompts would make the image huge)."""
+    return label if len(label) <= limit else label[: limit - 1] + "…"
+
+
 def overlay(image: np.ndarray, label_map: np.ndarray, labels: list[str], alpha: float = 0.55) -> Image.Image:
     """Image blended with the label colours, plus a legend: colour, label, share of pixels."""
     colours = palette(len(labels))
@@ -31,7 +39,8 @@ def overlay(image: np.ndarray, label_map: np.ndarray, labels: list[str], alpha: 
     font_size = max(12, min(28, image.shape[0] // 30))
     font = ImageFont.load_default(size=font_size)
     row = font_size + 8
-    legend_width = max(180, int(max(font.getlength(f"{labels[i]}  100.0%") for i in order) + row + 24))
+    names = [shorten(label) for label in labels]
+    legend_width = max(180, int(max(font.getlength(f"{names[i]}  100.0%") for i in order) + row + 24))
     canvas = Image.new(
         "RGB", (image.shape[1] + legend_width, max(image.shape[0], row * len(order) + 16)), "white"
     )
@@ -42,5 +51,5 @@ def overlay(image: np.ndarray, label_map: np.ndarray, labels: list[str], alpha: 
         y = 8 + line * row
         draw.rectangle([x, y, x + font_size, y + font_size], fill=tuple(int(c) for c in colours[index]))
         share = 100.0 * counts[index] / label_map.size
-        draw.text((x + font_size + 8, y), f"{labels[index]}  {share:.1f}%", fill="black", font=font)
+        draw.text((x + font_size + 8, y), f"{names[index]}  {share:.1f}%", fill="black", font=font)
     return canvas

@@ -35,12 +35,23 @@ def test_predict_returns_overlay_and_shares(tiny_model, image):
         ("cat, cat", 64, "single", "duplicate"),
         ("cat, dog", 10_000, "single", "size must be"),
         ("cat, dog", 64, "bogus", "unknown protocol"),
+        ("cat, dog", float("nan"), "single", "size must be a number"),
+        ("cat, dog", float("inf"), "single", "size must be a number"),
+        ("cat, dog", "64", "single", "size must be a number"),
+        (["cat", "dog"], 64, "single", "type some labels"),
+        (7, 64, "single", "type some labels"),
     ],
 )
 def test_bad_inputs_raise_one_line_errors(tiny_model, image, labels, size, protocol, message):
     with pytest.raises(LSegError, match=message) as error:
         predict(tiny_model, image, labels, size, protocol)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("shape", [(0, 0, 3), (0, 5, 3), (5, 0)])
+def test_empty_images_are_refused(tiny_model, shape):
+    with pytest.raises(LSegError, match="the image is empty"):
+        predict(tiny_model, np.zeros(shape, dtype=np.uint8), "cat, dog", 64, "single")
 
 
 def test_no_image(tiny_model):

@@ -92,7 +92,7 @@ def test_features_cli_pt_format_and_unreadable_image(tmp_path, model_dir, capsys
     out = tmp_path / "features"
     argv = ["features", str(images), "--checkpoint", str(model_dir), "--out", str(out)]
     assert main([*argv, "--format", "pt", "--dtype", "float32"]) == 1
-    assert "could not be read" in capsys.readouterr().err
+    assert "1 of 2 inputs failed: cannot read image" in capsys.readouterr().err
     tensor = torch.load(out / "img0.pt", weights_only=True)
     assert tensor.dtype == torch.float32 and tensor.shape == (32, 10, 12)
     assert np.allclose(unit_norms(load_features(out / "img0.pt")), 1, atol=1e-5)

@@ -7,6 +7,7 @@ dependency: `pip install 'lseg[demo]'`.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,23 +42,29 @@ def predict(
 
     if image is None:
         raise LSegError("upload an image first")
-    if labels_text is None or not labels_text.strip():
+    if not isinstance(labels_text, str) or not labels_text.strip():
         raise LSegError(f"type some labels separated by commas, e.g. '{DEFAULT_LABELS}'")
     labels = validate_labels(parse_labels(labels_text, None))
     if len(labels) > MAX_LABELS:
         raise LSegError(f"at most {MAX_LABELS} labels, got {len(labels)}")
     if protocol not in PROTOCOLS:
         raise LSegError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
-    if size:
-        size = int(size)
-        if not MIN_SIZE <= size <= MAX_SIZE:
-            raise LSegError(f"size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}")
-    else:
-        size = None
+    size = checked_size(size)
     array = load_image(image)
     result = model.segment(array, labels=labels, size=size, protocol=protocol)
     shares = sorted(result.shares().items(), key=lambda item: -item[1])
     return overlay(array, result.label_map, labels), shares
+
+
+def checked_size(size: Any) -> int | None:
+    """The slider's long side as an int in [MIN_SIZE, MAX_SIZE]; None or 0 means the original size."""
+    if size is None or size == 0:
+        return None
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size):
+        raise LSegError(f"size must be a number of pixels between {MIN_SIZE} and {MAX_SIZE}, got {size!r}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise LSegError(f"size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size:g}")
+    return int(size)
 
 
 def example_images() -> list[Path]:

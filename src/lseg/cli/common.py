@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import sys
 
 import torch
 
 from lseg.errors import LSegError
+from lseg.files import read_text
 
 
 def parse_labels(text: str | None, file: str | None) -> list[str] | None:
@@ -15,10 +16,7 @@ def parse_labels(text: str | None, file: str | None) -> list[str] | None:
     if text is not None and file is not None:
         raise LSegError("give either --labels or --labels-file, not both")
     if file is not None:
-        path = Path(file)
-        if not path.is_file():
-            raise LSegError(f"labels file not found: {path}")
-        text = path.read_text()
+        text = read_text(file, "labels file")
         parts = (
             [p for line in text.splitlines() for p in line.split(",")] if "," in text else text.splitlines()
         )
@@ -51,6 +49,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "are downloaded where the preset asks for them, the LSeg head and decoder are random",
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    add_image_limit_argument(parser)
 
 
 def load_model_from_args(args: argparse.Namespace):
@@ -64,3 +63,29 @@ def load_model_from_args(args: argparse.Namespace):
     else:
         raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
     return model.to(device).eval()
+
+
+def add_image_limit_argument(parser: argparse.ArgumentParser) -> None:
+    from lseg.images import DEFAULT_MAX_IMAGE_PIXELS
+
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"refuse image files claiming more pixels than this (default {DEFAULT_MAX_IMAGE_PIXELS:,}, "
+        "PIL's decompression-bomb limit; 0 = no limit, for trusted files only)",
+    )
+
+
+def raise_failures(failures: list[str], total: int) -> None:
+    """The batch commands' rule: every good input is processed, every bad one reported, exit 1 if any.
+
+    One failure is the error line itself; several are listed on stderr before the summary line.
+    """
+    if not failures:
+        return
+    if len(failures) == 1:
+        raise LSegError(failures[0] if total == 1 else f"1 of {total} inputs failed: {failures[0]}")
+    for failure in failures:
+        print(f"lseg: failed: {failure}", file=sys.stderr)
+    raise LSegError(f"{len(failures)} of {total} inputs failed (listed above); the others were processed")

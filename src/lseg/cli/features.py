@@ -46,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--size",
         type=int,
-        help="long side (pixels) the model sees at scale 1: resizes the input for single/slide, replaces "
+        help="long side (pixels, 8 to 4096) the model sees at scale 1: resizes the input for single/slide, "
+        "replaces "
         "the base size of openscene (640, its crop follows, like OpenScene's img_long_side) and "
         "lseg-ms (520)",
     )
@@ -202,11 +203,11 @@ def run(args: argparse.Namespace) -> int:
     )
 
     from lseg import __version__
-    from lseg.cli.common import load_model_from_args
-    from lseg.images import find_images, load_image
+    from lseg.cli.common import load_model_from_args, raise_failures
+    from lseg.files import check_output_folder, make_output_folder
+    from lseg.images import check_model_size, find_images, load_image
 
-    if args.size is not None and args.size < 8:
-        raise LSegError(f"--size must be at least 8 pixels, got {args.size}")
+    check_model_size(args.size)
     if not args.checkpoint and not args.preset:
         raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
     paths = find_images(args.inputs)
@@ -219,10 +220,7 @@ def run(args: argparse.Namespace) -> int:
                 "(use one --out per folder)"
             )
         seen.add(name)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise LSegError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_folder(args.out)
     settings = {
         "protocol": args.protocol,
         "size": args.size,
@@ -291,7 +289,6 @@ def run(args: argparse.Namespace) -> int:
             progress.update(task, current=path.name)
             if isinstance(image, LSegError):
                 failed.append(str(image))
-                progress.console.print(f"[yellow]skipped[/yellow] {image}")
                 progress.advance(task)
                 continue
             features, meta = extract_features(model, image, args.protocol, args.size, args.feature_grid)
@@ -307,6 +304,7 @@ def run(args: argparse.Namespace) -> int:
             }
             if pending_write is not None:
                 pending_write.result()
+            make_output_folder(out)
             pending_write = writer.submit(save_features, array, meta, out, name, args.format)
             progress.advance(task)
         if pending_write is not None:
@@ -315,6 +313,5 @@ def run(args: argparse.Namespace) -> int:
     Console().print(
         f"lseg features: {done} written, {skipped} skipped (already done), {len(failed)} failed -> {out}"
     )
-    if failed:
-        raise LSegError(f"{len(failed)} image(s) could not be read; first: {failed[0]}")
+    raise_failures(failed, len(todo))
     return 0

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from lseg import __version__
 from lseg.errors import LSegError
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+OUT_OF_MEMORY = "out of memory; use a smaller --size or --batch-size, or another --device"
 SUBCOMMANDS = ["quickstart", "segment", "evaluate", "features", "query", "convert", "train", "demo"]
+
+
+def one_line(message: str) -> str:
+    """An error message as one printable line: colour codes dropped, control characters (a hostile
+    file name's newlines or escapes among them) shown as spaces."""
+    return CONTROL.sub(" ", ANSI_ESCAPE.sub("", message)).strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +48,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "max_image_pixels", None) is not None:
+            from lseg.images import set_max_image_pixels
+
+            set_max_image_pixels(args.max_image_pixels)
         return args.run(args) or 0
     except LSegError as error:
-        print(f"lseg: error: {error}", file=sys.stderr)
+        print(f"lseg: error: {one_line(str(error))}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"lseg: error: {OUT_OF_MEMORY}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:  # torch reports allocation failures as RuntimeError subclasses
+        if "out of memory" not in str(error) and "can't allocate memory" not in str(error):
+            raise
+        print(f"lseg: error: {OUT_OF_MEMORY}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("lseg: interrupted", file=sys.stderr)

@@ -123,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lseg.cli.common import load_model_from_args
+    from lseg.cli.common import load_model_from_args, raise_failures
     from lseg.cli.features import load_features, read_sidecar
+    from lseg.files import check_output_folder, make_output_folder
     from lseg.files import save_array as save_npy
     from lseg.files import save_image as save_png
     from lseg.images import load_image
@@ -152,17 +153,22 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.preset = next(iter(recorded))
     model = load_model_from_args(args)
     embeddings = model.encode_text(texts).float().cpu().numpy()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_folder(args.out)
+    failures = []
     table = Table(title=f"lseg query: {len(paths)} feature map(s) x {len(texts)} prompt(s) -> {out}")
     for column in ("features", "text", "max", "mean", "argmax (x, y)"):
         table.add_column(column)
     for path in paths:
-        features = load_features(path)
         meta = sidecars[path]
         image_size = meta.get("image_size")
         image_path = Path(meta["image"]) if meta.get("image") else None
-        image = load_image(image_path) if image_path is not None and image_path.is_file() else None
+        try:
+            features = load_features(path)
+            image = load_image(image_path) if image_path is not None and image_path.is_file() else None
+        except LSegError as error:
+            failures.append(str(error))
+            continue
+        make_output_folder(out)
         if image is not None:
             image_size = list(image.shape[:2])
         for text, name, similarity in zip(texts, slugs, similarity_maps(features, embeddings)):
@@ -184,5 +190,7 @@ def run(args: argparse.Namespace) -> int:
             if args.save_similarity:
                 save_npy(similarity.astype(np.float32), out / f"{path.stem}.{name}.npy")
         del features
-    Console().print(table)
+    if table.rows:
+        Console().print(table)
+    raise_failures(failures, len(paths))
     return 0

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
-from lseg.cli.common import add_model_arguments, load_model_from_args, parse_labels
+from lseg.cli.common import (
+    add_model_arguments,
+    load_model_from_args,
+    parse_labels,
+    raise_failures,
+)
 from lseg.errors import LSegError
 
 
@@ -23,88 +27,86 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--labels", help='comma-separated labels, e.g. "cat, plant, other"')
     parser.add_argument("--labels-file", help="file with one label per line")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--size", type=int, help="resize the long side to this many pixels before inference")
+    parser.add_argument(
+        "--size", type=int, help="resize the long side to this many pixels (8 to 4096) before inference"
+    )
     parser.add_argument("--protocol", default="single", help="inference protocol: single, slide, lseg-ms")
     parser.add_argument(
         "--batch-size", type=int, default=1, help="images per forward pass (same-size images)"
     )
     parser.add_argument(
-        "--save-features", action="store_true", help="also write dense D x H/2 x W/2 features"
+        "--save-features",
+        action="store_true",
+        help="also write dense D x H/2 x W/2 features (with the same --protocol)",
     )
     add_model_arguments(parser)
     parser.set_defaults(run=run)
 
 
-def check_images(paths: list[Path]) -> None:
-    """Fail before writing anything if any input is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
-
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise LSegError(f"cannot read image {path}: {error}") from error
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
-    from lseg.files import save_array, save_image
-    from lseg.images import find_images, load_image
+    from lseg.files import check_output_folder, make_output_folder, save_array, save_image
+    from lseg.images import check_model_size, find_images, load_image
+    from lseg.inference import resolve_protocol
     from lseg.model.text_encoder import validate_labels
     from lseg.visualize import overlay
 
-    if args.size is not None and args.size < 8:
-        raise LSegError(f"--size must be at least 8 pixels, got {args.size}")
+    check_model_size(args.size)
     if args.batch_size < 1:
         raise LSegError(f"--batch-size must be at least 1, got {args.batch_size}")
+    resolve_protocol(args.protocol, args.size)
     paths = find_images(args.inputs)
-    check_images(paths)
     stems = [p.stem for p in paths]
     if len(set(stems)) != len(stems):
         raise LSegError("several inputs share a file name; outputs would overwrite each other")
+    out = check_output_folder(args.out)
     labels = parse_labels(args.labels, args.labels_file)
     model = load_model_from_args(args)
     labels = validate_labels(labels if labels is not None else model.config.labels)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
-    rows = []
+    rows, failures = [], []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("segmenting", total=len(paths))
         for start in range(0, len(paths), args.batch_size):
-            chunk = paths[start : start + args.batch_size]
-            started = time.perf_counter()
-            results = model.segment(
-                [str(p) for p in chunk], labels=labels, size=args.size, protocol=args.protocol
-            )
-            features = (
-                model.encode_image([str(p) for p in chunk], size=args.size) if args.save_features else None
-            )
-            seconds = (time.perf_counter() - started) / len(chunk)
-            for index, (path, result) in enumerate(zip(chunk, results)):
-                dtype = np.uint8 if len(labels) <= 256 else np.uint16
-                save_image(result.label_map.astype(dtype), out / f"{path.stem}.labels.png")
-                save_image(
-                    overlay(load_image(path), result.label_map, labels), out / f"{path.stem}.overlay.png"
+            chunk, images = [], []
+            for path in paths[start : start + args.batch_size]:
+                try:
+                    images.append(load_image(path))
+                    chunk.append(path)
+                except LSegError as error:
+                    failures.append(str(error))
+            if chunk:
+                started = time.perf_counter()
+                results = model.segment(
+                    images, labels=labels, size=args.size, protocol=args.protocol, batch_size=len(chunk)
                 )
-                if features is not None:
-                    array = features[index].to(torch.float16).cpu().numpy()
-                    save_array(array, out / f"{path.stem}.features.npy")
-                shares = sorted(result.shares().items(), key=lambda kv: -kv[1])[:3]
-                top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in shares if share > 0)
-                rows.append(
-                    (path.name, f"{result.label_map.shape[1]}x{result.label_map.shape[0]}", top, seconds)
+                features = (
+                    model.encode_image(images, size=args.size, protocol=args.protocol)
+                    if args.save_features
+                    else None
                 )
-            progress.advance(task, len(chunk))
-    table = Table(title=f"lseg segment: {len(paths)} image(s) -> {out}")
-    for column in ("image", "size", "top labels", "s/image"):
-        table.add_column(column)
-    for name, size, top, seconds in rows:
-        table.add_row(name, size, top, f"{seconds:.2f}")
-    Console().print(table)
+                seconds = (time.perf_counter() - started) / len(chunk)
+                make_output_folder(out)
+                for index, (path, image, result) in enumerate(zip(chunk, images, results)):
+                    dtype = np.uint8 if len(labels) <= 256 else np.uint16
+                    save_image(result.label_map.astype(dtype), out / f"{path.stem}.labels.png")
+                    save_image(overlay(image, result.label_map, labels), out / f"{path.stem}.overlay.png")
+                    if features is not None:
+                        array = features[index].half().cpu().numpy()
+                        save_array(array, out / f"{path.stem}.features.npy")
+                    shares = sorted(result.shares().items(), key=lambda kv: -kv[1])[:3]
+                    top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in shares if share > 0)
+                    rows.append((path.name, f"{image.shape[1]}x{image.shape[0]}", top, seconds))
+            progress.advance(task, args.batch_size)
+    if rows:
+        table = Table(title=f"lseg segment: {len(rows)} image(s) -> {out}")
+        for column in ("image", "size", "top labels", "s/image"):
+            table.add_column(column)
+        for name, size, top, seconds in rows:
+            table.add_row(name, size, top, f"{seconds:.2f}")
+        Console().print(table)
+    raise_failures(failures, len(paths))
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lseg.errors import LSegError
+from lseg.files import read_text
 
 IGNORE_INDEX = 255
 
@@ -32,19 +33,10 @@ TAXONOMY_COLUMNS: dict[str, tuple[str, dict[str, str] | None]] = {
 }
 
 
-def _read_text(path: Path, what: str) -> str:
-    if not path.is_file():
-        raise LSegError(f"{what} {path} not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise LSegError(f"cannot read {what} {path}: {error}") from None
-
-
 def read_labels_file(path: str | Path, class_names: Sequence[str]) -> list[str]:
     """One label per non-empty line, line ``i`` for class ``i``; the count must match the classes."""
     path = Path(path)
-    labels = [line.strip() for line in _read_text(path, "labels file").splitlines() if line.strip()]
+    labels = [line.strip() for line in read_text(path, "labels file").splitlines() if line.strip()]
     if len(labels) != len(class_names):
         raise LSegError(
             f"labels file {path} has {len(labels)} labels but the evaluation has {len(class_names)} classes; "
@@ -70,7 +62,7 @@ def read_synonyms(path: str | Path, class_names: Sequence[str]) -> dict[str, str
         loose.setdefault(_norm(name), name)
     mapping: dict[str, str] = {}
     unknown: list[str] = []
-    for lineno, raw in enumerate(_read_text(path, "synonyms file").splitlines(), 1):
+    for lineno, raw in enumerate(read_text(path, "synonyms file").splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from lseg.errors import LSegError
+from lseg.files import check_output_folder, make_output_folder, write_text_atomic
 
 METRICS_FILE = "metrics.json"
 IOU_CHART = "per_class_iou.png"
@@ -107,35 +108,22 @@ def environment(device: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- staging
 class Staging:
-    """A hidden sibling folder of `out`; `commit()` moves its files into `out` (created if absent)."""
+    """A hidden folder of our own beside `out` (or its nearest existing ancestor); `commit()` creates
+    `out` if needed and moves the staged files into it one by one, so a failed run writes nothing."""
 
     def __init__(self, out: Path) -> None:
-        if out.exists() and not out.is_dir():
-            raise LSegError(f"--out {out} exists and is not a folder")
-        self.out = out
-        self.existed = out.exists()
-        self.created_parent: Path | None = None
-        parent = out.parent
-        if not parent.exists():
-            top = parent
-            while not top.parent.exists():
-                top = top.parent
-            self.created_parent = top
-            parent.mkdir(parents=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=parent))
+        self.out = check_output_folder(out)
+        anchor = next(folder for folder in (out.parent, *out.parents) if folder.exists())
+        self.path = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=anchor))
 
     def commit(self) -> None:
-        if not self.out.exists():
-            os.replace(self.path, self.out)
-            return
+        make_output_folder(self.out)
         for item in sorted(self.path.iterdir()):
             os.replace(item, self.out / item.name)
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.rmdir()
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-        if self.created_parent is not None:
-            shutil.rmtree(self.created_parent, ignore_errors=True)
 
 
 def write_staged(out: str | Path, writers: Iterable[tuple[str, Callable[[Path], None]]]) -> list[Path]:
@@ -336,7 +324,7 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 
 def write_text(text: str, path: Path) -> None:
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------- console
