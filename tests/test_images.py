@@ -44,3 +44,41 @@ def test_missing_corrupt_and_empty_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LSegError, match="no images in directory"):
         find_images([tmp_path / "empty"])
+
+
+def test_decompression_bombs_are_refused_in_one_line_and_the_limit_is_adjustable(tmp_path):
+    from PIL import Image
+
+    from lseg.images import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+    from tests.hostile import png_header_bomb, real_bomb
+
+    header = png_header_bomb(tmp_path / "header.png")
+    real = real_bomb(tmp_path / "real.png")
+    for path in (header, real):
+        with pytest.raises(LSegError, match="decompression bomb") as error:
+            load_image(path)
+        assert "\n" not in str(error.value)
+    moderate = png_header_bomb(tmp_path / "moderate.png", 9_000, 11_000)  # between PIL's 1x and 2x
+    with pytest.raises(LSegError, match="9000 x 11000 pixels, more than the limit of 89,478,485"):
+        load_image(moderate)
+    try:
+        set_max_image_pixels(0)  # 0 lifts the limit (trusted files only)
+        assert Image.MAX_IMAGE_PIXELS is None
+        set_max_image_pixels(100)
+        with pytest.raises(LSegError, match="limit of 100 pixels"):
+            load_image(header)
+    finally:
+        set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def test_truncated_jpeg_is_a_one_line_error(tmp_path):
+    from tests.hostile import truncated_jpeg
+
+    with pytest.raises(LSegError, match="cannot read image .*truncated"):
+        load_image(truncated_jpeg(tmp_path / "cut.jpg"))
+
+
+@pytest.mark.parametrize("shape", [(0, 0, 3), (0, 7), (7, 0, 4)])
+def test_empty_arrays_are_refused(shape):
+    with pytest.raises(LSegError, match="the image is empty"):
+        load_image(np.zeros(shape, dtype=np.uint8))

@@ -35,6 +35,15 @@ def check_model_size(size: int | None, option: str = "--size") -> int | None:
     return size
 
 
+def _too_large(path: Path, size: str | None) -> LSegError:
+    limit = f"the limit of {Image.MAX_IMAGE_PIXELS:,} pixels"
+    claim = f"{size}, more than {limit}" if size else f"more than twice {limit}"
+    return LSegError(
+        f"image {path} has {claim} (a decompression bomb?); if you trust it, raise the limit with "
+        "--max-image-pixels (Python: lseg.images.set_max_image_pixels)"
+    )
+
+
 def open_image(path: str | Path) -> Image.Image:
     """A fully decoded PIL image from a file, or LSegError (missing, corrupt, truncated, too large)."""
     path = Path(path)
@@ -45,18 +54,12 @@ def open_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
         with image:
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and image.width * image.height > limit:
-                raise LSegError(
-                    f"image {path} claims {image.width} x {image.height} pixels, more than the limit of "
-                    f"{limit:,} (a decompression bomb?); raise it with --max-image-pixels if you trust it"
-                )
+            if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                raise _too_large(path, f"{image.width} x {image.height} pixels")
             image.load()
             return image
-    except Image.DecompressionBombError as error:
-        raise LSegError(
-            f"image {path} is too large ({error}); raise the limit with --max-image-pixels if you trust it"
-        ) from None
+    except Image.DecompressionBombError:
+        raise _too_large(path, None) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise LSegError(f"cannot read image {path}: {error}") from None
 

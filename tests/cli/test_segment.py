@@ -116,3 +116,139 @@ def test_help_lists_every_command(capsys):
     text = capsys.readouterr().out
     for command in ("quickstart", "segment", "evaluate", "train", "features", "query", "convert", "demo"):
         assert command in text
+
+
+# --------------------------------------------------------------------------- batches and hostile inputs
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    streams = capsys.readouterr()
+    return code, streams.out, streams.err.strip()
+
+
+def test_a_bad_image_in_a_folder_does_not_stop_the_others(tmp_path, model_dir, capsys):
+    from tests.hostile import good_image, real_bomb, truncated_jpeg
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good_image(folder / "a.png")
+    truncated_jpeg(folder / "b.jpg")
+    real_bomb(folder / "c.png")
+    good_image(folder / "d.png", seed=1)
+    out = tmp_path / "out"
+    code, _, error = run_cli(
+        capsys, "segment", folder, "--labels", "a, b", "--checkpoint", model_dir, "--out", out
+    )
+    assert code == 1
+    lines = error.splitlines()
+    assert len(lines) == 3 and "Traceback" not in error
+    assert "b.jpg" in lines[0] and "truncated" in lines[0] and "c.png" in lines[1]
+    assert lines[2] == "lseg: error: 2 of 4 inputs failed (listed above); the others were processed"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.labels.png",
+        "a.overlay.png",
+        "d.labels.png",
+        "d.overlay.png",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--protocol", "bogus"], "unknown inference protocol"),
+        (["--size", "20000"], "--size must be between 8 and 4096 pixels, got 20000"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+    ],
+)
+def test_failed_runs_create_no_output_folder(tmp_path, images, model_dir, capsys, extra, message):
+    out = tmp_path / "new" / "out"
+    code, _, error = run_cli(
+        capsys, "segment", images, "--labels", "a, b", "--checkpoint", model_dir, "--out", out, *extra
+    )
+    assert code == 1 and message in error and error.count("\n") == 0
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_single_truncated_image_leaves_no_output_folder(tmp_path, model_dir, capsys):
+    from tests.hostile import truncated_jpeg
+
+    image = truncated_jpeg(tmp_path / "cut.jpg")
+    out = tmp_path / "out"
+    code, _, error = run_cli(
+        capsys, "segment", image, "--labels", "a", "--checkpoint", model_dir, "--out", out
+    )
+    assert code == 1 and error.count("\n") == 0 and "truncated" in error
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_is_refused_and_untouched(tmp_path, images, model_dir, capsys):
+    report = tmp_path / "report.txt"
+    report.write_text("mine")
+    for out in (report, report / "sub"):
+        code, _, error = run_cli(
+            capsys, "segment", images, "--labels", "a", "--checkpoint", model_dir, "--out", out
+        )
+        assert code == 1 and "exists and is not a folder" in error and error.count("\n") == 0
+    assert report.read_text() == "mine"
+
+
+def test_labels_files_must_be_utf8_and_a_bom_is_dropped(tmp_path, images, model_dir, capsys):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9\nroad\n".encode("latin-1"))
+    out = tmp_path / "out"
+    argv = ["segment", images / "a.png", "--checkpoint", model_dir, "--out", out]
+    code, _, error = run_cli(capsys, *argv, "--labels-file", latin)
+    assert code == 1 and "is not UTF-8 text (byte 0xe9 on line 1)" in error and not out.exists()
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffcat\nroad\n".encode())
+    assert run_cli(capsys, *argv, "--labels-file", bom)[0] == 0
+    legend = np.asarray(Image.open(out / "a.overlay.png"))
+    assert legend.shape[0] >= 37  # written; the labels are checked through parse_labels below
+    from lseg.cli.common import parse_labels
+
+    assert parse_labels(None, str(bom)) == ["cat", "road"]
+
+
+def test_batch_size_reaches_the_model_and_features_follow_the_protocol(
+    tmp_path, model_dir, capsys, monkeypatch
+):
+    import torch
+
+    from lseg import LSeg
+    from tests.hostile import good_image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(4):
+        good_image(folder / f"{index}.png", size=(40, 56), seed=index)
+    batches = []
+    forward = LSeg.forward
+
+    def spy(self, pixel_values, *args, **kwargs):
+        batches.append(pixel_values.shape[0])
+        return forward(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(LSeg, "forward", spy)
+    out = tmp_path / "out"
+    argv = ["segment", folder, "--labels", "a, b", "--checkpoint", model_dir, "--out", out]
+    assert run_cli(capsys, *argv, "--batch-size", "2")[0] == 0
+    assert batches == [2, 2]
+    monkeypatch.setattr(LSeg, "forward", forward)
+
+    assert run_cli(capsys, *argv, "--protocol", "lseg-ms", "--size", "32", "--save-features")[0] == 0
+    model = LSeg.from_pretrained(model_dir).eval()
+    image = str(folder / "0.png")
+    expected = model.encode_image(image, size=32, protocol="lseg-ms").half().float()
+    single = model.encode_image(image, size=32).half().float()
+    saved = torch.from_numpy(np.load(out / "0.features.npy")).float()
+    assert saved.shape == expected.shape
+    assert torch.allclose(saved, expected, atol=2e-3)
+    assert saved.shape != single.shape  # lseg-ms keeps the original grid; single saw 32 px
+
+
+def test_hostile_file_names_cannot_inject_terminal_codes(tmp_path, model_dir, capsys):
+    name = tmp_path / "evil\x1b[31m\nname.png"
+    name.write_bytes(b"not an image")
+    code, _, error = run_cli(
+        capsys, "segment", name, "--labels", "a", "--checkpoint", model_dir, "--out", tmp_path / "o"
+    )
+    assert code == 1 and "\x1b" not in error and error.count("\n") == 0 and "evil" in error
