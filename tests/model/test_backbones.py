@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lseg import LSeg
+from lseg import LSeg, LSegError
 from lseg.model import load_preset, preset_names
 from lseg.model.image_encoder import STRIDES, build_image_encoder
 from lseg.model.original import convert_state_dict
@@ -212,3 +212,103 @@ def test_every_trainable_parameter_gets_a_gradient(image_encoder):
     model(torch.randn(2, 3, 64, 64), ["a", "b"]).logsumexp(dim=1).mean().backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert unused == []
+
+
+TINY_TEXT = {"pretrained": None, "custom": {"embed_dim": 16, "width": 32, "heads": 2, "layers": 1}}
+TINY_VIT = {"embed_dim": 32, "depth": 4, "num_heads": 2, "img_size": 56}
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize(
+    ("name", "kwargs", "readout"),
+    [
+        ("vit_small_patch14_reg4_dinov2", {}, "project"),  # 4 register tokens, DINOv2 layout
+        ("vit_tiny_patch16_224", {"reg_tokens": 4}, "add"),
+        ("vit_tiny_patch16_224", {"reg_tokens": 2, "class_token": False, "global_pool": "avg"}, "ignore"),
+        (
+            "vit_tiny_patch16_224",
+            {"class_token": False, "global_pool": "avg", "no_embed_class": True},
+            "ignore",
+        ),
+    ],
+)
+def test_any_timm_vit_segments_at_any_size(name, kwargs, readout, interpolation):
+    config = {
+        "image_encoder": {
+            "type": "vit",
+            "name": name,
+            "pretrained": False,
+            "readout": readout,
+            "pos_embed_interpolation": interpolation,
+            "pos_embed_antialias": interpolation == "bicubic",
+            "channels": [8, 8, 16, 16],
+            "kwargs": {**TINY_VIT, **kwargs},
+        },
+        "text_encoder": TINY_TEXT,
+        "features": 16,
+    }
+    model = LSeg.from_config(config).eval()
+    image = torch.randint(0, 255, (45, 83, 3), dtype=torch.uint8).numpy()
+    result = model.segment(image, labels=["a", "b", "c"], size=90)
+    assert result.label_map.shape == (45, 83) and result.scores.shape == (3, 45, 83)
+
+
+def test_class_token_readout_needs_a_class_token():
+    config = {
+        "image_encoder": {
+            "type": "vit",
+            "name": "vit_tiny_patch16_224",
+            "pretrained": False,
+            "kwargs": {**TINY_VIT, "class_token": False, "global_pool": "avg"},
+        },
+        "text_encoder": TINY_TEXT,
+    }
+    with pytest.raises(LSegError, match="readout 'project' needs a class token.*'ignore'"):
+        LSeg.from_config(config)
+
+
+@pytest.mark.parametrize(
+    ("image_encoder", "block"),
+    [
+        (
+            {"type": "vit", "name": "vit_tiny_patch16_224", "kwargs": TINY_VIT, "hooks": [0, 1, 2, 3]},
+            "blocks.1",
+        ),
+        ({"type": "cnn", "name": "resnet18d"}, "layer2.0"),
+        ({"type": "cnn", "name": "convnext_atto"}, "stages_1"),
+        (
+            {
+                "type": "hybrid",
+                "name": "vit_base_r50_s16_384",
+                "hooks": [0, 1],
+                "kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
+            },
+            "blocks.0",
+        ),
+    ],
+)
+def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients(image_encoder, block):
+    config = {
+        "image_encoder": {**image_encoder, "pretrained": False},
+        "text_encoder": TINY_TEXT,
+        "features": 16,
+    }
+    model = LSeg.from_config(config).train()
+    images = torch.randn(2, 3, 64, 64)
+    module = model.image_encoder.model.get_submodule(block)
+    calls = []
+    module.register_forward_pre_hook(lambda *args: calls.append(1))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(images, ["a", "b"]).logsumexp(dim=1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    assert len(calls) == 1
+    model.set_grad_checkpointing(True)
+    calls.clear()
+    checkpointed = gradients()
+    assert len(calls) == 2  # run again in the backward pass: activations were not kept
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-5) for n in plain)

@@ -1,5 +1,8 @@
 import json
+import os
+import stat
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,20 +20,65 @@ def test_save_and_load_round_trip(tmp_path, tiny_model):
     assert torch.equal(loaded(images, ["a", "b"]), tiny_model(images, ["a", "b"]))
 
 
-def test_save_is_atomic_and_overwrites(tmp_path, tiny_model, monkeypatch):
+def test_failed_save_leaves_the_previous_model_and_no_new_folder(tmp_path, tiny_model, monkeypatch):
     folder = tiny_model.save_pretrained(tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
     import lseg.model.checkpoint as checkpoint
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken)
+    monkeypatch.setattr(checkpoint, "serialize", broken)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_model.save_pretrained(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary files either
     with pytest.raises(OSError):
         tiny_model.save_pretrained(tmp_path / "other")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing half-made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no half-made folder
     monkeypatch.undo()
-    tiny_model.save_pretrained(folder)  # overwriting an existing folder works
-    assert (folder / "model.safetensors").is_file()
+    tiny_model.save_pretrained(folder)  # overwriting an existing model works
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_save_writes_only_its_own_files_and_keeps_the_folder_mode(tmp_path, tiny_model):
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "sub" / "deep.txt").write_text("also mine")
+    folder.chmod(0o755)
+    tiny_model.save_pretrained(folder)
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert (folder / "sub" / "deep.txt").read_text() == "also mine"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert LSeg.from_pretrained(folder).config == tiny_model.config
+
+
+def test_new_folder_and_files_follow_the_umask(tmp_path, tiny_model):
+    previous = os.umask(0o027)
+    try:
+        folder = tiny_model.save_pretrained(tmp_path / "a" / "model")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o640
+
+
+def test_save_into_the_current_folder(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("x")
+    assert tiny_model.save_pretrained(".") == Path(".")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "keep.txt", "model.safetensors"]
+    assert LSeg.from_pretrained(".").config == tiny_model.config
+
+
+def test_save_refuses_an_existing_file(tmp_path, tiny_model):
+    report = tmp_path / "report.txt"
+    report.write_text("results")
+    with pytest.raises(LSegError, match="report.txt exists and is not a folder"):
+        tiny_model.save_pretrained(report)
+    assert report.read_text() == "results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.txt"]
 
 
 def test_mismatched_architecture_names_the_keys(tmp_path, tiny_model):
@@ -81,3 +129,119 @@ def test_pickled_code_is_never_executed(tmp_path):
     torch.save({"state_dict": {"net.x": torch.zeros(1)}, "extra": Payload()}, evil)
     with pytest.raises(LSegError, match="cannot read checkpoint"):
         LSeg.from_pretrained(evil)
+
+
+def _saved_config(tmp_path, tiny_model) -> tuple[Path, dict]:
+    folder = tiny_model.save_pretrained(tmp_path / "model")
+    return folder, json.loads((folder / "config.json").read_text())
+
+
+def test_non_utf8_config_is_a_clear_error(tmp_path, tiny_model):
+    folder, _ = _saved_config(tmp_path, tiny_model)
+    (folder / "config.json").write_bytes('{"labels": ["caf\u00e9"]}'.encode("latin-1"))
+    with pytest.raises(LSegError, match="config.json is not UTF-8"):
+        LSeg.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: [c], "must be a JSON object, got a list"),
+        (lambda c: "LSeg", "must be a JSON object, got a str"),
+        (lambda c: None, "must be a JSON object, got null"),
+        (lambda c: {**c, "features": "abc"}, "features must be a positive integer, got 'abc'"),
+        (lambda c: {**c, "features": -5}, "features must be a positive integer, got -5"),
+        (lambda c: {**c, "features": True}, "features must be a positive integer, got True"),
+        (lambda c: {**c, "image_encoder": 3}, "image_encoder must be an object, got 3"),
+        (lambda c: {**c, "text_encoder": []}, "text_encoder must be an object, got"),
+        (lambda c: {**c, "mean": [0.5, 0.5]}, "mean must be 3 numbers"),
+        (lambda c: {**c, "std": [0.5, 0, 0.5]}, "std must be 3 positive numbers"),
+        (lambda c: {**c, "labels": "cat"}, "labels must be a non-empty list of strings"),
+        (lambda c: {**c, "logit_scale": "big"}, "logit_scale must be a number in"),
+        (lambda c: {**c, "regularizer": "wide"}, "regularizer must be null or one of"),
+        (lambda c: {**c, "use_bn": "yes"}, "use_bn must be true or false"),
+        (lambda c: {**c, "image_encoder": {**c["image_encoder"], "hooks": [0, "a"]}}, "image_encoder.hooks"),
+        (lambda c: {**c, "image_encoder": {**c["image_encoder"], "kwargs": [1]}}, "image_encoder.kwargs"),
+        (
+            lambda c: {**c, "image_encoder": {**c["image_encoder"], "colour": 1}},
+            "unknown.*image_encoder.colour",
+        ),
+        (
+            lambda c: {**c, "text_encoder": {**c["text_encoder"], "prompt_templates": "{}"}},
+            "prompt_templates",
+        ),
+        (lambda c: {**c, "format_version": "one"}, "format_version must be a positive integer"),
+    ],
+)
+def test_wrongly_shaped_config_names_the_field(tmp_path, tiny_model, change, message):
+    folder, config = _saved_config(tmp_path, tiny_model)
+    (folder / "config.json").write_text(json.dumps(change(config)))
+    with pytest.raises(LSegError, match=message):
+        LSeg.from_pretrained(folder)
+
+
+def test_unknown_timm_kwargs_are_named(tmp_path, tiny_model):
+    folder, config = _saved_config(tmp_path, tiny_model)
+    config["image_encoder"]["kwargs"]["colour_depth"] = 3
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LSegError, match="image_encoder.kwargs.*colour_depth"):
+        LSeg.from_pretrained(folder)
+
+
+def test_newer_format_version_is_refused(tmp_path, tiny_model):
+    folder, config = _saved_config(tmp_path, tiny_model)
+    assert config["format_version"] == 1
+    (folder / "config.json").write_text(json.dumps({**config, "format_version": 2}))
+    with pytest.raises(LSegError, match="format_version 2.*newer.*upgrade lseg"):
+        LSeg.from_pretrained(folder)
+    del config["format_version"]  # older folders: version 1
+    (folder / "config.json").write_text(json.dumps(config))
+    assert LSeg.from_pretrained(folder).config == tiny_model.config
+
+
+def test_config_round_trips_and_presets_load():
+    from lseg.model import LSegConfig, load_preset, preset_names
+
+    for name in preset_names():
+        config = load_preset(name)
+        assert LSegConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_named_safetensors_file_is_the_one_loaded(tmp_path, tiny_model):
+    folder = tiny_model.save_pretrained(tmp_path / "model")
+    torch.manual_seed(1)
+    other = LSeg.from_config("tiny")  # same architecture, other random weights
+    other.save_pretrained(tmp_path / "tmp")
+    os.replace(tmp_path / "tmp" / "model.safetensors", folder / "other.safetensors")
+    loaded = LSeg.from_pretrained(folder / "other.safetensors")
+    key = "head.project.weight"
+    assert torch.equal(loaded.state_dict()[key], other.state_dict()[key])
+    assert not torch.equal(loaded.state_dict()[key], tiny_model.state_dict()[key])
+
+
+def test_map_location_is_where_the_model_lives(tmp_path, tiny_model):
+    from .test_original import save_lightning, tiny_original
+
+    folder = tiny_model.save_pretrained(tmp_path / "model")
+    original = save_lightning(tiny_original(), tmp_path / "orig.ckpt")
+    for source in (folder, folder / "model.safetensors", original):
+        model = LSeg.from_pretrained(source, map_location="meta")
+        assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}, source
+        assert model.device.type == "meta"
+
+
+def test_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("asked the hub"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ck").mkdir()
+    with pytest.raises(LSegError, match="checkpoint not found: ck/nope is not a local file or folder"):
+        LSeg.from_pretrained("ck/nope")
+
+
+def test_missing_path_that_could_be_a_repo_id_says_both(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LSegError, match="ck/nope is not a local file or folder, and .*Hugging Face Hub"):
+        LSeg.from_pretrained("ck/nope")

@@ -122,3 +122,46 @@ def test_segment_batches_same_size_images_with_identical_results(tiny_model):
     for a, b in zip(one_by_one, batched):
         assert np.allclose(a.scores, b.scores, atol=1e-5)
         assert abs(sum(b.shares().values()) - 1) < 1e-6
+
+
+def test_bfloat16_model_segments_like_float32():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    model = LSeg.from_config("tiny").eval()
+    labels = ["a", "b", "c"]
+    expected = model.segment(image, labels=labels).label_map
+    model.to(torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    assert model.preprocess(image).dtype == torch.bfloat16
+    assert model.encode_text(labels).dtype == torch.bfloat16
+    result = model.segment(image, labels=labels)
+    assert result.label_map.shape == (40, 56) and result.scores.dtype == np.float32
+    assert (result.label_map == expected).mean() > 0.9
+    assert model.encode_image(image).shape == (32, 20, 28)
+
+
+def test_labels_may_be_a_comma_separated_string(tiny_model):
+    import numpy as np
+
+    image = np.zeros((20, 24, 3), dtype=np.uint8)
+    result = tiny_model.segment(image, labels="cat, dog ,grass")
+    assert result.labels == ["cat", "dog", "grass"] and result.scores.shape == (3, 20, 24)
+    assert torch.equal(tiny_model.encode_text("cat,dog"), tiny_model.encode_text(["cat", "dog"]))
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (["cat", 3], "labels must be strings; got 3"),
+        (["cat", None], "labels must be strings; got None"),
+        (7, "labels must be a comma-separated string or a list of strings, got 7"),
+        ("cat, Cat", "duplicate labels: cat / Cat"),
+    ],
+)
+def test_bad_labels_for_segment_are_clear_errors(tiny_model, labels, message):
+    import numpy as np
+
+    with pytest.raises(LSegError, match=message):
+        tiny_model.segment(np.zeros((8, 8, 3), dtype=np.uint8), labels=labels)

@@ -1,9 +1,11 @@
+import warnings
+
 import pytest
 import torch
 
 from lseg import LSegError
 from lseg.model.config import TextEncoderConfig
-from lseg.model.text_encoder import OpenCLIPTextEncoder, build_text_encoder
+from lseg.model.text_encoder import OpenCLIPTextEncoder, build_text_encoder, validate_labels
 
 TINY = {"embed_dim": 16, "width": 32, "heads": 2, "layers": 1}
 
@@ -34,18 +36,52 @@ def test_prompt_templates_are_averaged():
 
 @pytest.mark.parametrize(
     ("labels", "message"),
-    [([], "empty"), (["cat", ""], "empty label"), (["cat", "cat"], "duplicate labels: cat"), ("cat", "list")],
+    [
+        ([], "empty"),
+        ("", "empty"),
+        (["cat", ""], "empty label"),
+        ("cat,,dog", "empty label"),
+        (["cat", "cat"], "duplicate labels: cat;"),
+        (["cat", "Cat"], "duplicate labels: cat / Cat"),
+        (["sea  lion", "Sea Lion", "dog", "DOG"], "duplicate labels: sea  lion / Sea Lion, dog / DOG"),
+        (["cat", "x" * 201], "label of 201 characters.*at most 200"),
+        (["cat", 1.5], "labels must be strings; got 1.5"),
+        (None, "labels must be a comma-separated string or a list of strings, got None"),
+    ],
 )
 def test_bad_label_lists_are_rejected(labels, message):
     with pytest.raises(LSegError, match=message):
         tiny_encoder().encode(labels)
 
 
-def test_overlong_label_is_truncated_with_a_warning():
+def test_validated_labels_are_stripped_and_a_string_is_split():
+    assert validate_labels(" cat , dog") == ["cat", "dog"]
+    assert validate_labels(("cat ", "x" * 200)) == ["cat", "x" * 200]
+
+
+def test_overlong_label_is_truncated_with_one_warning_naming_it():
+    encoder = tiny_encoder(prompt_templates=["a photo of a {}.", "{}"])
+    long_label = " ".join(["cat!"] * 40)  # 199 characters (within the bound), 80 tokens
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embedding = encoder.encode([long_label, "cat"])
+        encoder.encode(["cat", long_label])
+        encoder.encode([long_label])
+    assert embedding.shape == (2, 16)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "'cat! cat!" in messages[0] and "77-token" in messages[0] and "truncated" in messages[0]
+
+
+def test_label_cache_is_a_bounded_lru(monkeypatch):
     encoder = tiny_encoder()
-    with pytest.warns(UserWarning, match="truncated"):
-        embedding = encoder.encode([" ".join(["word"] * 100)])
-    assert embedding.shape == (1, 16)
+    monkeypatch.setattr(encoder, "cache_size", 3)
+    encoder.encode(["a", "b", "c"])
+    encoder.encode(["a"])  # now the most recently used
+    encoder.encode(["d", "e"])
+    assert len(encoder._cache) == 3
+    assert {label for label, _ in encoder._cache} == {"a", "d", "e"}
+    assert OpenCLIPTextEncoder.cache_size == 4096
 
 
 def test_text_tower_matches_open_clip_encode_text():

@@ -14,7 +14,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="convert an original LSeg .ckpt (or any loadable checkpoint) to a model folder",
         description="Load a checkpoint (an original LSeg release .ckpt such as demo_e200.ckpt, an lseg "
         "training .ckpt, a model folder or a hub repo id) and write it as a save_pretrained folder "
-        "(model.safetensors + config.json). The folder is written atomically and needs no pickle to load.",
+        "(model.safetensors + config.json). Each file is written atomically (weights first, config last) and "
+        "needs no pickle to load.",
     )
     parser.add_argument("source", metavar="CHECKPOINT", help=".ckpt file, model folder or hub repo id")
     parser.add_argument("out", metavar="OUT_DIR", help="output model folder")

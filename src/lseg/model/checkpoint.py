@@ -4,19 +4,20 @@ plain tensors and containers (`torch.load(weights_only=True)`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import shutil
-import tempfile
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize
 
 from lseg.errors import LSegError
-from lseg.model.config import LSegConfig
+from lseg.files import check_output_folder, make_output_folder, read_text, write_atomic, write_json_atomic
+from lseg.model.config import LSegConfig, json_type_name
 from lseg.model.hub import hub_access
 
 if TYPE_CHECKING:
@@ -24,49 +25,56 @@ if TYPE_CHECKING:
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-FORMAT_VERSION = 1
-
-
-def atomic_directory(directory: Path) -> tuple[Path, callable]:
-    """A temporary sibling folder and a `commit()` that swaps it into place."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-
-    def commit() -> None:
-        if directory.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.replace(directory, backup / "old")
-            os.replace(staging, directory)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-
-    return staging, commit
+FORMAT_VERSION = 1  # of config.json + model.safetensors; bump when old readers would misread a folder
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+LOCAL_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors", ".json")
 
 
 def save_model(model: LSeg, directory: str | Path) -> Path:
-    directory = Path(directory)
-    staging, commit = atomic_directory(directory)
+    """Write our two files into `directory`, each atomically; anything else in it is left alone.
+
+    The weights go first and config.json last, so a folder never pairs a new config with old
+    weights. A new folder is made with the user's umask; an existing one keeps its permissions.
+    """
+    directory = check_output_folder(directory, "model folder")
+    created = not directory.exists()
+    make_output_folder(directory, "model folder")
     try:
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        data = serialize(state, metadata={"format": "pt"})
+        del state
+        write_atomic(directory / WEIGHTS_NAME, lambda file: file.write(data))
         payload = {"format_version": FORMAT_VERSION, "architecture": "LSeg", **model.config.to_dict()}
-        (staging / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
-        commit()
+        write_json_atomic(directory / CONFIG_NAME, payload)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if still empty: never deletes anything but our own new folder
         raise
     return directory
 
 
 def read_config(path: Path) -> LSegConfig:
     try:
-        payload = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        payload = json.loads(read_text(path, "model config"))
+    except json.JSONDecodeError as error:
         raise LSegError(f"cannot read model config {path}: {error}") from error
+    if not isinstance(payload, dict):
+        raise LSegError(
+            f"invalid model config {path}: it must be a JSON object, got {json_type_name(payload)}"
+        )
     if payload.pop("architecture", "LSeg") != "LSeg":
         raise LSegError(f"{path} is not an LSeg model config")
-    payload.pop("format_version", None)
+    version = payload.pop("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise LSegError(
+            f"invalid model config {path}: format_version must be a positive integer, got {version!r}"
+        )
+    if version > FORMAT_VERSION:
+        raise LSegError(
+            f"{path} has format_version {version}, newer than this lseg reads ({FORMAT_VERSION}); "
+            "upgrade lseg (pip install -U lseg)"
+        )
     return LSegConfig.from_dict(payload)
 
 
@@ -90,14 +98,15 @@ def load_state(model: LSeg, state: dict[str, torch.Tensor], source: str) -> LSeg
     return model
 
 
-def _load_folder(cls: type[LSeg], folder: Path, map_location: Any) -> LSeg:
-    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+def _load_safetensors(cls: type[LSeg], weights_path: Path) -> LSeg:
+    """Load a weights file with the config.json beside it (on the CPU; the caller moves the model)."""
+    config_path = weights_path.parent / CONFIG_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise LSegError(f"{folder} is not an LSeg model folder: {path.name} is missing")
+            raise LSegError(f"{weights_path.parent} is not an LSeg model folder: {path.name} is missing")
     model = cls(read_config(config_path), load_pretrained=False)
     try:
-        state = load_file(str(weights_path), device=str(map_location))
+        state = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
         raise LSegError(f"cannot read weights {weights_path}: {error}") from error
     return load_state(model, state, str(weights_path))
@@ -121,9 +130,9 @@ def hyper_parameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return dict(vars(hparams)) if not isinstance(hparams, dict) else hparams
 
 
-def _load_checkpoint_file(cls: type[LSeg], path: Path, map_location: Any) -> LSeg:
+def _load_checkpoint_file(cls: type[LSeg], path: Path) -> LSeg:
     if path.suffix == ".safetensors":
-        return _load_folder(cls, path.parent, map_location)
+        return _load_safetensors(cls, path)
     checkpoint = read_lightning_checkpoint(path)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not state:
@@ -141,21 +150,42 @@ def _load_checkpoint_file(cls: type[LSeg], path: Path, map_location: Any) -> LSe
     return load_state(model, weights, str(path))
 
 
-def load_model(cls: type[LSeg], source: str | Path, map_location: Any = "cpu") -> LSeg:
-    path = Path(source)
-    if path.is_dir():
-        return _load_folder(cls, path, map_location)
-    if path.is_file():
-        return _load_checkpoint_file(cls, path, map_location)
-    text = str(source)
-    looks_local = text.startswith((".", "/", "~")) or path.suffix in (".ckpt", ".pt", ".pth", ".safetensors")
-    if looks_local or text.count("/") != 1:
-        raise LSegError(
-            f"checkpoint not found: {source} (give a model folder, a .ckpt file or a hub repo id)"
-        )
+def _is_repo_id(text: str) -> bool:
+    """`owner/name` whose owner is not a local folder (then it is a mistyped local path)."""
+    owner, _, name = text.partition("/")
+    return bool(REPO_ID.fullmatch(text)) and not Path(owner).is_dir() and not name.endswith(LOCAL_SUFFIXES)
+
+
+def _load_from_hub(cls: type[LSeg], repo_id: str) -> LSeg:
     from huggingface_hub import hf_hub_download
 
-    with hub_access(f"model '{text}' from the Hugging Face Hub"):
-        config_path = hf_hub_download(text, CONFIG_NAME)
-        hf_hub_download(text, WEIGHTS_NAME)
-    return _load_folder(cls, Path(config_path).parent, map_location)
+    try:
+        with hub_access(f"model '{repo_id}' from the Hugging Face Hub"):
+            hf_hub_download(repo_id, CONFIG_NAME)
+            weights_path = hf_hub_download(repo_id, WEIGHTS_NAME)
+    except LSegError as error:
+        raise LSegError(
+            f"checkpoint not found: {repo_id} is not a local file or folder, and {error}"
+        ) from error
+    return _load_safetensors(cls, Path(weights_path))
+
+
+def load_model(cls: type[LSeg], source: str | Path, map_location: str | torch.device = "cpu") -> LSeg:
+    """A model folder, a weights or .ckpt file, or a hub repo id; the model is returned on `map_location`."""
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as error:
+        raise LSegError(f"invalid map_location {map_location!r}: {error}") from error
+    path = Path(source)
+    if path.is_dir():
+        model = _load_safetensors(cls, path / WEIGHTS_NAME)
+    elif path.is_file():
+        model = _load_checkpoint_file(cls, path)
+    elif _is_repo_id(str(source)):
+        model = _load_from_hub(cls, str(source))
+    else:
+        raise LSegError(
+            f"checkpoint not found: {source} is not a local file or folder (give a model folder, a .ckpt or "
+            ".safetensors file, or a Hugging Face Hub repo id owner/name)"
+        )
+    return model.to(device)

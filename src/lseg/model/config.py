@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 from lseg.errors import LSegError
 
+MAX_LOGIT_SCALE = 100.0  # CLIP's cap on the inverse temperature
 CLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
@@ -56,23 +59,114 @@ class LSegConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LSegConfig:
-        data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise LSegError(f"unknown model config fields: {', '.join(sorted(unknown))}")
-        try:
-            image = ImageEncoderConfig(**data.pop("image_encoder", {}))
-            text = TextEncoderConfig(**data.pop("text_encoder", {}))
-        except TypeError as error:
-            raise LSegError(f"invalid model config: {error}") from error
+        """Build from `config.json`-style data, checking every field (LSegError names the bad one)."""
+        fields = _check_fields(data, cls, "", MODEL_RULES)
+        image = ImageEncoderConfig(
+            **_check_fields(
+                fields.pop("image_encoder", {}), ImageEncoderConfig, "image_encoder.", IMAGE_RULES
+            )
+        )
+        text = TextEncoderConfig(
+            **_check_fields(fields.pop("text_encoder", {}), TextEncoderConfig, "text_encoder.", TEXT_RULES)
+        )
         for key in ("mean", "std"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(image_encoder=image, text_encoder=text, **data)
+            if key in fields:
+                fields[key] = tuple(fields[key])
+        return cls(image_encoder=image, text_encoder=text, **fields)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def json_type_name(value: Any) -> str:
+    """How a JSON value reads in an error message: "null", "a list", "a str"."""
+    return "null" if value is None else f"a {'list' if isinstance(value, list) else type(value).__name__}"
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+Rule = tuple[Callable[[Any], bool], str]
+IMAGE_RULES: dict[str, Rule] = {
+    "type": (lambda v: v in ("vit", "cnn", "hybrid"), "one of vit, cnn, hybrid"),
+    "name": (lambda v: isinstance(v, str) and bool(v), "a timm model name"),
+    "pretrained": (lambda v: isinstance(v, bool), "true or false"),
+    "hooks": (
+        lambda v: v is None or (isinstance(v, list) and all(_is_int(h, 0) for h in v)),
+        "null or a list of block indices (integers >= 0)",
+    ),
+    "channels": (
+        lambda v: v is None or (isinstance(v, list) and all(_is_int(c, 1) for c in v)),
+        "null or a list of positive integers",
+    ),
+    "readout": (lambda v: v in ("project", "add", "ignore"), "one of project, add, ignore"),
+    "pos_embed_interpolation": (lambda v: v in ("bicubic", "bilinear"), "one of bicubic, bilinear"),
+    "pos_embed_antialias": (lambda v: isinstance(v, bool), "true or false"),
+    "kwargs": (
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+        "an object of timm.create_model arguments",
+    ),
+}
+TEXT_RULES: dict[str, Rule] = {
+    "type": (lambda v: v in ("open_clip", "minilm"), "one of open_clip, minilm"),
+    "model": (lambda v: isinstance(v, str) and bool(v), "an open_clip model name"),
+    "pretrained": (lambda v: v is None or isinstance(v, str), "null or an open_clip pretrained tag"),
+    "custom": (
+        lambda v: v is None or (isinstance(v, dict) and _is_int(v.get("embed_dim"), 1)),
+        "null or an object with a positive integer embed_dim and open_clip text_cfg fields",
+    ),
+    "prompt_templates": (
+        lambda v: _is_str_list(v) and bool(v) and all("{}" in t for t in v),
+        "a non-empty list of strings, each with '{}' where the label goes",
+    ),
+}
+MODEL_RULES: dict[str, Rule] = {
+    "image_encoder": (lambda v: isinstance(v, dict), "an object"),
+    "text_encoder": (lambda v: isinstance(v, dict), "an object"),
+    "features": (lambda v: _is_int(v, 1), "a positive integer"),
+    "use_bn": (lambda v: isinstance(v, bool), "true or false"),
+    "logit_scale": (
+        lambda v: _is_number(v) and 0 < v <= MAX_LOGIT_SCALE,
+        f"a number in (0, {MAX_LOGIT_SCALE:g}]",
+    ),
+    "learn_logit_scale": (lambda v: isinstance(v, bool), "true or false"),
+    "regularizer": (lambda v: v in (None, "depthwise", "bottleneck"), "null or one of depthwise, bottleneck"),
+    "regularizer_depth": (lambda v: _is_int(v, 1), "a positive integer"),
+    "regularizer_activation": (lambda v: v in ("relu", "lrelu", "tanh"), "one of relu, lrelu, tanh"),
+    "mean": (
+        lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) for x in v),
+        "3 numbers (R, G, B)",
+    ),
+    "std": (
+        lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v),
+        "3 positive numbers (R, G, B)",
+    ),
+    "labels": (lambda v: _is_str_list(v) and bool(v), "a non-empty list of strings"),
+}
+
+
+def _check_fields(data: Any, config_class: type, prefix: str, rules: dict[str, Rule]) -> dict[str, Any]:
+    """`data` as keyword arguments for `config_class`, or an LSegError naming the first bad field."""
+    if not isinstance(data, dict):
+        where = f"{prefix.rstrip('.')} must be an object" if prefix else "it must be a JSON object"
+        raise LSegError(f"invalid model config: {where}, got {json_type_name(data)}")
+    unknown = set(data) - {f.name for f in dataclasses.fields(config_class)}
+    if unknown:
+        raise LSegError(f"unknown model config fields: {', '.join(prefix + k for k in sorted(unknown))}")
+    for key, value in data.items():
+        valid, expected = rules[key]
+        if not valid(value):
+            raise LSegError(f"invalid model config: {prefix}{key} must be {expected}, got {value!r}")
+    return dict(data)
 
 
 def preset_names() -> list[str]:

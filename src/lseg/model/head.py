@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_LOGIT_SCALE = 100.0
+from lseg.model.config import MAX_LOGIT_SCALE
+
 ACTIVATIONS = {"relu": nn.ReLU, "lrelu": nn.LeakyReLU, "tanh": nn.Tanh}
 
 

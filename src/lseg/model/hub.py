@@ -50,7 +50,8 @@ def hub_access(what: str) -> Iterator[None]:
     except LSegError:
         raise
     except (OSError, RuntimeError, ValueError) as error:
-        reason = "the Hugging Face Hub is unreachable and they are not cached" if not online else str(error)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = "the Hugging Face Hub is unreachable and they are not cached" if not online else first_line
         raise LSegError(f"cannot load {what}: {reason}; {OFFLINE_HELP}") from error
     finally:
         constants.HF_HUB_OFFLINE = previous

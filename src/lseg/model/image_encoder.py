@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lseg.errors import LSegError
 from lseg.model.config import ImageEncoderConfig
 from lseg.model.hub import hub_access
 
 STRIDES = (4, 8, 16, 32)
+TIMM_POS_EMBED_RESIZE = ("bicubic", True)  # how timm resizes position embeddings for other image sizes
 
 
 class ProjectReadout(nn.Module):
@@ -42,7 +44,7 @@ class AddReadout(nn.Module):
 
 
 class IgnoreReadout(nn.Module):
-    def forward(self, tokens: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cls_token: torch.Tensor | None) -> torch.Tensor:
         return tokens
 
 
@@ -61,7 +63,11 @@ def resample_layer(channels: int, factor: float) -> nn.Module:
 
 
 class Reassemble(nn.Module):
-    """Token grid (B x h*w x D) -> image map (B x C x H/stride x W/stride)."""
+    """Token grid (B x h*w x D) -> image map (B x C x H/stride x W/stride).
+
+    Patch sizes that do not divide the strides (14 for DINOv2) give a non-integer resampling factor;
+    the map is then resized to its exact stride size.
+    """
 
     def __init__(self, dim: int, channels: int, factor: float, readout: str) -> None:
         super().__init__()
@@ -69,22 +75,36 @@ class Reassemble(nn.Module):
         self.project = nn.Conv2d(dim, channels, kernel_size=1)
         self.resample = resample_layer(channels, factor)
 
-    def forward(self, tokens: torch.Tensor, cls_token: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cls_token: torch.Tensor | None,
+        grid: tuple[int, int],
+        size: tuple[int, int],
+    ) -> torch.Tensor:
         tokens = self.readout(tokens, cls_token)
-        feature_map = tokens.transpose(1, 2).unflatten(2, grid)
-        return self.resample(self.project(feature_map))
+        feature_map = self.resample(self.project(tokens.transpose(1, 2).unflatten(2, grid)))
+        if tuple(feature_map.shape[-2:]) != tuple(size):
+            feature_map = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
+        return feature_map
 
 
 def _make_pos_embed(interpolation: str, antialias: bool):
-    """A `_pos_embed` for timm ViTs whose grid resize is configurable.
+    """timm's `VisionTransformer._pos_embed` with a configurable grid resize.
 
     timm resizes position embeddings bicubically with antialias; the original LSeg resized them
     bilinearly (align_corners=False, no antialias) at every forward. Checkpoints trained one way
-    lose accuracy when run the other way, so the choice is part of the model config.
+    lose accuracy when run the other way, so the choice is part of the model config. Only used
+    when it differs from timm's; otherwise timm's own method runs. Mirrors timm's token layout:
+    class and register tokens first, position embeddings with or without prefix entries.
     """
 
     def pos_embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
+        prefix = [t.expand(batch, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        x = x.reshape(batch, -1, dim)
+        if vit.pos_embed is None:
+            return torch.cat(prefix + [x], dim=1)
         pos = resample_abs_pos_embed(
             vit.pos_embed,
             new_size=(height, width),
@@ -93,8 +113,6 @@ def _make_pos_embed(interpolation: str, antialias: bool):
             interpolation=interpolation,
             antialias=antialias,
         )
-        x = x.reshape(batch, -1, dim)
-        prefix = [vit.cls_token.expand(batch, -1, -1)] if vit.cls_token is not None else []
         if vit.no_embed_class:
             x = torch.cat(prefix + [x + pos], dim=1)
         else:
@@ -104,18 +122,39 @@ def _make_pos_embed(interpolation: str, antialias: bool):
     return pos_embed
 
 
+def _use_pos_embed_resize(vit: nn.Module, cfg: ImageEncoderConfig) -> None:
+    """Install `_make_pos_embed` on a timm ViT when the config's resize differs from timm's default."""
+    if (cfg.pos_embed_interpolation, cfg.pos_embed_antialias) != TIMM_POS_EMBED_RESIZE:
+        vit._pos_embed = MethodType(
+            _make_pos_embed(cfg.pos_embed_interpolation, cfg.pos_embed_antialias), vit
+        )
+
+
+def _timm_create(cfg: ImageEncoderConfig, pretrained: bool, **kwargs) -> nn.Module:
+    """timm.create_model with the config's kwargs; a failure they cause is an LSegError naming them."""
+    try:
+        return timm.create_model(cfg.name, pretrained=pretrained, **{**kwargs, **cfg.kwargs})
+    except (TypeError, ValueError, AssertionError) as error:
+        if not cfg.kwargs:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LSegError(
+            f"timm cannot build '{cfg.name}' with image_encoder.kwargs {cfg.kwargs}: {reason}; "
+            "fix or remove those arguments"
+        ) from error
+
+
 def create_timm_model(cfg: ImageEncoderConfig, **kwargs) -> nn.Module:
-    """timm.create_model with clear errors for unknown names and unavailable weights."""
+    """timm.create_model with clear errors for unknown names, bad kwargs and unavailable weights."""
     if not timm.is_model(cfg.name):
         close = ", ".join(timm.list_models(f"*{cfg.name.split('_')[0]}*")[:12])
         raise LSegError(
             f"unknown timm backbone '{cfg.name}'" + (f"; similar names: {close}" if close else "")
         )
-    kwargs = {**kwargs, **cfg.kwargs}
     if not cfg.pretrained:
-        return timm.create_model(cfg.name, pretrained=False, **kwargs)
+        return _timm_create(cfg, False, **kwargs)
     with hub_access(f"pretrained timm weights for '{cfg.name}'"):
-        return timm.create_model(cfg.name, pretrained=True, **kwargs)
+        return _timm_create(cfg, True, **kwargs)
 
 
 class ViTEncoder(nn.Module):
@@ -126,9 +165,12 @@ class ViTEncoder(nn.Module):
         self.model = create_timm_model(cfg, dynamic_img_size=True, num_classes=0)
         if not hasattr(self.model, "blocks") or not hasattr(self.model, "patch_embed"):
             raise LSegError(f"'{cfg.name}' is not a plain timm VisionTransformer; use type 'cnn' or 'hybrid'")
-        self.model._pos_embed = MethodType(
-            _make_pos_embed(cfg.pos_embed_interpolation, cfg.pos_embed_antialias), self.model
-        )
+        if self.model.cls_token is None and cfg.readout != "ignore":
+            raise LSegError(
+                f"readout '{cfg.readout}' needs a class token and '{cfg.name}' has none; "
+                "set image_encoder.readout to 'ignore'"
+            )
+        _use_pos_embed_resize(self.model, cfg)
         depth = len(self.model.blocks)
         self.hooks = list(cfg.hooks or [round(depth * (i + 1) / 4) - 1 for i in range(4)])
         if len(self.hooks) != 4 or not all(0 <= h < depth for h in self.hooks):
@@ -151,10 +193,23 @@ class ViTEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         grid = self.model.patch_embed.dynamic_feat_size(images.shape[-2:])
         outputs = self.model.forward_intermediates(
-            images, indices=self.hooks, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
+            images,
+            indices=self.hooks,
+            return_prefix_tokens=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+            output_dict=True,
         )
+        tokens = outputs["image_intermediates"]
+        # Prefix tokens are the class token (if any), then register tokens; only the class token is read.
+        if self.model.cls_token is None:
+            classes = [None] * len(tokens)
+        else:
+            classes = [prefix[:, :1] for prefix in outputs["image_intermediates_prefix"]]
+        height, width = images.shape[-2:]
         return [
-            layer(tokens, prefix[:, :1], grid) for layer, (tokens, prefix) in zip(self.reassemble, outputs)
+            layer(t, c, grid, (height // stride, width // stride))
+            for layer, t, c, stride in zip(self.reassemble, tokens, classes, STRIDES)
         ]
 
 
@@ -163,7 +218,7 @@ class CNNEncoder(nn.Module):
 
     def __init__(self, cfg: ImageEncoderConfig) -> None:
         super().__init__()
-        probe = timm.create_model(cfg.name, pretrained=False, features_only=True, **cfg.kwargs)
+        probe = _timm_create(cfg, False, features_only=True)
         reductions = probe.feature_info.reduction()
         missing = [s for s in STRIDES if s not in reductions]
         if missing:
@@ -193,9 +248,7 @@ class HybridViTEncoder(nn.Module):
         backbone = getattr(self.model.patch_embed, "backbone", None)
         if backbone is None or not hasattr(backbone, "stages"):
             raise LSegError(f"'{cfg.name}' is not a timm hybrid ViT with a ResNet patch embedding")
-        self.model._pos_embed = MethodType(
-            _make_pos_embed(cfg.pos_embed_interpolation, cfg.pos_embed_antialias), self.model
-        )
+        _use_pos_embed_resize(self.model, cfg)
         depth = len(self.model.blocks)
         self.hooks = list(cfg.hooks or [depth * 2 // 3 - 1, depth - 1])
         if len(self.hooks) != 2 or not all(0 <= h < depth for h in self.hooks):
@@ -209,13 +262,24 @@ class HybridViTEncoder(nn.Module):
             Reassemble(dim, c, 16 / stride, cfg.readout) for c, stride in zip(vit_channels, STRIDES[2:])
         )
         self.pad_multiple = 32
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each ResNet stage and ViT block in the backward pass instead of storing activations."""
+        self.grad_checkpointing = enable
+
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(module, x, use_reentrant=False)
+        return module(x)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        # Stages and blocks are run here (not by timm) to tap the ResNet maps, so checkpointing is ours.
         backbone = self.model.patch_embed.backbone
         cnn_maps = []
         x = backbone.stem(images)
         for stage in backbone.stages:
-            x = stage(x)
+            x = self._run(stage, x)
             cnn_maps.append(x)
         grid = x.shape[-2:]
         tokens = self.model.patch_embed.proj(x).flatten(2).transpose(1, 2)
@@ -223,12 +287,14 @@ class HybridViTEncoder(nn.Module):
         tokens = self.model.norm_pre(tokens)
         vit_maps = []
         for index, block in enumerate(self.model.blocks):
-            tokens = block(tokens)
+            tokens = self._run(block, tokens)
             if index in self.hooks:
                 vit_maps.append(tokens)
         prefix = self.model.num_prefix_tokens
+        height, width = images.shape[-2:]
         vit_maps = [
-            layer(t[:, prefix:], t[:, :1], tuple(grid)) for layer, t in zip(self.reassemble, vit_maps)
+            layer(t[:, prefix:], t[:, :1], tuple(grid), (height // stride, width // stride))
+            for layer, t, stride in zip(self.reassemble, vit_maps, STRIDES[2:])
         ]
         return [cnn_maps[0], cnn_maps[1], *vit_maps]
 

@@ -20,7 +20,7 @@ from lseg.model.config import LSegConfig, load_preset
 from lseg.model.dpt import DPTDecoder
 from lseg.model.head import LSegHead
 from lseg.model.image_encoder import build_image_encoder, pad_to_multiple
-from lseg.model.text_encoder import build_text_encoder
+from lseg.model.text_encoder import build_text_encoder, validate_labels
 
 
 @dataclass
@@ -80,13 +80,17 @@ class LSeg(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, map_location: str | torch.device = "cpu") -> LSeg:
-        """Load a `save_pretrained` folder, a Hugging Face Hub repo id, or an original LSeg `.ckpt`."""
+        """Load a `save_pretrained` folder (or its `.safetensors` file), a Hugging Face Hub repo id
+        (`owner/name`), or a Lightning / original LSeg `.ckpt`; the model is returned on `map_location`."""
         from lseg.model.checkpoint import load_model
 
         return load_model(cls, path_or_repo_id, map_location)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `model.safetensors` + `config.json` atomically (a failure leaves no partial folder)."""
+        """Write `model.safetensors` + `config.json` into `directory`, each atomically.
+
+        Other files in the folder are left alone; an existing file at `directory` is refused (LSegError).
+        """
         from lseg.model.checkpoint import save_model
 
         return save_model(self, directory)
@@ -95,13 +99,22 @@ class LSeg(nn.Module):
         self.image_encoder.set_grad_checkpointing(enable)
 
     # ----------------------------------------------------------------- tensors in, tensors out
+    # The one place that says where the model lives: `.to(device)` / `.to(torch.bfloat16)` move this
+    # buffer with the weights, and images and label embeddings are cast to match it.
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def encode_text(self, labels: Sequence[str]) -> torch.Tensor:
-        """N x D label embeddings, L2-normalised (cached; the text encoder is frozen)."""
-        return self.text_encoder.encode(list(labels)).to(self.device)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pixel_mean.dtype
+
+    def encode_text(self, labels: str | Sequence[str]) -> torch.Tensor:
+        """N x D label embeddings, L2-normalised (cached; the text encoder is frozen).
+
+        `labels` is a list of strings or one comma-separated string ("cat, dog").
+        """
+        return self.text_encoder.encode(labels).to(self.device, self.dtype)
 
     def decode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Decoder output (stride 2) of the input padded to the encoder's multiple."""
@@ -118,7 +131,7 @@ class LSeg(nn.Module):
         embeddings = self.head.embed(self.decode(pixel_values))
         return embeddings[..., : (height + 1) // 2, : (width + 1) // 2]
 
-    def forward(self, pixel_values: torch.Tensor, labels: Sequence[str] | torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, labels: str | Sequence[str] | torch.Tensor) -> torch.Tensor:
         """B x N x H x W logits for normalised images and N labels (or N x D label embeddings)."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise LSegError(f"pixel_values must be B x 3 x H x W, got {tuple(pixel_values.shape)}")
@@ -126,10 +139,11 @@ class LSeg(nn.Module):
         return self.classify(self.decode(pixel_values), text, pixel_values.shape[-2:])
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 or [0, 1] float B x 3 x H x W -> model input."""
+        """uint8 or [0, 1] float B x 3 x H x W -> model input, on the model's device and in its dtype."""
         if not images.is_floating_point():
             images = images.float() / 255
-        return (images.to(self.device) - self.pixel_mean) / self.pixel_std
+        images = images.to(self.device, torch.float32)
+        return ((images - self.pixel_mean.float()) / self.pixel_std.float()).to(self.dtype)
 
     # ----------------------------------------------------------------- user-facing API
     def preprocess(self, image: ImageInput, size: int | None = None) -> torch.Tensor:
@@ -141,12 +155,14 @@ class LSeg(nn.Module):
     def segment(
         self,
         images: ImageInput | Sequence[ImageInput],
-        labels: Sequence[str] | None = None,
+        labels: str | Sequence[str] | None = None,
         size: int | None = None,
         protocol: str = "single",
         batch_size: int = 1,
     ) -> SegmentationResult | list[SegmentationResult]:
         """Segment one image (or a list) with the given label words; results at original resolution.
+
+        `labels` is a list of strings or one comma-separated string; default: the config's labels.
 
         `size` is the long side the model sees (at scale 1 for multi-scale protocols); `protocol` is
         single, slide, lseg-ms or openscene (`lseg.inference`). Up to `batch_size` consecutive images
@@ -158,7 +174,7 @@ class LSeg(nn.Module):
             raise LSegError(f"batch_size must be at least 1, got {batch_size}")
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        labels = list(labels) if labels is not None else list(self.config.labels)
+        labels = validate_labels(self.config.labels if labels is None else labels)
         text = self.encode_text(labels)
         spec, size = resolve_protocol(protocol, size)
         was_training = self.training

@@ -2,11 +2,15 @@
 
 Label embeddings are cached per (label, templates): re-encoding 150 ADE20K labels at every forward
 costs more than the whole image encoder at 480 x 480, and the encoder is frozen so they never change.
+The cache is an LRU of at most `TextEncoder.cache_size` (4096) labels, so a public demo that accepts
+arbitrary labels does not grow without bound.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -16,33 +20,68 @@ from lseg.errors import LSegError
 from lseg.model.config import TextEncoderConfig
 from lseg.model.hub import hub_access
 
+MAX_LABEL_CHARS = 200  # a label is a word or a short phrase; CLIP reads at most 77 tokens anyway
 
-def validate_labels(labels: list[str]) -> list[str]:
-    """Strip labels and reject an empty list, empty labels and duplicates (one clear line each)."""
+
+def _label_key(label: str) -> str:
+    """Labels equal under this key tokenize identically (CLIP lower-cases and collapses whitespace)."""
+    return " ".join(label.split()).casefold()
+
+
+def validate_labels(labels: str | Iterable[str]) -> list[str]:
+    """Labels as a clean list: a string is split on commas; each label is stripped.
+
+    Rejects (one clear line each) an empty list, empty or non-string labels, labels longer than
+    MAX_LABEL_CHARS, and duplicates, including labels that differ only in case or spacing: the text
+    encoder reads those identically, so pixels would be split between them arbitrarily.
+    """
     if isinstance(labels, str):
-        raise LSegError("labels must be a list of strings, e.g. ['cat', 'plant', 'other']")
-    cleaned = [str(label).strip() for label in labels]
+        labels = labels.split(",") if labels.strip() else []
+    elif not isinstance(labels, Iterable) or isinstance(labels, (bytes, Mapping)):
+        raise LSegError(
+            f"labels must be a comma-separated string or a list of strings, got {labels!r}; "
+            "e.g. 'cat, plant, other' or ['cat', 'plant', 'other']"
+        )
+    labels = list(labels)
+    for label in labels:
+        if not isinstance(label, str):
+            raise LSegError(f"labels must be strings; got {label!r} ({type(label).__name__}) in {labels!r}")
+    cleaned = [label.strip() for label in labels]
     if not cleaned:
         raise LSegError("the label list is empty; give at least one label, e.g. 'cat, other'")
     if any(not label for label in cleaned):
         raise LSegError(f"empty label in {labels!r}; remove stray commas or blank lines")
-    duplicates = sorted({label for label in cleaned if cleaned.count(label) > 1})
+    for label in cleaned:
+        if len(label) > MAX_LABEL_CHARS:
+            raise LSegError(
+                f"label of {len(label)} characters ({label[:40]!r}...) is too long; "
+                f"labels may have at most {MAX_LABEL_CHARS} characters"
+            )
+    groups: dict[str, list[str]] = {}
+    for label in cleaned:
+        groups.setdefault(_label_key(label), []).append(label)
+    duplicates = [" / ".join(dict.fromkeys(group)) for group in groups.values() if len(group) > 1]
     if duplicates:
-        raise LSegError(f"duplicate labels: {', '.join(duplicates)}; each label must appear once")
+        raise LSegError(
+            f"duplicate labels: {', '.join(duplicates)}; each label must appear once "
+            "(labels differing only in case or spacing read the same to the text encoder)"
+        )
     return cleaned
 
 
 class TextEncoder(nn.Module):
-    """Base class: frozen, always in eval mode, no gradients, cached label embeddings."""
+    """Base class: frozen, always in eval mode, no gradients, LRU-cached label embeddings."""
 
     embed_dim: int
+    context_length: int
+    cache_size = 4096  # labels kept; a few MB at 512-d float32
 
     def __init__(self, prompt_templates: list[str]) -> None:
         super().__init__()
         if not prompt_templates or any("{}" not in t for t in prompt_templates):
             raise LSegError("every prompt template must contain '{}' where the label goes")
         self.prompt_templates = list(prompt_templates)
-        self._cache: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
+        self._cache: OrderedDict[tuple[str, tuple[str, ...]], torch.Tensor] = OrderedDict()
 
     def freeze(self) -> None:
         for parameter in self.parameters():
@@ -63,19 +102,41 @@ class TextEncoder(nn.Module):
         """Raw (un-normalised) embeddings of full prompt strings."""
         raise NotImplementedError
 
+    def exceeds_context(self, prompt: str) -> bool:
+        """Whether the tokenizer truncates this prompt."""
+        raise NotImplementedError
+
     @torch.no_grad()
-    def encode(self, labels: list[str]) -> torch.Tensor:
-        """N x D label embeddings (templates averaged), L2-normalised; cached per label."""
+    def encode(self, labels: str | Iterable[str]) -> torch.Tensor:
+        """N x D label embeddings (templates averaged), L2-normalised; cached per label.
+
+        A label truncated by the tokenizer is warned about once, when it is embedded (not per call).
+        """
         labels = validate_labels(labels)
-        key_templates = tuple(self.prompt_templates)
-        missing = [label for label in labels if (label, key_templates) not in self._cache]
+        templates = tuple(self.prompt_templates)
+        found = {}
+        for label in labels:
+            if (label, templates) in self._cache:
+                self._cache.move_to_end((label, templates))
+                found[label] = self._cache[(label, templates)]
+        missing = [label for label in labels if label not in found]
         if missing:
-            prompts = [t.format(label) for label in missing for t in self.prompt_templates]
+            for label in missing:
+                if any(self.exceeds_context(t.format(label)) for t in templates):
+                    shown = label if len(label) <= 60 else label[:60] + "..."
+                    warnings.warn(
+                        f"label {shown!r} is longer than the text encoder's {self.context_length}-token "
+                        "context and was truncated; shorten it",
+                        stacklevel=2,
+                    )
+            prompts = [t.format(label) for label in missing for t in templates]
             embeddings = F.normalize(self.embed_texts(prompts).float(), dim=-1)
-            embeddings = embeddings.reshape(len(missing), len(self.prompt_templates), -1).mean(dim=1)
+            embeddings = embeddings.reshape(len(missing), len(templates), -1).mean(dim=1)
             for label, embedding in zip(missing, F.normalize(embeddings, dim=-1)):
-                self._cache[(label, key_templates)] = embedding
-        return torch.stack([self._cache[(label, key_templates)] for label in labels])
+                found[label] = self._cache[(label, templates)] = embedding
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return torch.stack([found[label] for label in labels])
 
 
 class OpenCLIPTextEncoder(TextEncoder):
@@ -118,14 +179,10 @@ class OpenCLIPTextEncoder(TextEncoder):
         weights = {k: v for k, v in clip.state_dict().items() if k in text_keys}
         self.model.load_state_dict(weights, strict=True)
 
+    def exceeds_context(self, prompt: str) -> bool:
+        return len(self.tokenizer.encode(prompt)) + 2 > self.context_length  # + start/end tokens
+
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        too_long = [t for t in texts if len(self.tokenizer.encode(t)) + 2 > self.context_length]
-        if too_long:
-            warnings.warn(
-                f"{len(too_long)} label prompt(s) exceed the text encoder's {self.context_length}-token "
-                f"context and were truncated, e.g. {too_long[0][:60]!r}",
-                stacklevel=3,
-            )
         tokens = self.tokenizer(texts).to(self.model.token_embedding.weight.device)
         return self.model(tokens)
 
@@ -157,6 +214,9 @@ class MiniLMTextEncoder(TextEncoder):
         self.embed_dim = self.model.config.hidden_size
         self.context_length = self.max_tokens
         self.freeze()
+
+    def exceeds_context(self, prompt: str) -> bool:
+        return len(self.tokenizer(prompt)["input_ids"]) > self.max_tokens
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
