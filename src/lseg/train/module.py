@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
 
 from lseg.errors import LSegError
 from lseg.evaluate.metrics import SegmentationMetrics
@@ -148,20 +149,10 @@ class LSegModule(L.LightningModule):
         world = self.trainer.world_size * self.trainer.accumulate_grad_batches
         batch = self.trainer.datamodule.batch_size * world
         lr = hp.lr * batch / REFERENCE_BATCH if hp.scale_lr else hp.lr
-        encoder = [p for p in self.model.image_encoder.parameters() if p.requires_grad]
-        rest = [
-            p
-            for n, p in self.model.named_parameters()
-            if p.requires_grad and not n.startswith(("image_encoder.", "text_encoder."))
-        ]
-        groups = [
-            {"params": encoder, "lr": lr},
-            {"params": rest, "lr": lr * hp.head_lr_multiplier},
-        ]
         if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+            optimizer = torch.optim.SGD(self._param_groups(lr), lr=lr, momentum=hp.momentum)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=hp.weight_decay)
+            optimizer = torch.optim.AdamW(self._param_groups(lr), lr=lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total - 1)
 
@@ -173,3 +164,28 @@ class LSegModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The image encoder at `lr`, the rest `head_lr_multiplier` times faster (text encoder: frozen).
+
+        Weight decay as timm applies it: none on norms, biases, the logit scale (1-D and 0-D
+        parameters) or what a timm backbone lists in `no_weight_decay()` (ViT position embeddings and
+        class token); decaying those only pulls them towards zero.
+        """
+        exempt = {
+            f"{prefix}.{name}" if prefix else name
+            for prefix, module in self.model.named_modules()
+            if callable(getattr(module, "no_weight_decay", None))
+            for name in module.no_weight_decay()
+        }
+        encoder = {id(p) for p in self.model.image_encoder.parameters()}
+        decay_groups = param_groups_weight_decay(
+            self.model, self.hparams.weight_decay, no_weight_decay_list=exempt
+        )
+        groups = []
+        for in_encoder, group_lr in ((True, lr), (False, lr * self.hparams.head_lr_multiplier)):
+            for group in decay_groups:  # requires_grad only: the frozen text encoder is left out
+                params = [p for p in group["params"] if (id(p) in encoder) == in_encoder]
+                if params:
+                    groups.append({"params": params, "weight_decay": group["weight_decay"], "lr": group_lr})
+        return groups
