@@ -95,6 +95,31 @@ def test_resume_continues_identically(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_each_epoch_draws_new_augmentations_without_set_epoch(tmp_path, monkeypatch):
+    """Lightning < 2.6's DDP sampler wrapper does not pass set_epoch on: the epoch comes from the trainer."""
+    from lightning.pytorch.loops import fit_loop
+
+    from lseg.train.datamodule import SeededSamples
+
+    monkeypatch.setattr(fit_loop, "_set_sampler_epoch", lambda dataloader, epoch: None)
+    datamodule = data()
+    seeds: dict[tuple[int, int], int] = {}
+    original = SeededSamples.__getitem__
+
+    def spy(self, item):
+        index, seed = item
+        seeds[datamodule.trainer.current_epoch, index] = seed
+        return original(self, item)
+
+    monkeypatch.setattr(SeededSamples, "__getitem__", spy)
+    module = LSegModule(model="tiny", optimizer="adamw")
+    trainer(tmp_path, max_epochs=2, limit_val_batches=0, enable_checkpointing=False).fit(
+        module, datamodule=datamodule
+    )
+    assert len(seeds) == 2 * 16
+    assert all(seeds[0, index] != seeds[1, index] for index in range(16))
+
+
 def test_mixed_batches_use_each_datasets_own_labels(tmp_path, monkeypatch):
     datamodule = data(
         batch_size=8,
