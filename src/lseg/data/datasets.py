@@ -19,10 +19,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from lseg.data.taxonomy import bundled_names, to_universal_id_map, universal_names
+from lseg.data.taxonomy import IGNORE_INDEX, bundled_names, to_universal_id_map, universal_names
 from lseg.errors import LSegError
 
-IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _LABEL_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B")
 

@@ -125,7 +125,6 @@ class LSegDataModule(L.LightningDataModule):
         scale_range: tuple[float, float] = (0.5, 2.0),
         color_jitter: bool = False,
         val_size: int | None = None,
-        ignore_index: int = 255,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -140,7 +139,6 @@ class LSegDataModule(L.LightningDataModule):
         self.scale_range = tuple(scale_range)
         self.color_jitter = color_jitter
         self.val_size = val_size
-        self.ignore_index = ignore_index
         self.seed = seed
         self.label_sets: dict[str, list[str]] = {}
         self.val_key: str | None = None
@@ -160,7 +158,6 @@ class LSegDataModule(L.LightningDataModule):
             scale_range=self.scale_range,
             mean=mean,
             std=std,
-            ignore_index=self.ignore_index,
             color_jitter=self.color_jitter,
         )
         datasets = []

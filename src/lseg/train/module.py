@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 
+from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
 from lseg.evaluate.metrics import SegmentationMetrics
 from lseg.model import LSeg, LSegConfig, load_preset
@@ -42,7 +43,6 @@ class LSegModule(L.LightningModule):
         poly_power: float = 0.9,
         scale_lr: bool = True,
         grad_checkpointing: bool = False,
-        ignore_index: int = 255,
         num_preview_images: int = 4,
     ) -> None:
         super().__init__()
@@ -70,12 +70,12 @@ class LSegModule(L.LightningModule):
         images, masks = batch["image"], batch["mask"]
         decoded = self.model.decode(images)
         total = images.new_zeros(())
-        valid = int((masks != self.hparams.ignore_index).sum())
+        valid = int((masks != IGNORE_INDEX).sum())
         for key in dict.fromkeys(batch["dataset"]):
             rows = [i for i, k in enumerate(batch["dataset"]) if k == key]
             logits = self.model.classify(decoded[rows], self._text(key), images.shape[-2:])
             total = total + F.cross_entropy(
-                logits.float(), masks[rows], ignore_index=self.hparams.ignore_index, reduction="sum"
+                logits.float(), masks[rows], ignore_index=IGNORE_INDEX, reduction="sum"
             )
         return total / max(valid, 1)
 
@@ -93,14 +93,12 @@ class LSegModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         key = self.trainer.datamodule.val_key
-        self.val_metrics = SegmentationMetrics(len(self.label_sets[key]), self.hparams.ignore_index).to(
-            self.device
-        )
+        self.val_metrics = SegmentationMetrics(len(self.label_sets[key]), IGNORE_INDEX).to(self.device)
         self._preview = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits = self.model(batch["image"], self._text(batch["dataset"][0]))
-        loss = F.cross_entropy(logits.float(), batch["mask"], ignore_index=self.hparams.ignore_index)
+        loss = F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX)
         prediction = logits.argmax(dim=1)
         self.val_metrics.update(prediction, batch["mask"])
         self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["image"]))
@@ -128,7 +126,7 @@ class LSegModule(L.LightningModule):
         std = torch.tensor(self.model.config.std).view(3, 1, 1)
         rows = []
         for image, mask, prediction in self._preview:
-            mask = torch.where(mask == self.hparams.ignore_index, len(labels), mask)
+            mask = torch.where(mask == IGNORE_INDEX, len(labels), mask)
             rows.append(
                 torch.cat(
                     [
