@@ -18,6 +18,7 @@ from lseg.data import (
     image_folder,
     mseg_ade20k,
     mseg_coco_panoptic,
+    read_names,
     universal_names,
 )
 from lseg.data.taxonomy import bundled_names
@@ -90,10 +91,29 @@ def test_transform_is_applied(tiny):
 
 
 def test_missing_list_file_and_root(tmp_path):
-    with pytest.raises(LSegError, match="list file .*nope.txt not found"):
+    with pytest.raises(LSegError, match=r"list file not found: .*nope\.txt"):
         ListFileDataset(tmp_path, tmp_path / "nope.txt", NAMES)
     with pytest.raises(LSegError, match="dataset root .*absent not found"):
         ListFileDataset(tmp_path / "absent", tmp_path / "nope.txt", NAMES)
+
+
+def test_list_file_not_utf8_is_one_line_naming_file_and_line(tiny):
+    root, _ = tiny
+    latin1 = "img/0.png lbl/0.png\n# r\xe9sum\xe9\nimg/1.png lbl/1.png\n".encode("latin-1")
+    (root / "list.txt").write_bytes(latin1)
+    with pytest.raises(LSegError, match=r"list file .*list\.txt is not UTF-8 text \(byte 0xe9 on line 2\)"):
+        ListFileDataset(root, root / "list.txt", NAMES)
+    (root / "names.txt").write_bytes("a\nb\u00e9\nc\n".encode("latin-1"))
+    with pytest.raises(LSegError, match=r"class-names file .*names\.txt is not UTF-8 text \(.* line 2\)"):
+        read_names(root / "names.txt")
+
+
+def test_list_and_names_files_with_a_byte_order_mark(tiny):
+    root, _ = tiny
+    (root / "list.txt").write_text("img/0.png lbl/0.png\n", encoding="utf-8-sig")
+    assert ListFileDataset(root, root / "list.txt", NAMES)[0]["path"] == str(root / "img" / "0.png")
+    (root / "names.txt").write_text("a\nb\n", encoding="utf-8-sig")
+    assert read_names(root / "names.txt") == ["a", "b"]
 
 
 def test_malformed_list_line(tmp_path):

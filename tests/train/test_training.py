@@ -95,6 +95,31 @@ def test_resume_continues_identically(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_each_epoch_draws_new_augmentations_without_set_epoch(tmp_path, monkeypatch):
+    """Lightning < 2.6's DDP sampler wrapper does not pass set_epoch on: the epoch comes from the trainer."""
+    from lightning.pytorch.loops import fit_loop
+
+    from lseg.train.datamodule import SeededSamples
+
+    monkeypatch.setattr(fit_loop, "_set_sampler_epoch", lambda dataloader, epoch: None)
+    datamodule = data()
+    seeds: dict[tuple[int, int], int] = {}
+    original = SeededSamples.__getitem__
+
+    def spy(self, item):
+        index, seed = item
+        seeds[datamodule.trainer.current_epoch, index] = seed
+        return original(self, item)
+
+    monkeypatch.setattr(SeededSamples, "__getitem__", spy)
+    module = LSegModule(model="tiny", optimizer="adamw")
+    trainer(tmp_path, max_epochs=2, limit_val_batches=0, enable_checkpointing=False).fit(
+        module, datamodule=datamodule
+    )
+    assert len(seeds) == 2 * 16
+    assert all(seeds[0, index] != seeds[1, index] for index in range(16))
+
+
 def test_mixed_batches_use_each_datasets_own_labels(tmp_path, monkeypatch):
     datamodule = data(
         batch_size=8,
@@ -132,15 +157,38 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
         trainer(tmp_path, max_epochs=3, enable_checkpointing=False).fit(module, datamodule=data())
 
 
+def optimizer_settings(module: LSegModule, tmp_path, batch_size: int = 8) -> dict[str, dict]:
+    """Each trainable parameter's name -> its optimizer group (initial lr, weight decay)."""
+    t = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    t.fit(module, datamodule=data(batch_size=batch_size))
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    return {names[id(p)]: g for g in t.optimizers[0].param_groups for p in g["params"]}
+
+
 def test_learning_rate_scales_with_batch_and_head_is_faster(tmp_path):
     module = LSegModule(model="tiny", optimizer="sgd", lr=0.004, head_lr_multiplier=10)
-    t = trainer(tmp_path, max_steps=1, limit_val_batches=0)
-    t.fit(module, datamodule=data(batch_size=8))
-    groups = t.optimizers[0].param_groups
-    assert groups[0]["initial_lr"] == pytest.approx(0.004 * 8 / 16)
-    assert groups[1]["initial_lr"] == pytest.approx(0.004 * 8 / 16 * 10)
-    trainable = {id(p) for g in groups for p in g["params"]}
-    assert not any(id(p) in trainable for p in module.model.text_encoder.parameters())
+    settings = optimizer_settings(module, tmp_path)
+    for name, group in settings.items():
+        expected = 0.004 * 8 / 16 * (1 if name.startswith("image_encoder.") else 10)
+        assert group["initial_lr"] == pytest.approx(expected), name
+    assert any(not name.startswith("image_encoder.") for name in settings)
+    assert not any(name.startswith("text_encoder.") for name in settings)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_no_weight_decay_on_norms_biases_embeddings_and_logit_scale(tmp_path, optimizer):
+    from lseg.model import load_preset
+
+    config = {**load_preset("tiny").to_dict(), "learn_logit_scale": True}
+    module = LSegModule(model=config, pretrained=False, optimizer=optimizer, weight_decay=0.05)
+    settings = optimizer_settings(module, tmp_path)
+    parameters = dict(module.model.named_parameters())
+    exempt = {"image_encoder.model.pos_embed", "image_encoder.model.cls_token", "head.log_logit_scale"}
+    assert exempt <= set(settings)
+    for name, group in settings.items():
+        no_decay = parameters[name].ndim <= 1 or name.endswith(".bias") or name in exempt
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+    assert any(group["weight_decay"] == 0.05 for group in settings.values())
 
 
 def test_export_and_checkpoint_load_as_models(tmp_path):

@@ -4,7 +4,6 @@ from lseg.data.datasets import (
     CAMVID_CLASSES,
     CAMVID_TAXONOMY_ALIASES,
     DATASETS,
-    IGNORE_INDEX,
     LAYOUTS,
     ListFileDataset,
     Sample,
@@ -22,6 +21,7 @@ from lseg.data.datasets import (
 from lseg.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from lseg.data.synthetic import SyntheticStreetScenes, render_scene
 from lseg.data.taxonomy import (
+    IGNORE_INDEX,
     bundled_names,
     dataset_columns,
     label_id_map,

@@ -19,10 +19,10 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from lseg.data.taxonomy import bundled_names, to_universal_id_map, universal_names
+from lseg.data.taxonomy import IGNORE_INDEX, bundled_names, to_universal_id_map, universal_names
 from lseg.errors import LSegError
+from lseg.files import read_text
 
-IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _LABEL_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B")
 
@@ -73,10 +73,8 @@ def _lookup_table(
 
 
 def _read_list_file(path: Path) -> list[tuple[str, str]]:
-    if not path.is_file():
-        raise LSegError(f"list file {path} not found")
     pairs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "list file").splitlines(), 1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
@@ -91,9 +89,7 @@ def _read_list_file(path: Path) -> list[tuple[str, str]]:
 def read_names(path: PathLike) -> list[str]:
     """Class names from a text file, one per non-empty line; line index = label id."""
     path = Path(path)
-    if not path.is_file():
-        raise LSegError(f"class-names file {path} not found")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in read_text(path, "class-names file").splitlines() if line.strip()]
     if not names:
         raise LSegError(f"class-names file {path} is empty")
     return names

@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from lseg.data.datasets import IGNORE_INDEX, Sample
+from lseg.data.datasets import Sample
+from lseg.data.taxonomy import IGNORE_INDEX
 from lseg.errors import LSegError
 
 CLASS_NAMES = ("sky", "road", "building", "tree", "car", "person")

@@ -18,6 +18,10 @@ import torch
 
 from lseg.errors import LSegError
 
+# The label id of pixels that count for no class (unlabelled, augmentation and batch padding): the one
+# definition for datasets, training and evaluation (import it from lseg.data). It lives here because
+# every other lseg.data module imports this one.
+IGNORE_INDEX = 255
 UNLABELED = "unlabeled"
 _NOT_DATASET_COLUMNS = ("Parent Category", "universal", "WordNet 3.1 Synset", "Modification of WordNet Node")
 
@@ -82,7 +86,7 @@ def _targets(source_column: str, target_column: str) -> dict[str, list[str]]:
 
 
 def to_universal_id_map(
-    dataset_column: str, names: Sequence[str] | None = None, ignore_index: int = 255
+    dataset_column: str, names: Sequence[str] | None = None, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """Lookup table dataset label id -> universal id, to train on a dataset in the universal taxonomy.
 
@@ -137,7 +141,7 @@ def label_id_map(
     target_column: str,
     target_names: Sequence[str],
     source_column: str = "universal",
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     aliases: Mapping[str, str] | None = None,
 ) -> torch.Tensor:
     """Lookup table source class id -> index into ``target_names`` (a dataset's own class list).

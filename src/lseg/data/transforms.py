@@ -14,7 +14,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from lseg.data.datasets import IGNORE_INDEX, Sample
+from lseg.data.datasets import Sample
+from lseg.data.taxonomy import IGNORE_INDEX
 from lseg.errors import LSegError
 
 # Normalisation of the original LSeg release (maps [0, 1] to [-1, 1]).

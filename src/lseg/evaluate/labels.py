@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
+from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
 from lseg.files import read_text
-
-IGNORE_INDEX = 255
 
 # Dataset registry name -> (MSeg_master.tsv column naming its classes, aliases taxonomy name -> dataset name).
 TAXONOMY_COLUMNS: dict[str, tuple[str, dict[str, str] | None]] = {

@@ -42,10 +42,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
 from lseg.evaluate.metrics import confusion_matrix, fb_iou
 
-IGNORE_INDEX = 255
 BENCHMARKS = ("pascal", "coco", "fss")
 _ALIASES = {
     "pascal-5i": "pascal",

@@ -2,14 +2,45 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from lseg.errors import LSegError
+from lseg.model.checkpoint import read_lightning_checkpoint
 from lseg.train.callbacks import ExportPretrained, SignalCheckpoint
 from lseg.train.datamodule import LSegDataModule
 from lseg.train.module import LSegModule
+
+CKPT_KEYWORDS = ("last", "best", "hpc")  # resolved by Lightning itself
+
+
+def check_ckpt_path(value: str | None) -> None:
+    """Refuse a checkpoint that cannot resume, before the Trainer creates any folder.
+
+    Lightning would otherwise fail with a traceback after writing logs, and torch's refusal of a
+    pickle that runs code advises `weights_only=False`, which must never be repeated to a user.
+    """
+    if value is None or value in CKPT_KEYWORDS:
+        return
+    path = Path(value)
+    if not path.is_file():
+        raise LSegError(
+            f"--ckpt_path {value}: no such checkpoint file; give a local .ckpt file or one of "
+            f"{', '.join(CKPT_KEYWORDS)}"
+        )
+    try:
+        read_lightning_checkpoint(path)
+    except LSegError as error:
+        if isinstance(error.__cause__, pickle.UnpicklingError):
+            raise LSegError(
+                f"--ckpt_path {value}: refused: it holds Python objects beyond tensors and plain data, "
+                "and loading it could run code; resume only from checkpoints lseg or Lightning wrote"
+            ) from None
+        raise LSegError(f"--ckpt_path {value}: {error}") from None
 
 
 class LSegCLI(LightningCLI):
@@ -30,6 +61,19 @@ class LSegCLI(LightningCLI):
             "trainer.default_root_dir", "checkpoint.dirpath", compute_fn=lambda root: f"{root}/checkpoints"
         )
         parser.add_lightning_class_args(ExportPretrained, "export")
+
+    def parse_arguments(self, parser, args) -> None:
+        """Once the command line and --config files are merged, before seeding or creating anything."""
+        super().parse_arguments(parser, args)
+        check_ckpt_path(self.config[self.config["subcommand"]].get("ckpt_path"))
+
+    def _parse_ckpt_path(self) -> None:
+        """Resume with the model arguments given, not the checkpoint's hyper-parameters.
+
+        LightningCLI >= 2.5 re-parses those as model arguments, which rejects `model_config` (stored
+        for `LSeg.from_pretrained`) and so broke every `--ckpt_path FILE`; the weights and the
+        training state are restored by `Trainer.fit` either way.
+        """
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if config.get("enable_progress_bar") is not False:

@@ -7,7 +7,7 @@ can be mapped into the 194-class universal taxonomy, as the original reimplement
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,19 +90,22 @@ class SeededSamples(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Shuffles with a generator seeded by (seed, epoch); yields (index, per-sample seed) pairs."""
+    """Shuffles with a generator seeded by (seed, epoch); yields (index, per-sample seed) pairs.
 
-    def __init__(self, num_samples: int, seed: int = 0) -> None:
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+    The epoch is asked from `epoch()` when an epoch's iteration starts, not received via `set_epoch`:
+    Lightning's DDP sampler wrapper forwards `set_epoch` to the wrapped sampler only since 2.6
+    (Lightning-AI/pytorch-lightning#21456), so before that every epoch repeated the first one's
+    augmentations.
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, num_samples: int, seed: int, epoch: Callable[[], int]) -> None:
+        self.num_samples, self.seed, self.epoch = num_samples, seed, epoch
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch())
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator).tolist()
         return iter(zip(order, seeds))
@@ -122,7 +125,6 @@ class LSegDataModule(L.LightningDataModule):
         scale_range: tuple[float, float] = (0.5, 2.0),
         color_jitter: bool = False,
         val_size: int | None = None,
-        ignore_index: int = 255,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -137,7 +139,6 @@ class LSegDataModule(L.LightningDataModule):
         self.scale_range = tuple(scale_range)
         self.color_jitter = color_jitter
         self.val_size = val_size
-        self.ignore_index = ignore_index
         self.seed = seed
         self.label_sets: dict[str, list[str]] = {}
         self.val_key: str | None = None
@@ -157,7 +158,6 @@ class LSegDataModule(L.LightningDataModule):
             scale_range=self.scale_range,
             mean=mean,
             std=std,
-            ignore_index=self.ignore_index,
             color_jitter=self.color_jitter,
         )
         datasets = []
@@ -178,13 +178,17 @@ class LSegDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            sampler=EpochSampler(len(self.train_dataset), self.seed),
+            sampler=EpochSampler(len(self.train_dataset), self.seed, epoch=self._current_epoch),
             drop_last=True,
             num_workers=self.num_workers,
             collate_fn=collate,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
+
+    def _current_epoch(self) -> int:
+        """The trainer's epoch (restored on resume); 0 outside a trainer."""
+        return self.trainer.current_epoch if self.trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:

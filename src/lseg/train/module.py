@@ -7,7 +7,9 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
 
+from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
 from lseg.evaluate.metrics import SegmentationMetrics
 from lseg.model import LSeg, LSegConfig, load_preset
@@ -41,7 +43,6 @@ class LSegModule(L.LightningModule):
         poly_power: float = 0.9,
         scale_lr: bool = True,
         grad_checkpointing: bool = False,
-        ignore_index: int = 255,
         num_preview_images: int = 4,
     ) -> None:
         super().__init__()
@@ -69,12 +70,12 @@ class LSegModule(L.LightningModule):
         images, masks = batch["image"], batch["mask"]
         decoded = self.model.decode(images)
         total = images.new_zeros(())
-        valid = int((masks != self.hparams.ignore_index).sum())
+        valid = int((masks != IGNORE_INDEX).sum())
         for key in dict.fromkeys(batch["dataset"]):
             rows = [i for i, k in enumerate(batch["dataset"]) if k == key]
             logits = self.model.classify(decoded[rows], self._text(key), images.shape[-2:])
             total = total + F.cross_entropy(
-                logits.float(), masks[rows], ignore_index=self.hparams.ignore_index, reduction="sum"
+                logits.float(), masks[rows], ignore_index=IGNORE_INDEX, reduction="sum"
             )
         return total / max(valid, 1)
 
@@ -92,14 +93,12 @@ class LSegModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         key = self.trainer.datamodule.val_key
-        self.val_metrics = SegmentationMetrics(len(self.label_sets[key]), self.hparams.ignore_index).to(
-            self.device
-        )
+        self.val_metrics = SegmentationMetrics(len(self.label_sets[key]), IGNORE_INDEX).to(self.device)
         self._preview = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits = self.model(batch["image"], self._text(batch["dataset"][0]))
-        loss = F.cross_entropy(logits.float(), batch["mask"], ignore_index=self.hparams.ignore_index)
+        loss = F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX)
         prediction = logits.argmax(dim=1)
         self.val_metrics.update(prediction, batch["mask"])
         self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["image"]))
@@ -127,7 +126,7 @@ class LSegModule(L.LightningModule):
         std = torch.tensor(self.model.config.std).view(3, 1, 1)
         rows = []
         for image, mask, prediction in self._preview:
-            mask = torch.where(mask == self.hparams.ignore_index, len(labels), mask)
+            mask = torch.where(mask == IGNORE_INDEX, len(labels), mask)
             rows.append(
                 torch.cat(
                     [
@@ -148,20 +147,10 @@ class LSegModule(L.LightningModule):
         world = self.trainer.world_size * self.trainer.accumulate_grad_batches
         batch = self.trainer.datamodule.batch_size * world
         lr = hp.lr * batch / REFERENCE_BATCH if hp.scale_lr else hp.lr
-        encoder = [p for p in self.model.image_encoder.parameters() if p.requires_grad]
-        rest = [
-            p
-            for n, p in self.model.named_parameters()
-            if p.requires_grad and not n.startswith(("image_encoder.", "text_encoder."))
-        ]
-        groups = [
-            {"params": encoder, "lr": lr},
-            {"params": rest, "lr": lr * hp.head_lr_multiplier},
-        ]
         if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+            optimizer = torch.optim.SGD(self._param_groups(lr), lr=lr, momentum=hp.momentum)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=hp.weight_decay)
+            optimizer = torch.optim.AdamW(self._param_groups(lr), lr=lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total - 1)
 
@@ -173,3 +162,28 @@ class LSegModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The image encoder at `lr`, the rest `head_lr_multiplier` times faster (text encoder: frozen).
+
+        Weight decay as timm applies it: none on norms, biases, the logit scale (1-D and 0-D
+        parameters) or what a timm backbone lists in `no_weight_decay()` (ViT position embeddings and
+        class token); decaying those only pulls them towards zero.
+        """
+        exempt = {
+            f"{prefix}.{name}" if prefix else name
+            for prefix, module in self.model.named_modules()
+            if callable(getattr(module, "no_weight_decay", None))
+            for name in module.no_weight_decay()
+        }
+        encoder = {id(p) for p in self.model.image_encoder.parameters()}
+        decay_groups = param_groups_weight_decay(
+            self.model, self.hparams.weight_decay, no_weight_decay_list=exempt
+        )
+        groups = []
+        for in_encoder, group_lr in ((True, lr), (False, lr * self.hparams.head_lr_multiplier)):
+            for group in decay_groups:  # requires_grad only: the frozen text encoder is left out
+                params = [p for p in group["params"] if (id(p) in encoder) == in_encoder]
+                if params:
+                    groups.append({"params": params, "weight_decay": group["weight_decay"], "lr": group_lr})
+        return groups

@@ -4,7 +4,6 @@ then segment held-out scenes with the training label names and with unseen synon
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 import warnings
@@ -17,6 +16,14 @@ import torch
 from lseg.data import SYNTHETIC_CLASS_NAMES, SyntheticStreetScenes, eval_transform
 from lseg.errors import LSegError
 from lseg.evaluate.metrics import SegmentationMetrics
+from lseg.files import (
+    check_output_folder,
+    make_output_folder,
+    save_image,
+    write_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from lseg.model.hub import hub_access
 from lseg.train.datamodule import LSegDataModule
 from lseg.train.module import LSegModule
@@ -30,6 +37,7 @@ SYNONYMS = {
     "person": "person walking",
 }
 IMAGE_SIZE = (96, 128)
+GENERATOR = "lseg quickstart"  # in metrics.json: marks a folder as an earlier output that a re-run may update
 
 
 def choose_text_encoder() -> tuple[dict[str, Any], str]:
@@ -106,12 +114,36 @@ def plot_curves(history: History, path: Path) -> None:
         miou_axis.set_ylim(0, 100)
     loss_axis.set_title("lseg quickstart: synthetic street scenes")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    write_atomic(path, lambda file: figure.savefig(file, format="png", dpi=110))
     plt.close(figure)
 
 
+def is_quickstart_output(folder: Path) -> bool:
+    """An earlier quickstart output is recognised by its metrics.json naming us as its generator."""
+    try:
+        payload = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(payload, dict) and payload.get("generator") == GENERATOR
+
+
+def check_out(out: Path) -> Path:
+    """Refuse, before minutes of training, an --out that holds anything we did not write.
+
+    A re-run replaces only our own files, so the folder must be new, empty or an earlier output.
+    """
+    out = check_output_folder(out)
+    if out.is_dir() and any(out.iterdir()) and not is_quickstart_output(out):
+        raise LSegError(
+            f"--out {out} is a folder with other files in it (and no quickstart metrics.json); "
+            "choose a new or empty folder"
+        )
+    return out
+
+
 def run_quickstart(out: Path, minutes: float = 3.0, train_images: int = 256, seed: int = 0) -> dict[str, Any]:
-    """Train, evaluate, segment; write everything to `out` (atomically: all or nothing)."""
+    """Train, evaluate, segment; write our files into `out`, each atomically, touching nothing else."""
+    out = check_out(Path(out))
     started = time.perf_counter()
     L.seed_everything(seed, verbose=False)
     text_encoder, text_description = choose_text_encoder()
@@ -134,11 +166,9 @@ def run_quickstart(out: Path, minutes: float = 3.0, train_images: int = 256, see
         base_size=128,
         scale_range=(0.75, 1.5),
     )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        history = History()
+    history = History()
+    # Lightning's own files (none expected without logger and checkpoints) go to a scratch folder.
+    with tempfile.TemporaryDirectory(prefix="lseg-quickstart-") as scratch:
         trainer = L.Trainer(
             max_epochs=100,
             max_time={"seconds": int(minutes * 60)},
@@ -149,50 +179,43 @@ def run_quickstart(out: Path, minutes: float = 3.0, train_images: int = 256, see
             callbacks=[history],
             check_val_every_n_epoch=1,
             num_sanity_val_steps=0,
-            default_root_dir=str(staging),
+            default_root_dir=scratch,
         )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
             trainer.fit(module, datamodule=data)
-        model = module.model.eval()
-        held_out = SyntheticStreetScenes(32, size=tuple(size), seed=seed + 2000, transform=eval_transform())
-        synonyms = [SYNONYMS[name] for name in SYNTHETIC_CLASS_NAMES]
-        results = {
-            "text_encoder": text_description,
-            "train_steps": trainer.global_step,
-            "train_images": train_images,
-            "seconds": round(time.perf_counter() - started, 1),
-            "trained_names": evaluate(model, held_out, list(SYNTHETIC_CLASS_NAMES)),
-            "synonyms": evaluate(model, held_out, synonyms),
-            "synonym_map": SYNONYMS,
-        }
-        write_outputs(staging, model, results, history, synonyms)
-        results["seconds"] = round(time.perf_counter() - started, 1)
-        (staging / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    model = module.model.eval()
+    held_out = SyntheticStreetScenes(32, size=tuple(size), seed=seed + 2000, transform=eval_transform())
+    synonyms = [SYNONYMS[name] for name in SYNTHETIC_CLASS_NAMES]
+    results = {
+        "generator": GENERATOR,
+        "text_encoder": text_description,
+        "train_steps": trainer.global_step,
+        "train_images": train_images,
+        "trained_names": evaluate(model, held_out, list(SYNTHETIC_CLASS_NAMES)),
+        "synonyms": evaluate(model, held_out, synonyms),
+        "synonym_map": SYNONYMS,
+    }
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    write_outputs(out, model, results, history, synonyms)
     return results
 
 
 def write_outputs(
     folder: Path, model, results: dict[str, Any], history: History, synonyms: list[str]
 ) -> None:
-    from lseg.files import save_image
+    """Each output as its own atomic file; metrics.json first, so a folder with any of our files is ours."""
     from lseg.visualize import overlay
 
+    make_output_folder(folder)
+    write_json_atomic(folder / "metrics.json", results)
+    overlays = make_output_folder(folder / "overlays")
     scenes = SyntheticStreetScenes(4, size=(192, 256), seed=12345)  # held out, and larger than training
-    (folder / "overlays").mkdir(exist_ok=True)
     for index in range(len(scenes)):
         image = scenes[index]["image"].permute(1, 2, 0).numpy()
         for tag, labels in (("names", list(SYNTHETIC_CLASS_NAMES)), ("synonyms", synonyms)):
             result = model.segment(image, labels=labels)
-            save_image(
-                overlay(image, result.label_map, labels), folder / "overlays" / f"scene{index}.{tag}.png"
-            )
+            save_image(overlay(image, result.label_map, labels), overlays / f"scene{index}.{tag}.png")
     plot_curves(history, folder / "curves.png")
     model.save_pretrained(folder / "model")
     rows = [
@@ -213,4 +236,4 @@ def write_outputs(
         f"{results['train_steps']} training steps on {results['train_images']} synthetic scenes; "
         "evaluated on 32 held-out scenes.\n\n"
     )
-    (folder / "metrics.md").write_text(header + "\n".join(rows + per_class) + "\n")
+    write_text_atomic(folder / "metrics.md", header + "\n".join(rows + per_class) + "\n")
