@@ -127,8 +127,26 @@ def test_pickled_code_is_never_executed(tmp_path):
 
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"net.x": torch.zeros(1)}, "extra": Payload()}, evil)
-    with pytest.raises(LSegError, match="cannot read checkpoint"):
+    with pytest.raises(LSegError, match="cannot read checkpoint") as error:
         LSeg.from_pretrained(evil)
+    assert "could run code" in str(error.value) and "weights_only" not in str(error.value)
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n not a checkpoint", b"", b"PK\x03\x04 cut"])
+def test_foreign_files_never_repeat_torchs_unsafe_advice(tmp_path, content):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(LSegError, match="cannot read checkpoint") as error:
+        LSeg.from_pretrained(path)
+    assert "weights_only" not in str(error.value) and "\n" not in str(error.value)
+
+
+def test_cuda_map_location_without_cuda_is_a_clear_error(tmp_path, tiny_model):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    folder = tiny_model.save_pretrained(tmp_path / "model")
+    with pytest.raises(LSegError, match="CUDA is not available"):
+        LSeg.from_pretrained(folder, map_location="cuda")
 
 
 def _saved_config(tmp_path, tiny_model) -> tuple[Path, dict]:

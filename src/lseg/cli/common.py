@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from lseg.errors import LSegError
 from lseg.files import read_text
 
@@ -26,20 +24,6 @@ def parse_labels(text: str | None, file: str | None) -> list[str] | None:
     return [p.strip() for p in text.split(",")]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise LSegError(f"invalid device '{name}' (use auto, cpu, cuda or cuda:N)") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LSegError(f"device '{name}' was requested but CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise LSegError(f"device '{name}' does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
-    return device
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--checkpoint", help="model folder (save_pretrained), .ckpt file, or hub repo id")
@@ -54,6 +38,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model_from_args(args: argparse.Namespace):
     from lseg import LSeg
+    from lseg.device import resolve_device
 
     device = resolve_device(args.device)
     if args.checkpoint:

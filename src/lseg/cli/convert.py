@@ -20,7 +20,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("source", metavar="CHECKPOINT", help=".ckpt file, model folder or hub repo id")
     parser.add_argument("out", metavar="OUT_DIR", help="output model folder")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace OUT_DIR if it already holds a model folder"
+        "--overwrite",
+        action="store_true",
+        help="overwrite the model files (model.safetensors, config.json) of an existing model folder "
+        "OUT_DIR; other files in it are kept",
     )
     parser.add_argument(
         "--no-verify",

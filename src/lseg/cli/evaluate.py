@@ -141,7 +141,7 @@ def _setup_distributed(requested: str) -> tuple[Any, bool]:
     import torch
     import torch.distributed as dist
 
-    from lseg.cli.common import resolve_device
+    from lseg.device import resolve_device
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         if (

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as serialize
 
+from lseg.device import resolve_device
 from lseg.errors import LSegError
 from lseg.files import check_output_folder, make_output_folder, read_text, write_atomic, write_json_atomic
 from lseg.model.config import LSegConfig, json_type_name
@@ -117,11 +120,25 @@ def read_lightning_checkpoint(path: Path) -> dict[str, Any]:
     import argparse
 
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": we report failures below
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for truncated/foreign/unsafe files
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LSegError(f"cannot read checkpoint {path}: {first_line}") from error
+    except pickle.UnpicklingError as error:
+        # torch's text advises `weights_only=False`, i.e. running the file's code: never pass that on.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        reason = (
+            f"refused, it holds a Python object ({found.group(1)}) that could run code when loaded"
+            if found
+            else "it is not a PyTorch checkpoint of tensors and plain data"
+        )
+        raise LSegError(
+            f"cannot read checkpoint {path}: {reason}; lseg reads only checkpoints written by lseg, "
+            "Lightning or the original LSeg release"
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:  # truncated, empty, corrupt zip
+        text = str(error).strip()
+        detail = text.splitlines()[0] if text else "the file is empty or truncated"
+        raise LSegError(f"cannot read checkpoint {path}: {detail}") from error
 
 
 def hyper_parameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -172,10 +189,7 @@ def _load_from_hub(cls: type[LSeg], repo_id: str) -> LSeg:
 
 def load_model(cls: type[LSeg], source: str | Path, map_location: str | torch.device = "cpu") -> LSeg:
     """A model folder, a weights or .ckpt file, or a hub repo id; the model is returned on `map_location`."""
-    try:
-        device = torch.device(map_location)
-    except (RuntimeError, TypeError) as error:
-        raise LSegError(f"invalid map_location {map_location!r}: {error}") from error
+    device = resolve_device(map_location)
     path = Path(source)
     if path.is_dir():
         model = _load_safetensors(cls, path / WEIGHTS_NAME)

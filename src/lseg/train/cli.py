@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from pathlib import Path
 
@@ -35,11 +34,6 @@ def check_ckpt_path(value: str | None) -> None:
     try:
         read_lightning_checkpoint(path)
     except LSegError as error:
-        if isinstance(error.__cause__, pickle.UnpicklingError):
-            raise LSegError(
-                f"--ckpt_path {value}: refused: it holds Python objects beyond tensors and plain data, "
-                "and loading it could run code; resume only from checkpoints lseg or Lightning wrote"
-            ) from None
         raise LSegError(f"--ckpt_path {value}: {error}") from None
 
 
