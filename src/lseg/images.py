@@ -35,33 +35,33 @@ def check_model_size(size: int | None, option: str = "--size") -> int | None:
     return size
 
 
-def _too_large(path: Path, size: str | None) -> LSegError:
+def _too_large(what: str, path: Path, size: str | None) -> LSegError:
     limit = f"the limit of {Image.MAX_IMAGE_PIXELS:,} pixels"
     claim = f"{size}, more than {limit}" if size else f"more than twice {limit}"
     return LSegError(
-        f"image {path} has {claim} (a decompression bomb?); if you trust it, raise the limit with "
+        f"{what} {path} has {claim} (a decompression bomb?); if you trust it, raise the limit with "
         "--max-image-pixels (Python: lseg.images.set_max_image_pixels)"
     )
 
 
-def open_image(path: str | Path) -> Image.Image:
+def open_image(path: str | Path, what: str = "image") -> Image.Image:
     """A fully decoded PIL image from a file, or LSegError (missing, corrupt, truncated, too large)."""
     path = Path(path)
     if not path.is_file():
-        raise LSegError(f"image not found: {path}")
+        raise LSegError(f"{what} not found: {path}")
     try:
         with warnings.catch_warnings():  # PIL warns between 1x and 2x its limit; we refuse instead
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
         with image:
             if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
-                raise _too_large(path, f"{image.width} x {image.height} pixels")
+                raise _too_large(what, path, f"{image.width} x {image.height} pixels")
             image.load()
             return image
     except Image.DecompressionBombError:
-        raise _too_large(path, None) from None
+        raise _too_large(what, path, None) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise LSegError(f"cannot read image {path}: {error}") from None
+        raise LSegError(f"cannot read {what} {path}: {error}") from None
 
 
 def pil_to_rgb(image: Image.Image) -> np.ndarray:

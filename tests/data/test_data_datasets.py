@@ -126,9 +126,9 @@ def test_missing_image_or_label(tiny):
     root, _ = tiny
     (root / "list.txt").write_text("img/none.png lbl/0.png\nimg/0.png lbl/none.png\n")
     ds = ListFileDataset(root, root / "list.txt", NAMES)
-    with pytest.raises(LSegError, match=r"image file .*img/none\.png not found"):
+    with pytest.raises(LSegError, match=r"image not found: .*img/none\.png"):
         ds[0]
-    with pytest.raises(LSegError, match=r"label file .*lbl/none\.png not found"):
+    with pytest.raises(LSegError, match=r"label not found: .*lbl/none\.png"):
         ds[1]
 
 

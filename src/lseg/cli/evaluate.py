@@ -50,8 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--size",
         type=int,
-        help="long side (pixels) the model sees at scale 1: resizes the image for single/slide, replaces the "
-        "base size of lseg-ms (zero-shot: N x N, default 480)",
+        help="long side (pixels, 8 to 4096) the model sees at scale 1: resizes the image for single/slide, "
+        "replaces the base size of lseg-ms (zero-shot: N x N, default 480)",
     )
     parser.add_argument("--crop-size", type=int, help="sliding-window crop of slide/lseg-ms (default 480)")
     parser.add_argument("--stride", type=int, help="sliding-window stride (default: 2/3 of the crop)")
@@ -89,10 +89,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------- argument checks
 def _check_args(args: argparse.Namespace) -> None:
+    from lseg.files import check_output_folder
+    from lseg.images import check_model_size
     from lseg.inference import resolve_protocol
 
-    if args.size is not None and args.size < 8:
-        raise LSegError(f"--size must be at least 8 pixels, got {args.size}")
+    check_model_size(args.size)
+    check_model_size(args.crop_size, "--crop-size")
     if args.batch_size < 1:
         raise LSegError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_images is not None and args.max_images < 1:
@@ -108,9 +110,7 @@ def _check_args(args: argparse.Namespace) -> None:
     resolve_protocol(args.protocol, args.size, args.crop_size, args.stride)  # fails early on bad values
     if not args.checkpoint and not args.preset:
         raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise LSegError(f"--out {out} exists and is not a folder")
+    check_output_folder(args.out)
     if args.dataset in ZEROSHOT_DATASETS:
         if args.label_space != "dataset":
             raise LSegError(

@@ -277,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
             TimeRemainingColumn(),
             TextColumn("{task.fields[current]}"),
             console=console,
+            transient=True,
         ) as progress,
     ):
         task = progress.add_task("features", total=len(todo), current="")

@@ -14,14 +14,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as F
 
 from lseg.data.taxonomy import IGNORE_INDEX, bundled_names, to_universal_id_map, universal_names
 from lseg.errors import LSegError
 from lseg.files import read_text
+from lseg.images import load_image, open_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _LABEL_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B")
@@ -96,28 +95,16 @@ def read_names(path: PathLike) -> list[str]:
 
 
 def _load_image(path: Path) -> torch.Tensor:
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
-    except FileNotFoundError:
-        raise LSegError(f"image file {path} not found") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise LSegError(f"cannot read image {path}: {err}") from None
-    return F.pil_to_tensor(img)
+    return torch.from_numpy(load_image(path)).permute(2, 0, 1).contiguous()
 
 
 def _load_label(path: Path) -> torch.Tensor:
-    try:
-        with Image.open(path) as img:
-            if img.mode not in _LABEL_MODES:
-                raise LSegError(
-                    f"label {path} has mode {img.mode}; expected a one-channel 8- or 16-bit PNG of class ids"
-                )
-            array = np.array(img)
-    except FileNotFoundError:
-        raise LSegError(f"label file {path} not found") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise LSegError(f"cannot read label {path}: {err}") from None
+    with open_image(path, "label") as img:
+        if img.mode not in _LABEL_MODES:
+            raise LSegError(
+                f"label {path} has mode {img.mode}; expected a one-channel 8- or 16-bit PNG of class ids"
+            )
+        array = np.array(img)
     return torch.from_numpy(array.astype(np.int64))
 
 

@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lseg.data import IGNORE_INDEX
+
 
 def confusion_matrix(
-    pred: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = 255
+    pred: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = IGNORE_INDEX
 ) -> Tensor:
     """[C, C] int64 confusion matrix (rows = ground truth) of label maps of equal shape."""
     if pred.shape != target.shape:
@@ -92,7 +94,7 @@ class SegmentationMetrics(Metric):
     full_state_update = False
     confmat: Tensor
 
-    def __init__(self, num_classes: int, ignore_index: int | None = 255, **kwargs: object) -> None:
+    def __init__(self, num_classes: int, ignore_index: int | None = IGNORE_INDEX, **kwargs: object) -> None:
         super().__init__(**kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
 from lseg.files import check_output_folder, make_output_folder, write_text_atomic
 
@@ -229,7 +230,7 @@ def plot_confusion(class_names: Sequence[str], confmat: np.ndarray, path: Path) 
 
 
 # ----------------------------------------------------------------------------- best / worst grid
-def _colour_labels(label_map: np.ndarray, count: int, ignore_index: int = 255) -> np.ndarray:
+def _colour_labels(label_map: np.ndarray, count: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     from lseg.visualize import palette
 
     colours = palette(count)

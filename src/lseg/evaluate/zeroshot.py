@@ -45,6 +45,8 @@ from torch.utils.data import DataLoader, Dataset
 from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
 from lseg.evaluate.metrics import confusion_matrix, fb_iou
+from lseg.files import write_text_atomic
+from lseg.images import load_image, open_image
 
 BENCHMARKS = ("pascal", "coco", "fss")
 _ALIASES = {
@@ -113,8 +115,7 @@ class EpisodeDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, str]:
         episode = self.episodes[index]
         size = (self.image_size, self.image_size)
-        with Image.open(episode.image) as img:
-            rgb = img.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+        rgb = Image.fromarray(load_image(episode.image)).resize(size, Image.Resampling.BILINEAR)
         image = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
         image = (image - self.mean) / self.std
         mask = self.binary_mask(episode)
@@ -123,7 +124,7 @@ class EpisodeDataset(Dataset):
 
     def binary_mask(self, episode: Episode) -> Tensor:
         """Mask at the file's resolution: 1 where the mask holds the episode's class value, else 0."""
-        with Image.open(episode.mask) as img:
+        with open_image(episode.mask, "mask") as img:
             raw = torch.from_numpy(np.array(img)).long()
         return (raw == episode.label).long()
 
@@ -169,7 +170,7 @@ class PascalEpisodes(EpisodeDataset):
 
     def binary_mask(self, episode: Episode) -> Tensor:
         """Class pixels 1, boundary pixels (255) ignored, the rest 0."""
-        with Image.open(episode.mask) as img:
+        with open_image(episode.mask, "mask") as img:
             raw = torch.from_numpy(np.array(img)).long()
         mask = (raw == episode.label).long()
         mask[raw == IGNORE_INDEX] = IGNORE_INDEX
@@ -226,11 +227,11 @@ def _coco_class_index(annotations: Path) -> dict[str, list[int]]:
             return index
     index = {}
     for path in masks:
-        with Image.open(path) as img:
+        with open_image(path, "mask") as img:
             counts = np.bincount(np.asarray(img).ravel(), minlength=256)
         index[path.stem] = [int(v) for v in np.flatnonzero(counts) if 0 < v < IGNORE_INDEX]
     with contextlib.suppress(OSError):  # a read-only dataset is rescanned next time
-        cache.write_text(json.dumps(index))
+        write_text_atomic(cache, json.dumps(index))
     return index
 
 
@@ -265,7 +266,7 @@ class FssEpisodes(EpisodeDataset):
 
     def binary_mask(self, episode: Episode) -> Tensor:
         """Foreground where the grey level is >= 128."""
-        with Image.open(episode.mask) as img:
+        with open_image(episode.mask, "mask") as img:
             raw = torch.from_numpy(np.array(img.convert("L")))
         return (raw >= 128).long()
 
