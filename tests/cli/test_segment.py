@@ -203,7 +203,7 @@ def test_labels_files_must_be_utf8_and_a_bom_is_dropped(tmp_path, images, model_
     assert run_cli(capsys, *argv, "--labels-file", bom)[0] == 0
     legend = np.asarray(Image.open(out / "a.overlay.png"))
     assert legend.shape[0] >= 37  # written; the labels are checked through parse_labels below
-    from lseg.cli.common import parse_labels
+    from lseg.labels import parse_labels
 
     assert parse_labels(None, str(bom)) == ["cat", "road"]
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from lseg.errors import LSegError
-from lseg.evaluate.zeroshot import build_episodes, evaluate_zeroshot
+from lseg.evaluate.zeroshot import build_episodes, score_episodes
 
 SIZE = 16  # tiny square images: image_size=SIZE keeps pixels and masks unresized
 STEP = 3  # fake images encode the mask: grey level = STEP * class value
@@ -78,18 +78,18 @@ def test_pascal_episodes_load_binary_masks_with_ignore(pascal_root):
 
 def test_pascal_ground_truth_scores_one_and_background_only_scores_zero(pascal_root):
     voc_names = names("fewshot_pascal.txt")
-    result = evaluate_zeroshot(oracle(voc_names), "pascal", pascal_root, 0, image_size=SIZE, max_episodes=3)
-    assert (result["benchmark"], result["fold"], result["episodes"]) == ("pascal", 0, 3)
-    assert result["miou"] == pytest.approx(1.0) and result["fb_iou"] == pytest.approx(1.0)
-    assert np.isnan(result["per_class_iou"]["bird"])  # fold class without episodes: excluded
+    result = score_episodes(oracle(voc_names), "pascal", pascal_root, 0, image_size=SIZE, max_episodes=3)
+    assert (result.benchmark, result.fold, result.episodes) == ("pascal", 0, 3)
+    assert result.miou == pytest.approx(1.0) and result.fb_iou == pytest.approx(1.0)
+    assert np.isnan(result.per_class_iou["bird"])  # fold class without episodes: excluded
 
     def background(images, labels):
         return torch.stack([torch.ones_like(images[:, 0]), torch.zeros_like(images[:, 0])], dim=1)
 
-    result = evaluate_zeroshot(background, "pascal", pascal_root, 0, image_size=SIZE, max_episodes=3)
-    assert result["miou"] == 0.0
+    result = score_episodes(background, "pascal", pascal_root, 0, image_size=SIZE, max_episodes=3)
+    assert result.miou == 0.0
     # Per episode 14x16 counted pixels, 14x4 foreground: background IoU 168/224, foreground IoU 0.
-    assert result["fb_iou"] == pytest.approx((168 / 224 + 0) / 2)
+    assert result.fb_iou == pytest.approx((168 / 224 + 0) / 2)
 
 
 @pytest.fixture
@@ -117,11 +117,11 @@ def test_coco_fold_classes_follow_hsnet_and_episodes_cover_every_pair(coco_root)
 def test_coco_sampled_episodes_and_ground_truth_score(coco_root):
     dataset = build_episodes("coco", coco_root, 0, image_size=SIZE, coco_episodes=10, seed=1)
     assert len(dataset) == 10 and {e.class_name for e in dataset.episodes} <= {"person", "aeroplane", "boat"}
-    result = evaluate_zeroshot(
+    result = score_episodes(
         oracle(names("fewshot_coco.txt")), "coco-20i", coco_root, 0, image_size=SIZE, batch_size=4
     )
-    assert result["episodes"] == 1000
-    assert result["miou"] == pytest.approx(1.0) and result["fb_iou"] == pytest.approx(1.0)
+    assert result.episodes == 1000
+    assert result.miou == pytest.approx(1.0) and result.fb_iou == pytest.approx(1.0)
 
 
 @pytest.fixture
@@ -154,9 +154,9 @@ def test_fss_ground_truth_scores_one(fss_root):
         fg = (torch.round((images[:, 0] * 0.5 + 0.5) * 255) == STEP).float()
         return torch.stack([1 - fg, fg], dim=1)
 
-    result = evaluate_zeroshot(predict, "fss", fss_root, image_size=SIZE, max_episodes=5, batch_size=2)
-    assert result["episodes"] == 5
-    assert result["miou"] == pytest.approx(1.0) and result["fb_iou"] == pytest.approx(1.0)
+    result = score_episodes(predict, "fss", fss_root, image_size=SIZE, max_episodes=5, batch_size=2)
+    assert result.episodes == 5
+    assert result.miou == pytest.approx(1.0) and result.fb_iou == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("benchmark", ["pascal", "coco", "fss"])

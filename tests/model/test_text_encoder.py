@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from lseg import LSegError
+from lseg.labels import validate_labels
 from lseg.model.config import TextEncoderConfig
-from lseg.model.text_encoder import OpenCLIPTextEncoder, build_text_encoder, validate_labels
+from lseg.model.text_encoder import OpenCLIPTextEncoder, build_text_encoder
 
 TINY = {"embed_dim": 16, "width": 32, "heads": 2, "layers": 1}
 

@@ -34,17 +34,16 @@ def predict(
     included (shares sum to 1). `size` is the long side the model sees (None or 0: original size).
     Raises LSegError with a one-line, user-facing message for any bad input.
     """
-    from lseg.cli.common import parse_labels
     from lseg.images import load_image
     from lseg.inference import PROTOCOLS
-    from lseg.model.text_encoder import validate_labels
+    from lseg.labels import parse_labels
     from lseg.visualize import overlay
 
     if image is None:
         raise LSegError("upload an image first")
     if not isinstance(labels_text, str) or not labels_text.strip():
         raise LSegError(f"type some labels separated by commas, e.g. '{DEFAULT_LABELS}'")
-    labels = validate_labels(parse_labels(labels_text, None))
+    labels = parse_labels(labels_text)
     if len(labels) > MAX_LABELS:
         raise LSegError(f"at most {MAX_LABELS} labels, got {len(labels)}")
     if protocol not in PROTOCOLS:

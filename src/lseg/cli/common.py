@@ -1,4 +1,4 @@
-"""Helpers shared by the subcommands: labels, devices, model loading."""
+"""Helpers shared by the subcommands: model and device arguments, model loading, failure reports."""
 
 from __future__ import annotations
 
@@ -6,22 +6,6 @@ import argparse
 import sys
 
 from lseg.errors import LSegError
-from lseg.files import read_text
-
-
-def parse_labels(text: str | None, file: str | None) -> list[str] | None:
-    """Labels from "a, b, c" or a file (one per line, or comma-separated)."""
-    if text is not None and file is not None:
-        raise LSegError("give either --labels or --labels-file, not both")
-    if file is not None:
-        text = read_text(file, "labels file")
-        parts = (
-            [p for line in text.splitlines() for p in line.split(",")] if "," in text else text.splitlines()
-        )
-        return [p.strip() for p in parts if p.strip()] or []
-    if text is None:
-        return None
-    return [p.strip() for p in text.split(",")]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,6 @@ Runs under `torchrun` too: each process scores a shard, rank 0 writes the report
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from lseg.errors import LSegError
 
 SEGMENTATION_DATASETS = ("camvid", "ade20k", "mseg-ade20k", "mseg-coco-panoptic", "folder")
 ZEROSHOT_DATASETS = ("pascal-5i", "coco-20i", "fss-1000")
-LABEL_SPACES = ("dataset", "universal")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -62,7 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--label-space",
         default="dataset",
-        choices=LABEL_SPACES,
+        choices=("dataset", "universal"),
         help="dataset: ask for the dataset's classes; universal: ask for the 194 MSeg universal classes and "
         "map predictions to the dataset's classes through MSeg_master.tsv",
     )
@@ -122,140 +120,62 @@ def _check_args(args: argparse.Namespace) -> None:
             raise LSegError("zero-shot benchmarks use the single protocol (one 480 x 480 pass), as the paper")
 
 
-def _check_files(dataset: Any) -> None:
-    """Fail before any inference if a listed image or label file is missing."""
-    missing = []
-    for image, label in dataset.pairs:
-        for name in (image, label):
-            path = dataset.root / name
-            if not path.is_file():
-                missing.append(str(path))
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise LSegError(f"{len(missing)} dataset file(s) not found: {', '.join(missing[:3])}{more}")
-
-
-# ----------------------------------------------------------------------------- distributed
-def _setup_distributed(requested: str) -> tuple[Any, bool]:
-    """Device, and whether this call initialised torch.distributed (under torchrun: WORLD_SIZE > 1)."""
-    import torch
-    import torch.distributed as dist
-
-    from lseg.device import resolve_device
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
-        if (
-            dist.is_available()
-            and dist.is_initialized()
-            and requested == "auto"
-            and torch.cuda.is_available()
-        ):
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), False
-        return resolve_device(requested), False
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(requested)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device, True
-
-
-# ----------------------------------------------------------------------------- model
 def _load_model(args: argparse.Namespace, device: Any) -> Any:
     from lseg import LSeg
 
     model = LSeg.from_pretrained(args.checkpoint) if args.checkpoint else LSeg.from_config(args.preset)
-    encoder = getattr(model, "text_encoder", None)
-    if encoder is None or not hasattr(encoder, "encode"):
-        raise LSegError(f"{args.checkpoint or args.preset} has no text encoder to embed the label words")
-    if args.prompt_template is not None:
-        encoder.prompt_templates = [args.prompt_template]
     return model.to(device).eval()
 
 
-def _check_text(model: Any, labels: list[str], source: str) -> None:
-    try:
-        model.encode_text(labels[:1])
-    except LSegError:
-        raise
-    except Exception as error:
-        raise LSegError(f"the text encoder of {source} cannot embed labels: {error}") from error
+def _progress_bar(console: Any, description: str) -> tuple[Any, Any]:
+    """A transient rich progress bar (drawn on rank 0 only) and its `progress(done, total)` callback."""
+    from rich.progress import Progress
 
+    from lseg.evaluate import is_main_process
 
-# ----------------------------------------------------------------------------- dataset evaluation
-def _label_space(args: argparse.Namespace, class_names: list[str]) -> Any:
-    from lseg.evaluate import labels as L
-
-    if args.label_space == "universal":
-        from lseg.data.taxonomy import universal_names
-
-        universal = universal_names()
-        words = L.universal_prompt_names()
-        if args.labels_file:
-            words = L.read_labels_file(args.labels_file, universal)
-        elif args.synonyms:
-            synonyms = L.read_synonyms(args.synonyms, universal)
-            words = [synonyms.get(u, w) for u, w in zip(universal, words, strict=True)]
-        return L.universal_label_space(args.dataset, class_names, words, args.taxonomy_column)
-    if args.taxonomy_column:
-        raise LSegError("--taxonomy-column only applies with --label-space universal")
-    if args.labels_file:
-        return L.dataset_label_space(class_names, L.read_labels_file(args.labels_file, class_names))
-    if args.synonyms:
-        return L.dataset_label_space(
-            class_names, L.apply_synonyms(class_names, L.read_synonyms(args.synonyms, class_names))
-        )
-    return L.dataset_label_space(class_names)
-
-
-def _build_dataset(args: argparse.Namespace) -> Any:
-    from lseg.data import build_dataset
-
-    split = args.split if args.split is not None else (None if args.dataset == "folder" else "val")
-    extra = {"taxonomy": "dataset"} if args.dataset.startswith("mseg-") else {}
-    dataset = build_dataset(args.dataset, args.data_root, split, **extra)
-    _check_files(dataset)
-    return dataset, split
+    bar = Progress(console=console, transient=True, disable=not is_main_process())
+    task = bar.add_task(description, total=None)
+    return bar, lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _run_dataset(args: argparse.Namespace, device: Any) -> int:
-    import torch
     from rich.console import Console
-    from rich.progress import Progress
 
+    from lseg.evaluate import build_label_space, default_split, evaluate, is_main_process, load_dataset
     from lseg.evaluate import report as R
-    from lseg.evaluate.runner import evaluate_dataset
-    from lseg.inference import resolve_protocol
-    from lseg.model.text_encoder import validate_labels
 
-    dataset, split = _build_dataset(args)
-    space = _label_space(args, list(dataset.class_names))
-    validate_labels(space.labels)
+    split = args.split if args.split is not None else default_split(args.dataset)
+    dataset = load_dataset(args.dataset, args.data_root, split)
+    space = build_label_space(  # before loading the model: bad word files fail fast
+        dataset.class_names,
+        dataset=args.dataset,
+        label_space=args.label_space,
+        labels_file=args.labels_file,
+        synonyms=args.synonyms,
+        taxonomy_column=args.taxonomy_column,
+    )
     model = _load_model(args, device)
-    source = args.checkpoint or f"preset {args.preset}"
-    _check_text(model, space.labels, source)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=rank != 0) as progress:
-        total = min(len(dataset), args.max_images or len(dataset))
-        task = progress.add_task("evaluating", total=total)
-        protocol, resize = resolve_protocol(args.protocol, args.size, args.crop_size, args.stride)
-        report = evaluate_dataset(
+    bar, progress = _progress_bar(console, "evaluating")
+    with bar:
+        report = evaluate(
             model,
             dataset,
+            args.protocol,
             space,
-            protocol,
-            device,
-            args.batch_size,
-            size=resize,
+            size=args.size,
+            crop_size=args.crop_size,
+            stride=args.stride,
+            prompt_template=args.prompt_template,
+            device=device,
+            batch_size=args.batch_size,
             num_workers=args.num_workers,
             max_images=args.max_images,
             rank_by=args.rank_by,
             num_examples=args.examples,
-            progress=lambda done, _total: progress.update(task, completed=done * report_world()),
+            progress=progress,
         )
-    if rank != 0:
+    if not is_main_process():
         return 0
     payload = {
         **R.environment(report.device),
@@ -266,7 +186,7 @@ def _run_dataset(args: argparse.Namespace, device: Any) -> int:
             "protocol": args.protocol,
             "size": args.size,
             "prompt_template": args.prompt_template,
-            "prompt_templates": list(model.text_encoder.prompt_templates),
+            "prompt_templates": report.extra["prompt_templates"],
             "label_space": args.label_space,
             "labels_file": args.labels_file,
             "synonyms": args.synonyms,
@@ -298,93 +218,52 @@ def _run_dataset(args: argparse.Namespace, device: Any) -> int:
     return 0
 
 
-def report_world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-# ----------------------------------------------------------------------------- zero-shot
 def _run_zeroshot(args: argparse.Namespace, device: Any) -> int:
-    import torch
     from rich.console import Console
-    from rich.progress import Progress
 
+    from lseg.evaluate import evaluate_zeroshot
     from lseg.evaluate import report as R
     from lseg.evaluate.labels import read_synonyms
-    from lseg.evaluate.zeroshot import _canonical, _resource_lines, evaluate_zeroshot
-    from lseg.inference import get_protocol, run_protocol
+    from lseg.evaluate.zeroshot import benchmark_classes
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        raise LSegError("zero-shot benchmarks run in one process; run without torchrun")
-    benchmark = _canonical(args.dataset)
-    synonyms: dict[str, str] = {}
-    if args.synonyms:
-        names = _resource_lines(f"fewshot_{benchmark}.txt")
-        synonyms = read_synonyms(args.synonyms, names)
+    synonyms = read_synonyms(args.synonyms, benchmark_classes(args.dataset)) if args.synonyms else None
     model = _load_model(args, device)
-    source = args.checkpoint or f"preset {args.preset}"
-    _check_text(model, [args.background], source)
-    spec = get_protocol("single")
-    amp = device.type == "cuda"
-
-    def predict(images: Any, labels: list[str]) -> Any:
-        words = [labels[0], synonyms.get(labels[1], labels[1])]
-        text = model.encode_text(words)
-        return run_protocol(lambda x: model(x, text), images, spec, amp=amp)
-
-    import time
-
     console = Console(stderr=True)
-    started = time.perf_counter()
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("zero-shot episodes", total=None)
-        result = evaluate_zeroshot(
-            predict,
-            benchmark,
+    bar, progress = _progress_bar(console, "zero-shot episodes")
+    with bar:
+        report = evaluate_zeroshot(
+            model,
+            args.dataset,
             args.data_root,
             args.fold,
-            mean=model.config.mean,
-            std=model.config.std,
-            image_size=args.size or 480,
+            synonyms=synonyms,
             background=args.background,
+            size=args.size or 480,
+            prompt_template=args.prompt_template,
+            device=device,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             max_episodes=args.max_images,
-            device=device,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            progress=progress,
         )
-    seconds = time.perf_counter() - started
-    episodes = int(result["episodes"])
     payload = {
-        **R.environment(str(device)),
+        **R.environment(report.device),
         "command": "evaluate",
         "checkpoint": R.checkpoint_info(args.checkpoint, args.preset),
         "dataset": {"name": args.dataset, "root": str(Path(args.data_root).resolve()), "fold": args.fold},
         "config": {
             "protocol": "single",
-            "image_size": args.size or 480,
+            "image_size": report.image_size,
             "prompt_template": args.prompt_template,
-            "prompt_templates": list(model.text_encoder.prompt_templates),
+            "prompt_templates": report.prompt_templates,
             "background": args.background,
             "synonyms": args.synonyms,
             "max_episodes": args.max_images,
             "batch_size": args.batch_size,
         },
-        "labels": {name: synonyms.get(name, name) for name in result["per_class_iou"]},
-        "metrics": {
-            "miou": result["miou"],
-            "fb_iou": result["fb_iou"],
-            "per_class_iou": result["per_class_iou"],
-        },
-        "timing": {
-            "images": episodes,
-            "seconds": seconds,
-            "images_per_second": episodes / seconds if seconds > 0 else None,
-        },
+        **report.summary(),
     }
-    names = list(result["per_class_iou"])
-    ious = list(result["per_class_iou"].values())
+    names, ious = list(report.per_class_iou), list(report.per_class_iou.values())
     writers = [
         (
             R.IOU_CHART,
@@ -394,27 +273,22 @@ def _run_zeroshot(args: argparse.Namespace, device: Any) -> int:
     ]
     paths = R.write_staged(args.out, writers)
     R.print_summary(
-        f"lseg evaluate {args.dataset} fold {args.fold}: {episodes} episode(s), "
-        f"{payload['timing']['images_per_second'] or 0:.2f} images/s",
-        {"mIoU": result["miou"], "FB-IoU": result["fb_iou"]},
-        result["per_class_iou"],
+        f"lseg evaluate {args.dataset} fold {args.fold}: {report.episodes} episode(s), "
+        f"{report.images_per_second if report.seconds > 0 else 0:.2f} images/s",
+        {"mIoU": report.miou, "FB-IoU": report.fb_iou},
+        report.per_class_iou,
     )
     console.print(f"reports: {', '.join(str(p) for p in paths)}")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    from lseg.evaluate import distributed_device
     from lseg.evaluate.report import require_matplotlib
 
     _check_args(args)
     require_matplotlib()  # fail before any inference, not after
-    device, initialised = _setup_distributed(args.device)
-    try:
+    with distributed_device(args.device) as device:
         if args.dataset in ZEROSHOT_DATASETS:
             return _run_zeroshot(args, device)
         return _run_dataset(args, device)
-    finally:
-        if initialised:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()

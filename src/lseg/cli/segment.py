@@ -7,13 +7,9 @@ import time
 
 import numpy as np
 
-from lseg.cli.common import (
-    add_model_arguments,
-    load_model_from_args,
-    parse_labels,
-    raise_failures,
-)
+from lseg.cli.common import add_model_arguments, load_model_from_args, raise_failures
 from lseg.errors import LSegError
+from lseg.labels import parse_labels, validate_labels
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     from lseg.files import check_output_folder, make_output_folder, save_array, save_image
     from lseg.images import check_model_size, find_images, load_image
     from lseg.inference import resolve_protocol
-    from lseg.model.text_encoder import validate_labels
     from lseg.visualize import overlay
 
     check_model_size(args.size)
@@ -65,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out)
     labels = parse_labels(args.labels, args.labels_file)
     model = load_model_from_args(args)
-    labels = validate_labels(labels if labels is not None else model.config.labels)
+    labels = labels if labels is not None else validate_labels(model.config.labels)
     console = Console(stderr=True)
     rows, failures = [], []
     with Progress(console=console, transient=True) as progress:

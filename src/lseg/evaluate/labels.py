@@ -14,7 +14,7 @@ are mapped to the dataset's classes by name through ``MSeg_master.tsv`` (see `un
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,9 @@ import torch
 from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
 from lseg.files import read_text
+from lseg.labels import validate_labels
+
+LABEL_SPACES = ("dataset", "universal")
 
 # Dataset registry name -> (MSeg_master.tsv column naming its classes, aliases taxonomy name -> dataset name).
 TAXONOMY_COLUMNS: dict[str, tuple[str, dict[str, str] | None]] = {
@@ -92,9 +95,22 @@ def read_synonyms(path: str | Path, class_names: Sequence[str]) -> dict[str, str
     return mapping
 
 
-def apply_synonyms(class_names: Sequence[str], synonyms: dict[str, str]) -> list[str]:
-    """Text of each class: its synonym if one is given, else its name."""
-    return [synonyms.get(name, name) for name in class_names]
+def load_synonyms(synonyms: Mapping[str, str] | str | Path, class_names: Sequence[str]) -> dict[str, str]:
+    """``{class name: word}`` from a synonyms file (`read_synonyms`) or a mapping keyed by class names."""
+    if not isinstance(synonyms, Mapping):
+        return read_synonyms(synonyms, class_names)
+    unknown = [str(name) for name in synonyms if name not in set(class_names)]
+    if unknown:
+        raise LSegError(f"synonyms name unknown class(es): {', '.join(map(repr, unknown[:10]))}")
+    return {str(name): str(word) for name, word in synonyms.items()}
+
+
+def apply_synonyms(
+    class_names: Sequence[str], synonyms: Mapping[str, str], words: Sequence[str] | None = None
+) -> list[str]:
+    """Text of each class: its synonym if one is given, else its word (default: its name)."""
+    words = class_names if words is None else words
+    return [synonyms.get(name, word) for name, word in zip(class_names, words, strict=True)]
 
 
 def universal_prompt_names() -> list[str]:
@@ -171,3 +187,47 @@ def universal_label_space(
     if not bool((table != IGNORE_INDEX).any()):
         raise LSegError(f"no universal class maps to a class of {dataset} through column {column!r}")
     return LabelSpace("universal", labels, table, column)
+
+
+def build_label_space(
+    class_names: Sequence[str],
+    *,
+    dataset: str | None = None,
+    label_space: str = "dataset",
+    labels: Sequence[str] | None = None,
+    labels_file: str | Path | None = None,
+    synonyms: Mapping[str, str] | str | Path | None = None,
+    taxonomy_column: str | None = None,
+) -> LabelSpace:
+    """The words an evaluation asks, from the user's choices; labels are checked (`validate_labels`).
+
+    `labels`, `labels_file` and `synonyms` (at most one) replace the words of the dataset's classes, or
+    with ``label_space="universal"`` those of the 194 MSeg universal classes, which are then mapped to
+    the classes through the taxonomy column of registry dataset `dataset` (or `taxonomy_column`).
+    """
+    if label_space not in LABEL_SPACES:
+        raise LSegError(f"label_space must be one of {', '.join(LABEL_SPACES)}, got {label_space!r}")
+    if sum(choice is not None for choice in (labels, labels_file, synonyms)) > 1:
+        raise LSegError("give at most one of labels, a labels file and synonyms")
+    if label_space == "dataset" and taxonomy_column:
+        raise LSegError("a taxonomy column (--taxonomy-column) only applies to the universal label space")
+    if label_space == "universal":
+        from lseg.data.taxonomy import universal_names
+
+        named = universal_names()
+        default = universal_prompt_names()
+    else:
+        named = list(class_names)
+        default = named
+    if labels_file is not None:
+        labels = read_labels_file(labels_file, named)
+    elif synonyms is not None:
+        labels = apply_synonyms(named, load_synonyms(synonyms, named), default)
+    if label_space == "universal":
+        if dataset is None and taxonomy_column is None:
+            raise LSegError("the universal label space needs a registry dataset name or a taxonomy column")
+        space = universal_label_space(dataset or "", class_names, labels, taxonomy_column)
+    else:
+        space = dataset_label_space(class_names, labels)
+    validate_labels(space.labels)
+    return space

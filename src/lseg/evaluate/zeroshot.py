@@ -30,8 +30,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
@@ -127,6 +128,40 @@ class EpisodeDataset(Dataset):
         with open_image(episode.mask, "mask") as img:
             raw = torch.from_numpy(np.array(img)).long()
         return (raw == episode.label).long()
+
+
+@dataclass
+class ZeroShotReport:
+    """One fold's zero-shot scores: foreground IoU per class (NaN: no episode), mIoU, FB-IoU, timing."""
+
+    benchmark: str
+    fold: int
+    episodes: int
+    miou: float
+    fb_iou: float
+    per_class_iou: dict[str, float]
+    seconds: float
+    device: str
+    image_size: int
+    background: str
+    labels: dict[str, str] = field(default_factory=dict)  # class name -> foreground word asked
+    prompt_templates: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.episodes / self.seconds if self.seconds > 0 else math.nan
+
+    def summary(self) -> dict[str, object]:
+        """The JSON-ready part: words asked, metrics and timing."""
+        return {
+            "labels": {name: self.labels.get(name, name) for name in self.per_class_iou},
+            "metrics": {"miou": self.miou, "fb_iou": self.fb_iou, "per_class_iou": self.per_class_iou},
+            "timing": {
+                "images": self.episodes,
+                "seconds": self.seconds,
+                "images_per_second": self.images_per_second,
+            },
+        }
 
 
 def _find_root(
@@ -276,11 +311,17 @@ def _check_fold(fold: int, folds: int) -> None:
         raise LSegError(f"fold must be in 0..{folds - 1}, got {fold}")
 
 
-def _canonical(benchmark: str) -> str:
+def canonical_benchmark(benchmark: str) -> str:
+    """'pascal', 'coco' or 'fss' for a benchmark name or alias (``pascal-5i``, ``coco-20i``, ``fss-1000``)."""
     name = _ALIASES.get(benchmark.lower(), benchmark.lower())
     if name not in BENCHMARKS:
         raise LSegError(f"unknown zero-shot benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}")
     return name
+
+
+def benchmark_classes(benchmark: str) -> list[str]:
+    """Every class name of a benchmark (all folds), the keys its synonyms may use."""
+    return _resource_lines(f"fewshot_{canonical_benchmark(benchmark)}.txt")
 
 
 def build_episodes(
@@ -296,7 +337,7 @@ def build_episodes(
     max_episodes: int | None = None,
 ) -> EpisodeDataset:
     """Episode dataset of a benchmark ('pascal', 'coco' or 'fss'; FSS-1000 has the single fold 0)."""
-    name = _canonical(benchmark)
+    name = canonical_benchmark(benchmark)
     kwargs = {"image_size": image_size, "mean": mean, "std": std, "max_episodes": max_episodes}
     if name == "pascal":
         return PascalEpisodes(root, fold, **kwargs)
@@ -316,7 +357,7 @@ def _class_batches(episodes: Sequence[Episode], batch_size: int) -> Iterator[lis
             yield indices[start : start + batch_size]
 
 
-def evaluate_zeroshot(
+def score_episodes(
     predict_fn: PredictFn,
     benchmark: str,
     root: str | Path,
@@ -333,13 +374,14 @@ def evaluate_zeroshot(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
-) -> dict[str, object]:
+) -> ZeroShotReport:
     """Score `predict_fn(images, [background, class_name]) -> logits [B, 2, h, w]` on one fold.
 
-    `background` defaults to "others", the word of the original zero-shot model. `max_episodes` keeps
-    the first N episodes (smoke tests); `progress(done, total)` is called after each batch. Returns
-    benchmark, fold, episodes, miou, fb_iou and per_class_iou (class name -> IoU, NaN if unseen).
+    Any predictor fits (e.g. a reference implementation); `lseg.evaluate.evaluate_zeroshot` scores an
+    `LSeg`. `background` defaults to "others", the word of the original zero-shot model. `max_episodes`
+    keeps the first N episodes (smoke tests); `progress(done, total)` is called after each batch.
     """
+    started = time.perf_counter()
     if batch_size < 1:
         raise LSegError(f"batch_size must be >= 1, got {batch_size}")
     dataset = build_episodes(
@@ -379,11 +421,15 @@ def evaluate_zeroshot(
     union = (confmats[:, 1, 1] + confmats[:, 0, 1] + confmats[:, 1, 0]).double()
     # HSNet divides by max(union, 1): a seen class with empty prediction and ground truth scores 0.
     iou = torch.where(seen, inter / union.clamp(min=1), torch.full_like(inter, math.nan))
-    return {
-        "benchmark": dataset.benchmark,
-        "fold": fold,
-        "episodes": done,
-        "miou": float(iou[seen].mean()) if seen.any() else math.nan,
-        "fb_iou": fb_iou(confmats[seen].sum(0)),
-        "per_class_iou": dict(zip(dataset.classes, iou.tolist(), strict=True)),
-    }
+    return ZeroShotReport(
+        benchmark=dataset.benchmark,
+        fold=fold,
+        episodes=done,
+        miou=float(iou[seen].mean()) if seen.any() else math.nan,
+        fb_iou=fb_iou(confmats[seen].sum(0)),
+        per_class_iou=dict(zip(dataset.classes, iou.tolist(), strict=True)),
+        seconds=time.perf_counter() - started,
+        device=str(device),
+        image_size=image_size,
+        background=background,
+    )

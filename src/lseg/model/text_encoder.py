@@ -10,63 +10,16 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lseg.errors import LSegError
+from lseg.labels import validate_labels
 from lseg.model.config import TextEncoderConfig
 from lseg.model.hub import hub_access
-
-MAX_LABEL_CHARS = 200  # a label is a word or a short phrase; CLIP reads at most 77 tokens anyway
-
-
-def _label_key(label: str) -> str:
-    """Labels equal under this key tokenize identically (CLIP lower-cases and collapses whitespace)."""
-    return " ".join(label.split()).casefold()
-
-
-def validate_labels(labels: str | Iterable[str]) -> list[str]:
-    """Labels as a clean list: a string is split on commas; each label is stripped.
-
-    Rejects (one clear line each) an empty list, empty or non-string labels, labels longer than
-    MAX_LABEL_CHARS, and duplicates, including labels that differ only in case or spacing: the text
-    encoder reads those identically, so pixels would be split between them arbitrarily.
-    """
-    if isinstance(labels, str):
-        labels = labels.split(",") if labels.strip() else []
-    elif not isinstance(labels, Iterable) or isinstance(labels, (bytes, Mapping)):
-        raise LSegError(
-            f"labels must be a comma-separated string or a list of strings, got {labels!r}; "
-            "e.g. 'cat, plant, other' or ['cat', 'plant', 'other']"
-        )
-    labels = list(labels)
-    for label in labels:
-        if not isinstance(label, str):
-            raise LSegError(f"labels must be strings; got {label!r} ({type(label).__name__}) in {labels!r}")
-    cleaned = [label.strip() for label in labels]
-    if not cleaned:
-        raise LSegError("the label list is empty; give at least one label, e.g. 'cat, other'")
-    if any(not label for label in cleaned):
-        raise LSegError(f"empty label in {labels!r}; remove stray commas or blank lines")
-    for label in cleaned:
-        if len(label) > MAX_LABEL_CHARS:
-            raise LSegError(
-                f"label of {len(label)} characters ({label[:40]!r}...) is too long; "
-                f"labels may have at most {MAX_LABEL_CHARS} characters"
-            )
-    groups: dict[str, list[str]] = {}
-    for label in cleaned:
-        groups.setdefault(_label_key(label), []).append(label)
-    duplicates = [" / ".join(dict.fromkeys(group)) for group in groups.values() if len(group) > 1]
-    if duplicates:
-        raise LSegError(
-            f"duplicate labels: {', '.join(duplicates)}; each label must appear once "
-            "(labels differing only in case or spacing read the same to the text encoder)"
-        )
-    return cleaned
 
 
 class TextEncoder(nn.Module):

@@ -1,0 +1,262 @@
+"""The evaluation entry points that `lseg evaluate` and notebooks call.
+
+`evaluate` scores a model on a segmentation dataset (a `lseg.data` dataset, masks at full size) and
+returns an `EvaluationReport`; `evaluate_zeroshot` scores one fold of a zero-shot benchmark and returns
+a `ZeroShotReport`. Both take an `LSeg` and the user's choices (words, protocol, size); the report
+files are written by `lseg.evaluate.report`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Subset
+
+from lseg.data import build_dataset
+from lseg.device import resolve_device
+from lseg.errors import LSegError
+from lseg.evaluate.labels import LabelSpace, build_label_space, load_synonyms
+from lseg.evaluate.runner import EvaluationReport, evaluate_dataset
+from lseg.evaluate.zeroshot import ZeroShotReport, benchmark_classes, score_episodes
+from lseg.inference import InferenceProtocol, get_protocol, resolve_protocol, run_protocol
+
+if TYPE_CHECKING:
+    from lseg.data import ListFileDataset
+    from lseg.model import LSeg
+
+Progress = Callable[[int, int], None]
+
+
+# ----------------------------------------------------------------------------- datasets
+def default_split(dataset: str) -> str | None:
+    """The split evaluated when none is given: val, or none for a `folder` dataset (ROOT/images)."""
+    return None if dataset == "folder" else "val"
+
+
+def load_dataset(name: str, root: str | Path, split: str | None = None) -> ListFileDataset:
+    """A registry dataset to evaluate (MSeg ones in their own taxonomy, no transform), every listed
+    image and label file checked up front so a missing one fails before any inference."""
+    split = default_split(name) if split is None else split
+    extra = {"taxonomy": "dataset"} if name.startswith("mseg-") else {}
+    dataset = build_dataset(name, root, split, **extra)
+    missing = [
+        str(dataset.root / file)
+        for pair in dataset.pairs
+        for file in pair
+        if not (dataset.root / file).is_file()
+    ]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise LSegError(f"{len(missing)} dataset file(s) not found: {', '.join(missing[:3])}{more}")
+    return dataset
+
+
+# ----------------------------------------------------------------------------- processes and models
+@contextlib.contextmanager
+def distributed_device(requested: str | torch.device = "auto") -> Iterator[torch.device]:
+    """The device of this process; under `torchrun` (WORLD_SIZE > 1) the process group is set up for
+    the block (cuda:LOCAL_RANK, nccl; or gloo on CPU) and torn down after it."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():  # the caller owns the group
+        if requested == "auto" and torch.cuda.is_available():
+            yield torch.device("cuda", local_rank)
+        else:
+            yield resolve_device(requested)
+        return
+    device = resolve_device(requested)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """Whether this process writes reports: rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _model_device(model: Any) -> torch.device:
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _prompt_template(model: Any, template: str | None) -> Iterator[list[str]]:
+    """Check the model can embed words; ask them with `template` for the block. Yields the templates."""
+    encoder = getattr(model, "text_encoder", None)
+    if encoder is None or not hasattr(encoder, "encode"):
+        raise LSegError("the model has no text encoder to embed the label words")
+    if template is None:
+        yield list(encoder.prompt_templates)
+        return
+    if "{}" not in template:
+        raise LSegError(f"the prompt template must contain '{{}}' where the label goes, got {template!r}")
+    saved = encoder.prompt_templates
+    encoder.prompt_templates = [template]
+    try:
+        yield [template]
+    finally:
+        encoder.prompt_templates = saved
+
+
+# ----------------------------------------------------------------------------- segmentation datasets
+def evaluate(
+    model: LSeg,
+    dataset: Dataset,
+    protocol: str | InferenceProtocol = "single",
+    labels: Sequence[str] | LabelSpace | None = None,
+    *,
+    label_space: str = "dataset",
+    labels_file: str | Path | None = None,
+    synonyms: Mapping[str, str] | str | Path | None = None,
+    taxonomy_column: str | None = None,
+    size: int | None = None,
+    crop_size: int | None = None,
+    stride: int | None = None,
+    prompt_template: str | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    max_images: int | None = None,
+    rank_by: str = "miou",
+    num_examples: int = 4,
+    progress: Progress | None = None,
+) -> EvaluationReport:
+    """Score `model` on `dataset` (e.g. `load_dataset("camvid", root)`) at the masks' resolution.
+
+    The words asked are the dataset's class names unless `labels` (one per class, or a ready
+    `LabelSpace`), `labels_file` or `synonyms` (a ``{class: word}`` mapping or file) say otherwise;
+    ``label_space="universal"`` asks the 194 MSeg universal classes instead and maps the predictions to
+    the dataset's classes through MSeg_master.tsv (column of the dataset's registry name, or
+    `taxonomy_column`). `protocol`, `size`, `crop_size` and `stride` go to
+    `lseg.inference.resolve_protocol`; `prompt_template` replaces the model's templates for this run.
+    `device` defaults to the model's. Under torch.distributed each rank scores a shard; `progress(done,
+    total)` counts images over all ranks.
+    """
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    class_names = getattr(base, "class_names", None)
+    if class_names is None:
+        raise LSegError("the dataset has no class_names")
+    if isinstance(labels, LabelSpace):
+        if (label_space, labels_file, synonyms, taxonomy_column) != ("dataset", None, None, None):
+            raise LSegError("a LabelSpace already says which words to ask; drop the other label options")
+        space = labels
+    else:
+        space = build_label_space(
+            class_names,
+            dataset=getattr(base, "name", None),
+            label_space=label_space,
+            labels=labels,
+            labels_file=labels_file,
+            synonyms=synonyms,
+            taxonomy_column=taxonomy_column,
+        )
+    if isinstance(protocol, str):
+        spec, resize = resolve_protocol(protocol, size, crop_size, stride)
+    else:
+        spec, resize = protocol, size
+    device = _model_device(model) if device is None else resolve_device(device)
+    total = min(len(dataset), max_images or len(dataset))
+    world = _world_size()
+
+    def report_progress(done: int, _shard_total: int) -> None:
+        if progress is not None:
+            progress(min(done * world, total), total)
+
+    with _prompt_template(model, prompt_template) as templates:
+        report = evaluate_dataset(
+            model,
+            dataset,
+            space,
+            spec,
+            device,
+            batch_size,
+            class_names=class_names,
+            size=resize,
+            num_workers=num_workers,
+            max_images=max_images,
+            rank_by=rank_by,
+            num_examples=num_examples,
+            progress=report_progress,
+        )
+    report.extra["prompt_templates"] = templates
+    return report
+
+
+# ----------------------------------------------------------------------------- zero-shot benchmarks
+def evaluate_zeroshot(
+    model: LSeg,
+    benchmark: str,
+    root: str | Path,
+    fold: int = 0,
+    *,
+    synonyms: Mapping[str, str] | str | Path | None = None,
+    background: str = "others",
+    size: int = 480,
+    prompt_template: str | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    max_episodes: int | None = None,
+    progress: Progress | None = None,
+) -> ZeroShotReport:
+    """Zero-shot mIoU and FB-IoU of `model` on one fold of pascal-5i, coco-20i or fss-1000.
+
+    Each episode asks ``[background, class word]`` once at `size` x `size` (the paper's single
+    protocol); `synonyms` (``{class: word}`` or a synonyms file) replace class names as words. One
+    process only (not under torchrun). See `lseg.evaluate.zeroshot` for the episode rules.
+    """
+    if dist.is_available() and dist.is_initialized():
+        raise LSegError("zero-shot benchmarks run in one process; run without torchrun")
+    words = load_synonyms(synonyms, benchmark_classes(benchmark)) if synonyms is not None else {}
+    device = _model_device(model) if device is None else resolve_device(device)
+    model = model.to(device).eval()
+    spec = get_protocol("single")
+    amp = device.type == "cuda"
+
+    def predict(images: torch.Tensor, labels: list[str]) -> torch.Tensor:
+        text = model.encode_text([labels[0], words.get(labels[1], labels[1])])
+        return run_protocol(lambda x: model(x, text), images, spec, amp=amp)
+
+    with _prompt_template(model, prompt_template) as templates:
+        try:
+            model.encode_text([background])
+        except LSegError:
+            raise
+        except Exception as error:
+            raise LSegError(f"the model's text encoder cannot embed labels: {error}") from error
+        report = score_episodes(
+            predict,
+            benchmark,
+            root,
+            fold,
+            mean=model.config.mean,
+            std=model.config.std,
+            image_size=size,
+            background=background,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            max_episodes=max_episodes,
+            device=device,
+            progress=progress,
+        )
+    labels = {name: words.get(name, name) for name in report.per_class_iou}
+    return replace(report, labels=labels, prompt_templates=templates)

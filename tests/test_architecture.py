@@ -1,0 +1,190 @@
+"""The package's layering, checked on the source (no imports run): the `lseg.*` import graph, module-level
+and function-level imports alike (imports under ``if TYPE_CHECKING:`` are left out, they never run).
+
+* no import cycle among `lseg` modules (a function-level import only hides one);
+* the library (anything outside `lseg.cli`, `lseg.app` included) never imports `lseg.cli`;
+* no module imports a ``_private`` name of another `lseg` module: what is shared is public.
+
+A package's ``__init__`` counts as importing the submodules it re-exports, and ``from lseg.pkg import
+name`` as importing ``lseg.pkg.name`` when that is a submodule, else ``lseg.pkg``.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import lseg
+
+SOURCE = Path(lseg.__file__).resolve().parent
+
+# Known cycles, each an edge (importer, imported) that closes it. Remove an entry with the cycle; the test
+# fails while an entry is no longer needed, so the list cannot outlive the cycles it excuses.
+KNOWN_CYCLES_TO_REMOVE: set[tuple[str, str]] = {
+    # checkpoint.py loads original checkpoints through original.py, which builds configs and reads
+    # safetensors through checkpoint.py (both hidden in functions); the hub/checkpoint rework removes it.
+    ("lseg.model.original", "lseg.model.checkpoint"),
+}
+
+
+@dataclass(frozen=True)
+class Import:
+    importer: str
+    imported: str  # an lseg module
+    names: tuple[str, ...]  # names taken from it (`from m import a, b`); () for `import m`
+    line: int
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SOURCE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES: dict[str, Path] = {module_name(p): p for p in sorted(SOURCE.rglob("*.py"))}
+
+
+def is_package(module: str) -> bool:
+    return MODULES[module].name == "__init__.py"
+
+
+def resolve(importer: str, node: ast.ImportFrom) -> str:
+    """Absolute module of `from ... import`, relative forms included."""
+    if not node.level:
+        return node.module or ""
+    base = importer.split(".")
+    if not is_package(importer):
+        base = base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def type_checking_only(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def walk_runtime(tree: ast.AST):
+    """Every node except the bodies of ``if TYPE_CHECKING:`` blocks."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, ast.If) and type_checking_only(node):
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def imports_of(module: str) -> list[Import]:
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"), str(MODULES[module]))
+    found = []
+    for node in walk_runtime(tree):
+        if isinstance(node, ast.Import):
+            found += [
+                Import(module, alias.name, (), node.lineno) for alias in node.names if alias.name in MODULES
+            ]
+        elif isinstance(node, ast.ImportFrom):
+            target = resolve(module, node)
+            if target not in MODULES:
+                continue
+            plain = []
+            for alias in node.names:
+                submodule = f"{target}.{alias.name}"
+                if submodule in MODULES:
+                    found.append(Import(module, submodule, (), node.lineno))
+                else:
+                    plain.append(alias.name)
+            if plain:
+                found.append(Import(module, target, tuple(plain), node.lineno))
+    return found
+
+
+IMPORTS = [i for module in MODULES for i in imports_of(module)]
+
+
+def graph(skip: set[tuple[str, str]] = frozenset()) -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {module: set() for module in MODULES}
+    for i in IMPORTS:
+        if i.importer != i.imported and (i.importer, i.imported) not in skip:
+            edges[i.importer].add(i.imported)
+    return edges
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a path ``[a, b, ..., a]``, or None (iterative depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in sorted(edges):
+        if start in state:
+            continue
+        path = [start]
+        stack = [iter(sorted(edges[start]))]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(edges[nxt])))
+    return None
+
+
+def test_the_walk_sees_function_level_imports_and_skips_type_checking_ones():
+    demo = {i.imported for i in IMPORTS if i.importer == "lseg.app.demo"}
+    assert "lseg.images" in demo  # imported inside predict()
+    assert "lseg.model.lseg" not in demo  # under `if TYPE_CHECKING:`
+    assert "lseg.model.lseg" in {i.imported for i in IMPORTS if i.importer == "lseg.model"}  # re-export
+
+
+def test_find_cycle_reports_the_path():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(graph(skip=KNOWN_CYCLES_TO_REMOVE))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_known_cycles_are_still_cycles():
+    full = graph()
+    for importer, imported in sorted(KNOWN_CYCLES_TO_REMOVE):
+        assert imported in full[importer], f"{importer} no longer imports {imported}: drop the allowance"
+        rest = graph(skip=KNOWN_CYCLES_TO_REMOVE - {(importer, imported)})
+        assert find_cycle(rest) is not None, (
+            f"{importer} -> {imported} closes no cycle any more: drop it from KNOWN_CYCLES_TO_REMOVE"
+        )
+
+
+def test_the_library_never_imports_the_cli():
+    bad = [
+        f"{i.importer}:{i.line} imports {i.imported}"
+        for i in IMPORTS
+        if i.imported.startswith("lseg.cli") and not i.importer.startswith("lseg.cli")
+    ]
+    assert not bad, "the library imports the CLI:\n" + "\n".join(bad)
+
+
+def test_no_module_imports_private_names_of_another():
+    bad = [
+        f"{i.importer}:{i.line} imports {i.imported}.{name}"
+        for i in IMPORTS
+        for name in i.names
+        if name.startswith("_") and not name.startswith("__") and i.imported != i.importer
+    ]
+    private_modules = [
+        f"{i.importer}:{i.line} imports {i.imported}"
+        for i in IMPORTS
+        if any(part.startswith("_") and not part.startswith("__") for part in i.imported.split("."))
+    ]
+    bad += private_modules
+    assert not bad, (
+        "private names imported from other modules (make them public or move them):\n" + "\n".join(bad)
+    )
