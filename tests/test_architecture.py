@@ -19,14 +19,6 @@ import lseg
 
 SOURCE = Path(lseg.__file__).resolve().parent
 
-# Known cycles, each an edge (importer, imported) that closes it. Remove an entry with the cycle; the test
-# fails while an entry is no longer needed, so the list cannot outlive the cycles it excuses.
-KNOWN_CYCLES_TO_REMOVE: set[tuple[str, str]] = {
-    # checkpoint.py loads original checkpoints through original.py, which builds configs and reads
-    # safetensors through checkpoint.py (both hidden in functions); the hub/checkpoint rework removes it.
-    ("lseg.model.original", "lseg.model.checkpoint"),
-}
-
 
 @dataclass(frozen=True)
 class Import:
@@ -105,10 +97,10 @@ def imports_of(module: str) -> list[Import]:
 IMPORTS = [i for module in MODULES for i in imports_of(module)]
 
 
-def graph(skip: set[tuple[str, str]] = frozenset()) -> dict[str, set[str]]:
+def graph() -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {module: set() for module in MODULES}
     for i in IMPORTS:
-        if i.importer != i.imported and (i.importer, i.imported) not in skip:
+        if i.importer != i.imported:
             edges[i.importer].add(i.imported)
     return edges
 
@@ -149,18 +141,8 @@ def test_find_cycle_reports_the_path():
 
 
 def test_no_import_cycles():
-    cycle = find_cycle(graph(skip=KNOWN_CYCLES_TO_REMOVE))
+    cycle = find_cycle(graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
-
-
-def test_known_cycles_are_still_cycles():
-    full = graph()
-    for importer, imported in sorted(KNOWN_CYCLES_TO_REMOVE):
-        assert imported in full[importer], f"{importer} no longer imports {imported}: drop the allowance"
-        rest = graph(skip=KNOWN_CYCLES_TO_REMOVE - {(importer, imported)})
-        assert find_cycle(rest) is not None, (
-            f"{importer} -> {imported} closes no cycle any more: drop it from KNOWN_CYCLES_TO_REMOVE"
-        )
 
 
 def test_the_library_never_imports_the_cli():

@@ -10,7 +10,7 @@ def test_converted_folder_gives_the_same_logits_as_the_original_ckpt(tmp_path, c
     out = tmp_path / "converted"
     assert main(["convert", str(ckpt), str(out)]) == 0
     assert "verified" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
     direct, converted = LSeg.from_pretrained(ckpt).eval(), LSeg.from_pretrained(out).eval()
     images, labels = torch.randn(1, 3, 48, 80), ["cat", "grass", "other"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from huggingface_hub import ModelCard
 from PIL import Image
 
 from lseg import LSeg
@@ -52,6 +54,32 @@ def test_evaluate_writes_every_report(tmp_path, camvid_root, model_dir, capsys):
     assert np.array(metrics["confusion_matrix"]).sum() == annotated_pixels(camvid_root)
     printed = capsys.readouterr().out
     assert "mIoU" in printed and "Pedestrian" in printed
+
+
+def test_evaluating_a_model_folder_records_the_scores_in_its_card_only(tmp_path, camvid_root, model_dir):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    (folder / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "README.md"}
+    assert evaluate(folder, camvid_root, tmp_path / "report") == 0
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "README.md"} == before
+    metrics = read_metrics(tmp_path / "report")
+    card = ModelCard.load(folder / "README.md").data
+    evaluation = card.lseg["results"]["evaluate"]
+    assert evaluation["dataset"] == "camvid" and evaluation["split"] == "val"
+    assert evaluation["metrics"]["miou"] == pytest.approx(metrics["metrics"]["miou"])
+    assert evaluation["date"] == metrics["created"]
+    assert ("camvid", "miou") in {(r.dataset_type, r.metric_type) for r in card.eval_results}
+
+
+def test_evaluate_leaves_a_users_readme_alone(tmp_path, camvid_root, model_dir):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    (folder / "README.md").write_text("# my model\n")
+    with pytest.warns(UserWarning, match="left as it is"):
+        assert evaluate(folder, camvid_root, tmp_path / "report") == 0
+    assert (folder / "README.md").read_text() == "# my model\n"
+    assert (tmp_path / "report" / "metrics.json").is_file()
 
 
 def test_perfect_predictions_score_one_and_small_size_scores_at_label_resolution(
@@ -232,3 +260,6 @@ def test_zero_shot_benchmark_routes_to_episodes(tmp_path, model_dir):
     assert set(metrics["metrics"]) == {"miou", "fb_iou", "per_class_iou"}
     assert metrics["labels"]["aeroplane"] == "airplane" and metrics["timing"]["images"] == 2
     assert (out / "per_class_iou.png").is_file()
+    card = ModelCard.load(model_dir / "README.md").data.lseg["results"]["evaluate"]  # zero-shot scores too
+    assert card["dataset"] == "pascal-5i" and card["fold"] == 0
+    assert card["metrics"]["fb_iou"] == pytest.approx(metrics["metrics"]["fb_iou"])

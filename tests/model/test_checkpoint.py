@@ -12,7 +12,7 @@ from lseg import LSeg, LSegError
 
 def test_save_and_load_round_trip(tmp_path, tiny_model):
     folder = tiny_model.save_pretrained(tmp_path / "model")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "LSeg" and config["mean"] == [0.5, 0.5, 0.5]
     loaded = LSeg.from_pretrained(folder).eval()
@@ -37,7 +37,7 @@ def test_failed_save_leaves_the_previous_model_and_no_new_folder(tmp_path, tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no half-made folder
     monkeypatch.undo()
     tiny_model.save_pretrained(folder)  # overwriting an existing model works
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_save_writes_only_its_own_files_and_keeps_the_folder_mode(tmp_path, tiny_model):
@@ -60,7 +60,7 @@ def test_new_folder_and_files_follow_the_umask(tmp_path, tiny_model):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o750
-    for name in ("config.json", "model.safetensors"):
+    for name in ("README.md", "config.json", "model.safetensors"):
         assert stat.S_IMODE((folder / name).stat().st_mode) == 0o640
 
 
@@ -68,7 +68,8 @@ def test_save_into_the_current_folder(tmp_path, tiny_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "keep.txt").write_text("x")
     assert tiny_model.save_pretrained(".") == Path(".")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "keep.txt", "model.safetensors"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["README.md", "config.json", "keep.txt", "model.safetensors"]
     assert LSeg.from_pretrained(".").config == tiny_model.config
 
 
@@ -141,12 +142,12 @@ def test_foreign_files_never_repeat_torchs_unsafe_advice(tmp_path, content):
     assert "weights_only" not in str(error.value) and "\n" not in str(error.value)
 
 
-def test_cuda_map_location_without_cuda_is_a_clear_error(tmp_path, tiny_model):
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, tiny_model):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     folder = tiny_model.save_pretrained(tmp_path / "model")
     with pytest.raises(LSegError, match="CUDA is not available"):
-        LSeg.from_pretrained(folder, map_location="cuda")
+        LSeg.from_pretrained(folder, device="cuda")
 
 
 def _saved_config(tmp_path, tiny_model) -> tuple[Path, dict]:
@@ -237,13 +238,13 @@ def test_named_safetensors_file_is_the_one_loaded(tmp_path, tiny_model):
     assert not torch.equal(loaded.state_dict()[key], tiny_model.state_dict()[key])
 
 
-def test_map_location_is_where_the_model_lives(tmp_path, tiny_model):
+def test_device_is_where_the_model_lives(tmp_path, tiny_model):
     from .test_original import save_lightning, tiny_original
 
     folder = tiny_model.save_pretrained(tmp_path / "model")
     original = save_lightning(tiny_original(), tmp_path / "orig.ckpt")
     for source in (folder, folder / "model.safetensors", original):
-        model = LSeg.from_pretrained(source, map_location="meta")
+        model = LSeg.from_pretrained(source, device="meta")
         assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}, source
         assert model.device.type == "meta"
 

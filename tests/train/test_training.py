@@ -11,6 +11,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from lseg import LSeg, LSegError
 from lseg.train.callbacks import ExportPretrained
@@ -196,14 +197,48 @@ def test_export_and_checkpoint_load_as_models(tmp_path):
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=tmp_path / "ckpt", monitor="val/miou", mode="max"
     )
+    datamodule = data()
     trainer(tmp_path, limit_train_batches=2, callbacks=[checkpoint, ExportPretrained()]).fit(
-        module, datamodule=data()
+        module, datamodule=datamodule
     )
     assert checkpoint.best_model_path
     exported = LSeg.from_pretrained(tmp_path / "model")
     from_ckpt = LSeg.from_pretrained(checkpoint.best_model_path)
     images = torch.randn(1, 3, 32, 32)
     assert torch.equal(exported.eval()(images, ["a", "b"]), from_ckpt.eval()(images, ["a", "b"]))
+    card = ModelCard.load(tmp_path / "model" / "README.md").data
+    training = card.lseg["results"]["train"]
+    assert training["training"]["label_sets"] == {"synthetic": list(datamodule.label_sets["synthetic"])}
+    assert training["training"]["checkpoint"] == "best" and training["dataset"] == "synthetic"
+    assert training["metrics"]["miou"] == pytest.approx(float(checkpoint.best_model_score))
+    assert set(training["metrics"]) == {"miou", "pixel_accuracy", "mean_class_accuracy"}
+    assert {r.metric_type for r in card.eval_results} == set(training["metrics"])
+
+
+def test_export_reports_the_scores_of_the_exported_weights():
+    """Best checkpoint: the validation run that reached its score; none: the last run; resumed: the score."""
+    from types import SimpleNamespace
+
+    export = ExportPretrained()
+    export.validations = [
+        {"epoch": 0, "step": 4, "metrics": {"miou": 0.5, "pixel_accuracy": 0.8}},
+        {"epoch": 1, "step": 8, "metrics": {"miou": 0.25, "pixel_accuracy": 0.9}},
+    ]
+    datamodule = data()
+    datamodule.setup("fit")
+    trainer = SimpleNamespace(datamodule=datamodule)
+    best = SimpleNamespace(monitor="val/miou", best_model_score=torch.tensor(0.5))
+    report = export._report(trainer, best)
+    assert report["metrics"] == {"miou": 0.5, "pixel_accuracy": 0.8}
+    label_sets = {"synthetic": datamodule.label_sets["synthetic"]}  # training sets only, not validation's
+    assert report["training"] == {"checkpoint": "best", "epoch": 0, "step": 4, "label_sets": label_sets}
+    assert report["dataset"] == {"name": "synthetic", "split": "train"} and report["command"] == "train"
+    final = export._report(trainer, None)
+    assert final["metrics"]["miou"] == 0.25 and final["training"]["checkpoint"] == "final"
+    resumed = export._report(
+        trainer, SimpleNamespace(monitor="val/miou", best_model_score=torch.tensor(0.75))
+    )
+    assert resumed["metrics"] == {"miou": 0.75} and "epoch" not in resumed["training"]
 
 
 def test_label_count_must_match_classes():
@@ -237,6 +272,7 @@ def test_lseg_train_cli_runs_the_smoke_config(tmp_path):
     result = run_smoke_training(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert ModelCard.load(tmp_path / "model" / "README.md").data.lseg["results"]["train"]["metrics"]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 

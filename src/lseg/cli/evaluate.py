@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from lseg.errors import LSegError
+from lseg.model.card import update_card_metrics
+from lseg.model.checkpoint import is_model_folder
 
 SEGMENTATION_DATASETS = ("camvid", "ade20k", "mseg-ade20k", "mseg-coco-panoptic", "folder")
 ZEROSHOT_DATASETS = ("pascal-5i", "coco-20i", "fss-1000")
@@ -202,6 +204,8 @@ def _run_dataset(args: argparse.Namespace, device: Any) -> int:
         ),
     }
     paths = R.write_staged(args.out, R.segmentation_writers(report, payload))
+    if args.checkpoint and is_model_folder(args.checkpoint):  # its model card records these results
+        paths += filter(None, [update_card_metrics(args.checkpoint, payload)])
     m = report.metrics
     R.print_summary(
         f"lseg evaluate {args.dataset}/{split or '-'}: {report.images} image(s), "
@@ -272,6 +276,8 @@ def _run_zeroshot(args: argparse.Namespace, device: Any) -> int:
         (R.METRICS_FILE, lambda p: R.write_text(R.to_json(payload), p)),
     ]
     paths = R.write_staged(args.out, writers)
+    if args.checkpoint and is_model_folder(args.checkpoint):  # its model card records these results
+        paths += filter(None, [update_card_metrics(args.checkpoint, payload)])
     R.print_summary(
         f"lseg evaluate {args.dataset} fold {args.fold}: {report.episodes} episode(s), "
         f"{report.images_per_second if report.seconds > 0 else 0:.2f} images/s",

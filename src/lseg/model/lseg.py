@@ -3,7 +3,7 @@ scaled cosine similarities, so one model segments with whatever labels it is giv
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -12,15 +12,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import CommitInfo
 from torch import nn
 
+from lseg.device import resolve_device
 from lseg.errors import LSegError
 from lseg.images import ImageInput, load_image, resize_long_side
+from lseg.model.card import save_card
+from lseg.model.checkpoint import read_checkpoint, save_model
 from lseg.model.config import LSegConfig, load_preset
 from lseg.model.dpt import DPTDecoder
 from lseg.model.head import LSegHead
+from lseg.model.hub import push_folder
 from lseg.model.image_encoder import build_image_encoder, pad_to_multiple
 from lseg.model.text_encoder import build_text_encoder, validate_labels
+from lseg.model.weights import load_state, resolve_dtype
 
 
 @dataclass
@@ -79,21 +85,75 @@ class LSeg(nn.Module):
         return cls(config, load_pretrained=pretrained)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | Path, map_location: str | torch.device = "cpu") -> LSeg:
+    def from_pretrained(
+        cls,
+        id_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> LSeg:
         """Load a `save_pretrained` folder (or its `.safetensors` file), a Hugging Face Hub repo id
-        (`owner/name`), or a Lightning / original LSeg `.ckpt`; the model is returned on `map_location`."""
-        from lseg.model.checkpoint import load_model
+        (`owner/name`), or a Lightning / original LSeg `.ckpt`.
 
-        return load_model(cls, path_or_repo_id, map_location)
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `model.safetensors` + `config.json` into `directory`, each atomically.
-
-        Other files in the folder are left alone; an existing file at `directory` is refused (LSegError).
+        Hub repos are read through the Hugging Face cache: `revision` (branch, tag or commit),
+        `cache_dir`, `local_files_only` and `token` are passed to it. The model is returned on `device`
+        (auto, cpu, cuda, cuda:N), its floating weights cast to `dtype` (e.g. torch.bfloat16) if given.
         """
-        from lseg.model.checkpoint import save_model
+        target, cast = resolve_device(device), resolve_dtype(dtype)  # fail before reading any weights
+        config, state, source = read_checkpoint(
+            id_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+        )
+        model = load_state(cls(config, load_pretrained=False), state, source)
+        return model.to(target, cast)
 
-        return save_model(self, directory)
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        card_data: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write `model.safetensors`, `config.json` and a model card `README.md` into `directory`, each
+        atomically.
+
+        The card records `metrics` (a report as `lseg evaluate` writes in metrics.json) and Hub
+        metadata from `card_data` (e.g. license, datasets). Other files in the folder are left alone,
+        and so is a README.md that lseg did not write or that was edited since (a warning says so).
+        An existing file at `directory` is refused (LSegError).
+        """
+        folder = save_model(directory, self.config, self.state_dict())
+        save_card(folder, self.config, metrics, card_data)
+        return folder
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload LSeg model",
+        revision: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        card_data: Mapping[str, Any] | None = None,
+    ) -> CommitInfo:
+        """Upload the `save_pretrained` files as one commit to Hub repo `repo_id` (created if missing).
+
+        `revision` is the branch (created from main if missing); `metrics` and `card_data` go into the
+        model card as with `save_pretrained`. Returns huggingface_hub's CommitInfo (`.commit_url`).
+        """
+        card = {"model_name": repo_id, **(card_data or {})}
+        return push_folder(
+            lambda folder: self.save_pretrained(folder, metrics=metrics, card_data=card),
+            repo_id,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            revision=revision,
+        )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.image_encoder.set_grad_checkpointing(enable)

@@ -192,12 +192,3 @@ def convert_state_dict(
         shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise LSegError(f"{source}: {len(unknown)} keys unknown to the original LSeg schema ({shown})")
     return config, converted
-
-
-def load_original(cls, state: dict[str, torch.Tensor], source: str, hparams: dict[str, Any] | None = None):
-    """Build our model from an original LSeg checkpoint's state dict (strict, names what differs)."""
-    from lseg.model.checkpoint import load_state
-
-    config, converted = convert_state_dict(state, hparams, source)
-    model = cls(config, load_pretrained=False)
-    return load_state(model, converted, source)

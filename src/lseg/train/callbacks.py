@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import signal
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -65,26 +67,57 @@ class SignalCheckpoint(L.Callback):
 
 
 class ExportPretrained(L.Callback):
-    """After fitting, write the best (by the checkpoint monitor) or last weights with `save_pretrained`."""
+    """After fitting, write the best (by the checkpoint monitor) or last weights with `save_pretrained`.
+
+    The model card records the training label sets and the validation scores of the exported weights.
+    """
 
     def __init__(self, dirname: str = "model") -> None:
         self.dirname = dirname
+        self.validations: list[dict[str, Any]] = []  # this process's validation runs: epoch, step, scores
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        scores = {
+            key.removeprefix("val/"): float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith("val/") and key != "val/loss"
+        }
+        self.validations.append(
+            {"epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": scores}
+        )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if any(isinstance(c, SignalCheckpoint) and c.received for c in trainer.callbacks):
             return  # interrupted: the run is not finished, resume it instead
-        best = next(
-            (
-                c.best_model_path
-                for c in trainer.checkpoint_callbacks
-                if isinstance(c, ModelCheckpoint) and c.best_model_path
-            ),
-            "",
+        checkpoint = next(
+            (c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.best_model_path),
+            None,
         )
-        if best:
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            pl_module.load_state_dict(state)
+        if checkpoint is not None:
+            saved = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+            pl_module.load_state_dict(saved["state_dict"])
         if trainer.is_global_zero:
             target = Path(trainer.default_root_dir) / self.dirname
-            pl_module.model.save_pretrained(target)
-            rank_zero_info(f"exported {'best' if best else 'final'} model to {target}")
+            pl_module.model.save_pretrained(target, metrics=self._report(trainer, checkpoint))
+            rank_zero_info(f"exported {'best' if checkpoint else 'final'} model to {target}")
+
+    def _report(self, trainer: L.Trainer, checkpoint: ModelCheckpoint | None) -> dict[str, Any]:
+        """The exported weights' validation scores and the label sets they were trained with."""
+        run = self.validations[-1] if self.validations else {"metrics": {}}
+        if checkpoint is not None and checkpoint.best_model_score is not None:
+            key, best = checkpoint.monitor.removeprefix("val/"), float(checkpoint.best_model_score)
+            matching = [v for v in self.validations if math.isclose(v["metrics"].get(key, math.nan), best)]
+            run = matching[0] if matching else {"metrics": {key: best}}  # resumed: earlier runs unseen
+        datamodule = trainer.datamodule
+        spec = getattr(datamodule, "val_spec", None)
+        label_sets = getattr(datamodule, "label_sets", {})
+        val_key = getattr(datamodule, "val_key", None)
+        training = {
+            "checkpoint": "best" if checkpoint else "final",
+            **{key: run[key] for key in ("epoch", "step") if key in run},
+            "label_sets": {key: labels for key, labels in label_sets.items() if key != val_key},
+        }
+        dataset = {"name": spec.name, "split": spec.split} if spec is not None else {}
+        return {"command": "train", "dataset": dataset, "metrics": run["metrics"], "training": training}

@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from lseg.errors import LSegError
-from lseg.model.checkpoint import read_lightning_checkpoint
+from lseg.model.weights import read_lightning_checkpoint
 from lseg.train.callbacks import ExportPretrained, SignalCheckpoint
 from lseg.train.datamodule import LSegDataModule
 from lseg.train.module import LSegModule

@@ -1,0 +1,267 @@
+"""Model cards: the README.md beside the weights, with Hugging Face Hub metadata.
+
+The metadata says what the Hub needs to list the model (library, task, license, tags), what the model
+is (preset, image and text encoders, default labels) and how well it did (training's validation and
+the last `lseg evaluate` run), the scores also as the `model-index` the Hub shows as evaluation results.
+
+A README.md is the user's file unless lseg wrote it and nobody changed it since: the card carries the
+sha256 of its own text (`lseg_card`), and lseg rewrites a card only while that still matches. Any other
+README.md is left as it is, with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import numbers
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from lseg.errors import LSegError
+from lseg.files import read_text, write_text_atomic
+from lseg.model.checkpoint import CONFIG_NAME, is_model_folder, read_config
+from lseg.model.config import LSegConfig, load_preset, preset_names
+
+CARD_NAME = "README.md"
+MARKER = "lseg_card"
+_UNSIGNED = "sha256:" + "0" * 64
+_SIGNATURE = re.compile(rf"^{MARKER}: sha256:([0-9a-f]{{64}})$", re.MULTILINE)
+TAGS = ("lseg", "semantic-segmentation", "open-vocabulary")
+METRIC_NAMES = {
+    "miou": "mIoU",
+    "fwiou": "fwIoU",
+    "fb_iou": "FB-IoU",
+    "pixel_accuracy": "pixel accuracy",
+    "mean_class_accuracy": "mean class accuracy",
+}
+SECTIONS = {"train": "Training", "evaluate": "Evaluation"}
+PAPER = "https://arxiv.org/abs/2201.03546"
+
+
+def save_card(
+    folder: Path,
+    config: LSegConfig,
+    metrics: Mapping[str, Any] | None = None,
+    card_data: Mapping[str, Any] | None = None,
+) -> Path | None:
+    """A fresh card for the model just saved in `folder` (results of earlier weights are dropped).
+
+    `metrics` is a report as `lseg evaluate` writes it (metrics.json) or as training exports it;
+    `card_data` adds or overrides Hub metadata (license, datasets, base_model, model_name, tags).
+    """
+    extra = dict(card_data or {})
+    metadata = {
+        "library_name": "lseg",
+        "pipeline_tag": "image-segmentation",
+        "license": "mit",
+        "model_name": folder.resolve().name,
+        **extra,
+        "tags": list(dict.fromkeys([*TAGS, config.image_encoder.name, *extra.get("tags", [])])),
+        "lseg": _description(config),
+    }
+    if metrics is not None:
+        _record(metadata, metrics)
+    return _write(folder / CARD_NAME, metadata)
+
+
+def update_card_metrics(folder: str | Path, report: Mapping[str, Any]) -> Path | None:
+    """Record `report` (metrics.json of `lseg evaluate`) in the card of model folder `folder`.
+
+    Rewrites only README.md: an unedited lseg card keeps everything but this command's results; a
+    folder without a card gets one; any other README.md is left alone (a warning says so). Returns
+    the card's path, or None when it was left alone.
+    """
+    folder = Path(folder)
+    if not is_model_folder(folder):
+        raise LSegError(f"{folder} is not an lseg model folder (config.json and model.safetensors)")
+    path = folder / CARD_NAME
+    if not path.exists():
+        return save_card(folder, read_config(folder / CONFIG_NAME), report)
+    if not _is_ours(path):
+        return _leave(path)
+    data = ModelCard.load(path).data
+    metadata = {**data.to_dict(), "model_name": data.model_name}
+    for key in ("model-index", MARKER):
+        metadata.pop(key, None)
+    _record(metadata, report)
+    return _write(path, metadata)
+
+
+def _description(config: LSegConfig) -> dict[str, Any]:
+    image, text = config.image_encoder, config.text_encoder
+    preset = _preset(config)
+    return {
+        **({"preset": preset} if preset else {}),
+        "image_encoder": {"type": image.type, "name": image.name},
+        "text_encoder": {"type": text.type, "model": text.model, "pretrained": text.pretrained},
+        "labels": list(config.labels),
+        "results": {},
+    }
+
+
+def _preset(config: LSegConfig) -> str | None:
+    """The preset `config` was built from (its labels aside), if any."""
+    for name in preset_names():
+        preset = load_preset(name)
+        if dataclasses.replace(config, labels=preset.labels) == preset:
+            return name
+    return None
+
+
+def _record(metadata: dict[str, Any], report: Mapping[str, Any]) -> None:
+    """Store the scalar scores of `report` as the latest results of its command (train or evaluate)."""
+    scores = report.get("metrics") if isinstance(report, Mapping) else None
+    if not isinstance(scores, Mapping):
+        raise LSegError("metrics must be a report with a 'metrics' mapping, as lseg evaluate's metrics.json")
+    dataset = report.get("dataset") or {}
+    config = report.get("config") or {}
+    record = {
+        "dataset": dataset.get("name"),
+        "split": dataset.get("split"),
+        "fold": dataset.get("fold"),
+        "protocol": config.get("protocol"),
+        "label_space": config.get("label_space"),
+        "date": report.get("created"),
+        "metrics": {
+            key: float(value)
+            for key, value in scores.items()
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        },
+        "training": report.get("training"),
+    }
+    command = report.get("command") if report.get("command") in SECTIONS else "evaluate"
+    metadata["lseg"]["results"][command] = {k: v for k, v in record.items() if v is not None}
+
+
+def _eval_results(results: dict[str, Any]) -> list[EvalResult]:
+    """The Hub's `model-index`: one entry per score of a result that names its dataset."""
+    return [
+        EvalResult(
+            task_type="image-segmentation",
+            dataset_type=record["dataset"],
+            dataset_name=record["dataset"],
+            dataset_split=record.get("split"),
+            dataset_config=f"fold{record['fold']}" if "fold" in record else None,
+            metric_type=key,
+            metric_name=METRIC_NAMES.get(key, key),
+            metric_value=value,
+        )
+        for command, record in results.items()
+        if record.get("dataset")
+        for key, value in record["metrics"].items()
+    ]
+
+
+def _body(metadata: dict[str, Any]) -> str:
+    info = metadata["lseg"]
+    image, text = info["image_encoder"], info["text_encoder"]
+    name = metadata.get("model_name") or "LSeg model"
+    source = name if "/" in name else "path/to/this/folder"
+    image_details = ", ".join([image["type"], *([f"preset {info['preset']}"] if "preset" in info else [])])
+    text_weights = f" ({text['pretrained']})" if text["pretrained"] else ""
+    lines = [
+        f"# {name}",
+        "",
+        f"A language-driven semantic segmentation model ([LSeg]({PAPER})) for the "
+        "[lseg](https://pypi.org/project/lseg/) library: it labels every pixel with one of the words it "
+        "is given.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| image encoder | {image['name']} ({image_details}) |",
+        f"| text encoder | {text['type']} {text['model']}{text_weights} |",
+        f"| default labels | {_cell(', '.join(info['labels']))} |",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from lseg import LSeg",
+        "",
+        f'model = LSeg.from_pretrained("{source}")',
+        'result = model.segment("photo.jpg", labels=["cat", "plant", "other"])',
+        "```",
+        "",
+        f'or `lseg segment photo.jpg --labels "cat, plant, other" --checkpoint {source} --out out/`.',
+    ]
+    for command, title in SECTIONS.items():
+        record = info["results"].get(command)
+        if record:
+            lines += ["", f"## {title}", "", _summary(command, record)]
+            if record["metrics"]:
+                lines += ["", "| metric | value |", "| --- | --- |"]
+                lines += [f"| {METRIC_NAMES.get(k, k)} | {v:.4f} |" for k, v in record["metrics"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _summary(command: str, record: dict[str, Any]) -> str:
+    where = "/".join(str(record[k]) for k in ("dataset", "split") if k in record) or "an unnamed dataset"
+    where += f" fold {record['fold']}" if "fold" in record else ""
+    if command == "train":
+        training = record.get("training") or {}
+        sets = "; ".join(
+            f"{key}: {_cell(', '.join(labels))}" for key, labels in training.get("label_sets", {}).items()
+        )
+        chosen = training.get("checkpoint", "exported")
+        epoch = f" (epoch {training['epoch']})" if "epoch" in training else ""
+        trained = f"Trained on {sets}." if sets else "Trained with lseg."
+        scored = f" Validation on {where} of the {chosen} checkpoint{epoch}:" if record["metrics"] else ""
+        return trained + scored
+    details = ", ".join(
+        f"{key.replace('_', ' ')} {record[key]}"
+        for key in ("protocol", "label_space", "date")
+        if key in record
+    )
+    return f"Last `lseg evaluate` run, on {where}" + (f" ({details})" if details else "") + ":"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _write(path: Path, metadata: dict[str, Any]) -> Path | None:
+    """Render, sign and write the card atomically, unless README.md is someone else's."""
+    if path.exists() and not _is_ours(path):
+        return _leave(path)
+    results = _eval_results(metadata["lseg"]["results"])
+    data = ModelCardData(**metadata, **{MARKER: _UNSIGNED}, eval_results=results or None)
+    text = str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(metadata)}"))
+    signed = text.replace(f"{MARKER}: {_UNSIGNED}", f"{MARKER}: sha256:{_digest(text)}", 1)
+    try:
+        return write_text_atomic(path, signed)
+    except OSError as error:  # e.g. a read-only model folder: the card is a by-product, not the result
+        warnings.warn(f"cannot write model card {path}: {error.strerror or error}", stacklevel=3)
+        return None
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _is_ours(path: Path) -> bool:
+    """An lseg card unchanged since lseg wrote it: its signature matches its text."""
+    if not path.is_file():
+        return False
+    try:
+        text = read_text(path, "model card")
+    except LSegError:
+        return False
+    found = _SIGNATURE.search(text)
+    if found is None:
+        return False
+    unsigned = text[: found.start()] + f"{MARKER}: {_UNSIGNED}" + text[found.end() :]
+    return _digest(unsigned) == found[1]
+
+
+def _leave(path: Path) -> None:
+    warnings.warn(
+        f"{path} was not written by lseg, or was edited since; left as it is (the model card was not "
+        "updated: move it away to let lseg write one)",
+        stacklevel=3,
+    )
+    return None

@@ -1,0 +1,80 @@
+"""Low-level weight handling shared by every checkpoint format: reading Lightning `.ckpt` files
+without running their code, strict state loading that names what differs, and dtype choice.
+
+Depends on nothing else in lseg.model, so both the original-checkpoint importer and the checkpoint
+dispatch (lseg.model.checkpoint) build on it without importing each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lseg.errors import LSegError
+
+
+def read_lightning_checkpoint(path: Path) -> dict[str, Any]:
+    """`torch.load(weights_only=True)`, allowing only argparse.Namespace beyond plain types."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": we report failures below
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's text advises `weights_only=False`, i.e. running the file's code: never pass that on.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        reason = (
+            f"refused, it holds a Python object ({found.group(1)}) that could run code when loaded"
+            if found
+            else "it is not a PyTorch checkpoint of tensors and plain data"
+        )
+        raise LSegError(
+            f"cannot read checkpoint {path}: {reason}; lseg reads only checkpoints written by lseg, "
+            "Lightning or the original LSeg release"
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:  # truncated, empty, corrupt zip
+        text = str(error).strip()
+        detail = text.splitlines()[0] if text else "the file is empty or truncated"
+        raise LSegError(f"cannot read checkpoint {path}: {detail}") from error
+
+
+def hyper_parameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Lightning stores hyper-parameters as a dict, or (Lightning 1.3) an argparse Namespace."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    return dict(vars(hparams)) if not isinstance(hparams, dict) else hparams
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Strict load; a mismatch names the missing/unexpected keys and shape conflicts."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if keys:
+                parts.append(f"{len(keys)} {title} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})")
+        raise LSegError(f"checkpoint {source} does not match the model architecture: {'; '.join(parts)}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    return model
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A floating torch dtype from `torch.bfloat16` or its name ("bfloat16", "float16"); None stays None."""
+    if dtype is None:
+        return None
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise LSegError(f"dtype must be a floating type such as float32, float16 or bfloat16, got {dtype!r}")
+    return resolved
