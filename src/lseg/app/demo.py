@@ -35,7 +35,6 @@ def predict(
     Raises LSegError with a one-line, user-facing message for any bad input.
     """
     from lseg.cli.common import parse_labels
-    from lseg.images import load_image
     from lseg.inference import PROTOCOLS
     from lseg.model.text_encoder import validate_labels
     from lseg.visualize import overlay
@@ -50,7 +49,7 @@ def predict(
     if protocol not in PROTOCOLS:
         raise LSegError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     size = checked_size(size)
-    array = load_image(image)
+    array = model.processor.load(image)
     result = model.segment(array, labels=labels, size=size, protocol=protocol)
     shares = sorted(result.shares().items(), key=lambda item: -item[1])
     return overlay(array, result.label_map, labels), shares

@@ -331,7 +331,7 @@ def _run_zeroshot(args: argparse.Namespace, device: Any) -> int:
     def predict(images: Any, labels: list[str]) -> Any:
         words = [labels[0], synonyms.get(labels[1], labels[1])]
         text = model.encode_text(words)
-        return run_protocol(lambda x: model(x, text), images, spec, amp=amp)
+        return run_protocol(lambda x: model(x, text).logits, images, spec, pad_value=model.pad_value, amp=amp)
 
     import time
 
@@ -344,8 +344,8 @@ def _run_zeroshot(args: argparse.Namespace, device: Any) -> int:
             benchmark,
             args.data_root,
             args.fold,
-            mean=model.config.mean,
-            std=model.config.std,
+            mean=model.processor.mean,
+            std=model.processor.std,
             image_size=args.size or 480,
             background=args.background,
             batch_size=args.batch_size,
