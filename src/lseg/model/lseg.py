@@ -142,8 +142,9 @@ class LSeg(nn.Module):
     def pixel_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised B x D x ceil(H/2) x ceil(W/2) embeddings of normalised B x 3 x H x W images.
 
-        The input is padded with black to the encoder's multiple and the stride-2 map cropped back to
-        the input's own extent, so nothing computed for the padding reaches logits or features.
+        The input is padded with black (for this model's mean/std) to the encoder's multiple and the
+        stride-2 map cropped back to the input's extent; logits are upsampled from this cropped map
+        too, so features and logits describe the same grid.
         """
         height, width = pixel_values.shape[-2:]
         multiple = self.image_encoder.pad_multiple
