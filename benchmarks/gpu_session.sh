@@ -14,10 +14,11 @@ import torch
 from lseg import LSeg
 model = LSeg.from_config("vit_b16", pretrained=False).cuda().eval()
 images = torch.randn(2, 3, 480, 640, device="cuda")
+text = model.encode_text(["a", "b", "c"])
 with torch.no_grad():
-    full = model(images, ["a", "b", "c"])
+    full = model(images, text).logits
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        half = model(images, ["a", "b", "c"]).float()
+        half = model(images, text).logits.float()
 agree = (full.argmax(1) == half.argmax(1)).float().mean().item()
 print(f"bf16 vs fp32 argmax agreement: {agree:.4f}")
 PY

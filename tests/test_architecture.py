@@ -130,7 +130,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_walk_sees_function_level_imports_and_skips_type_checking_ones():
     demo = {i.imported for i in IMPORTS if i.importer == "lseg.app.demo"}
-    assert "lseg.images" in demo  # imported inside predict()
+    assert "lseg.labels" in demo  # imported inside predict()
     assert "lseg.model.lseg" not in demo  # under `if TYPE_CHECKING:`
     assert "lseg.model.lseg" in {i.imported for i in IMPORTS if i.importer == "lseg.model"}  # re-export
 

@@ -10,7 +10,9 @@ from lseg.inference import (
     predict_sliding,
     predict_whole,
     run_protocol,
+    window_starts,
 )
+from lseg.processing import LSegImageProcessor, pad_image
 
 
 def pixelwise_model(channels: int = 4) -> torch.nn.Module:
@@ -49,7 +51,7 @@ def test_one_window_covering_the_image_equals_whole_pass():
 def test_overlapping_windows_average_to_the_whole_pass():
     model = pixelwise_model()
     images = torch.randn(2, 3, 70, 90)
-    sliding = predict_sliding(model, images, crop_size=32, stride=20, window_batch_size=3)
+    sliding = predict_sliding(model, images, crop_size=32, stride=20, pad_value=0.0, window_batch_size=3)
     torch.testing.assert_close(sliding, predict_whole(model, images), rtol=1e-5, atol=1e-5)
 
 
@@ -65,8 +67,8 @@ def test_flip_averaging_is_a_no_op_for_a_flip_equivariant_model():
     images = torch.randn(1, 3, 45, 61)
     plain = InferenceProtocol("t", base_size=64, crop_size=32, stride=20, scales=(0.75, 1.0))
     flipped = InferenceProtocol("t", base_size=64, crop_size=32, stride=20, scales=(0.75, 1.0), flip=True)
-    out_plain = run_protocol(model, images, plain) / plain.num_passes
-    out_flipped = run_protocol(model, images, flipped) / flipped.num_passes
+    out_plain = run_protocol(model, images, plain, pad_value=0.0) / plain.num_passes
+    out_flipped = run_protocol(model, images, flipped, pad_value=0.0) / flipped.num_passes
     torch.testing.assert_close(out_flipped, out_plain, rtol=1e-5, atol=1e-5)
 
 
@@ -103,7 +105,9 @@ def test_lseg_ms_visits_expected_scales_and_windows(height, width, expected, win
     assert sum(p.windows for p in plan) == windows
 
     forward = ConstantForward()
-    out = run_protocol(forward, torch.zeros(1, 3, height, width), protocol, window_batch_size=4)
+    out = run_protocol(
+        forward, torch.zeros(1, 3, height, width), protocol, pad_value=0.0, window_batch_size=4
+    )
     assert out.shape == (1, 2, height, width)
     assert forward.images_seen == 2 * windows  # every window also flipped
     assert all(s[-2:] == (480, 480) and s[0] <= 4 for s in forward.shapes)
@@ -116,21 +120,21 @@ def test_output_has_original_size_even_for_low_resolution_forward(name):
     forward = ConstantForward(channels=5, downsample=2)  # dense features at H/2
     images = torch.zeros(2, 3, 37, 53)
     protocol = get_protocol(name, base_size=96) if name != "single" else get_protocol(name)
-    out = run_protocol(forward, images, protocol)
+    out = run_protocol(forward, images, protocol, pad_value=0.0)
     assert out.shape == (2, 5, 37, 53)
     torch.testing.assert_close(out, torch.full_like(out, float(protocol.num_passes)))
-    assert run_protocol(forward, images, protocol, out_size=(10, 12)).shape == (2, 5, 10, 12)
+    assert run_protocol(forward, images, protocol, out_size=(10, 12), pad_value=0.0).shape == (2, 5, 10, 12)
 
 
 def test_single_protocol_resizes_long_side():
     forward = ConstantForward()
-    run_protocol(forward, torch.zeros(1, 3, 30, 60), get_protocol("single", base_size=40))
+    run_protocol(forward, torch.zeros(1, 3, 30, 60), get_protocol("single", base_size=40), pad_value=0.0)
     assert forward.shapes == [(1, 3, 20, 40)]
 
 
 def test_presets_match_the_papers():
     ms = get_protocol("lseg-ms")
-    assert (ms.base_size, ms.crop_size, ms.stride, ms.flip, ms.pad_value) == (520, 480, 320, True, -1.0)
+    assert (ms.base_size, ms.crop_size, ms.stride, ms.flip) == (520, 480, 320, True)
     assert ms.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     openscene = get_protocol("openscene")
     assert (openscene.base_size, openscene.crop_size, openscene.scales, openscene.flip) == (
@@ -169,3 +173,66 @@ def test_resolve_protocol_size_semantics():
     assert (slide.crop_size, slide.stride) == (240, 160)
     with pytest.raises(LSegError, match="no sliding window"):
         resolve_protocol("single", None, crop_size=240)
+
+
+# --------------------------------------------------------------------------- padding and windows
+IMAGENET = LSegImageProcessor((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class PaddedMeanFilter:
+    """Not pointwise, like LSeg: pads its input with black to a multiple of 16, applies a 3x3 mean
+    filter per channel (replicate border, so only the padding shows at the edges) and crops back."""
+
+    def __init__(self, black: torch.Tensor, multiple: int = 16) -> None:
+        self.black, self.multiple = black, multiple
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        size = (-(-height // self.multiple) * self.multiple, -(-width // self.multiple) * self.multiple)
+        padded = torch.nn.functional.pad(pad_image(x, size, self.black), (1, 1, 1, 1), mode="replicate")
+        kernel = torch.full((3, 1, 3, 3), 1 / 9)
+        return torch.nn.functional.conv2d(padded, kernel, groups=3)[..., :height, :width]
+
+
+def test_slide_with_a_crop_covering_the_image_equals_the_whole_pass_for_imagenet_statistics():
+    black = IMAGENET.pad_value()
+    model = PaddedMeanFilter(black)
+    images = torch.randn(2, 3, 20, 27)
+    whole = run_protocol(model, images, get_protocol("single"), pad_value=black)
+    sliding = predict_sliding(model, images, crop_size=32, stride=20, pad_value=black)
+    torch.testing.assert_close(sliding, whole)
+
+
+@pytest.mark.parametrize("name", ["slide", "lseg-ms", "openscene"])
+def test_padding_never_leaks_a_non_black_border(name):
+    """A black image padded by any protocol and filtered stays exactly the filtered black."""
+    black = IMAGENET.pad_value()
+    model = PaddedMeanFilter(black)
+    images = black.expand(1, 3, 45, 70).clone()
+    protocol = get_protocol(name, base_size=60, crop_size=48, stride=32)
+    out = run_protocol(model, images, protocol, pad_value=black) / protocol.num_passes
+    torch.testing.assert_close(out, images)
+
+
+@pytest.mark.parametrize(
+    ("length", "crop", "stride"),
+    [(100, 32, 20), (480, 480, 320), (481, 480, 320), (1000, 480, 320), (97, 32, 32)],
+)
+def test_windows_stay_inside_images_at_least_the_crop(length, crop, stride):
+    starts = window_starts(length, crop, stride)
+    assert len(starts) == max(length - crop + stride - 1, 0) // stride + 1  # mmseg's slide_inference
+    assert starts[0] == 0 and starts[-1] == length - crop  # the last window ends at the edge
+    assert all(0 <= s <= length - crop for s in starts) and starts == sorted(starts)
+    assert all(b - a <= stride for a, b in zip(starts, starts[1:]))  # every pixel covered
+
+
+def test_windows_of_an_image_at_least_the_crop_see_no_padding():
+    seen = []
+
+    def forward(x):
+        seen.append(x.min().item())
+        return x
+
+    images = torch.ones(1, 3, 70, 90)
+    predict_sliding(forward, images, crop_size=32, stride=24, pad_value=-100.0, window_batch_size=1)
+    assert len(seen) == 3 * 4 and min(seen) == 1.0

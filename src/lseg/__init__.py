@@ -1,8 +1,17 @@
 """lseg: language-driven semantic segmentation (Li et al., ICLR 2022)."""
 
 from lseg.errors import LSegError
-from lseg.model import LSeg, LSegConfig, SegmentationResult
+from lseg.model import LSeg, LSegConfig, LSegOutput, SegmentationResult
+from lseg.processing import LSegImageProcessor
 
 __version__ = "0.1.0"
 
-__all__ = ["LSeg", "LSegConfig", "LSegError", "SegmentationResult", "__version__"]
+__all__ = [
+    "LSeg",
+    "LSegConfig",
+    "LSegError",
+    "LSegImageProcessor",
+    "LSegOutput",
+    "SegmentationResult",
+    "__version__",
+]

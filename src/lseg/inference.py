@@ -5,7 +5,14 @@ features) and a batch of *normalised* images, so the same code serves logits and
 and any label set. Protocols only decide how the image is resized, padded, windowed and flipped:
 
 * the forward may return a lower resolution than its input (e.g. dense features at H/2); its output is
-  resized bilinearly (``align_corners=True``) to the window it came from before being accumulated;
+  resized bilinearly (``align_corners=True``) to the window it came from before being accumulated
+  (whole-image passes go straight to the requested output size, so a single pass at its native
+  resolution is returned untouched);
+* padding uses the `pad_value` the caller passes, one value per channel: the processor's black
+  (`LSegImageProcessor.pad_value`), so the model sees black borders whatever its mean/std;
+* sliding windows follow mmsegmentation's `slide_inference`: in an image at least as large as the
+  crop the last window is shifted back inside the image; only smaller images are padded (to the
+  crop). The original LSeg evaluation let the last window run past the edge and padded it instead;
 * overlapping windows are averaged with a count map; outputs of flips and scales are *summed* (raw
   logits, as in the original LSeg evaluation), so divide by `InferenceProtocol.num_passes` for a mean
   (argmax is unaffected);
@@ -37,11 +44,10 @@ class InferenceProtocol:
         base_size: long side in pixels at scale 1.0 (the other side keeps the aspect ratio);
             None keeps the input size.
         crop_size: sliding-window side; None runs each scaled image whole. Images smaller than the
-            crop are padded on the bottom/right with `pad_value` and the output is cropped back.
+            crop are padded on the bottom/right (the caller's pad value) and the output cropped back.
         stride: step between windows; required with `crop_size`.
         scales: multipliers of `base_size`; the long side at scale s is ``ceil(base_size * s)``.
         flip: also run the horizontally flipped input and add its (flipped back) output.
-        pad_value: fill value in *normalised* space; -1.0 is a black pixel for mean = std = 0.5.
     """
 
     name: str
@@ -50,7 +56,6 @@ class InferenceProtocol:
     stride: int | None = None
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
-    pad_value: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
@@ -75,8 +80,11 @@ class InferenceProtocol:
 PROTOCOLS: Mapping[str, InferenceProtocol] = MappingProxyType(
     {
         "single": InferenceProtocol("single"),
-        "slide": InferenceProtocol("slide", crop_size=480, stride=320, pad_value=-1.0),
-        # Original LSeg test-time augmentation (PyTorch-Encoding MultiEvalModule, stride = 2/3 crop).
+        "slide": InferenceProtocol("slide", crop_size=480, stride=320),
+        # Original LSeg test-time augmentation (PyTorch-Encoding MultiEvalModule, stride = 2/3 crop,
+        # summed logits). One deliberate change: the last window is shifted back inside the image
+        # instead of running past its edge into padding (see the module docstring). Padding is black in
+        # pixel space, as the original's `pad_image` (-mean/std: -1.0 for mean = std = 0.5).
         "lseg-ms": InferenceProtocol(
             "lseg-ms",
             base_size=520,
@@ -84,12 +92,9 @@ PROTOCOLS: Mapping[str, InferenceProtocol] = MappingProxyType(
             stride=320,
             scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
             flip=True,
-            pad_value=-1.0,
         ),
         # OpenScene's LSeg feature extraction: one 640 pass (plus flip) for 3D distillation.
-        "openscene": InferenceProtocol(
-            "openscene", base_size=640, crop_size=640, stride=426, flip=True, pad_value=-1.0
-        ),
+        "openscene": InferenceProtocol("openscene", base_size=640, crop_size=640, stride=426, flip=True),
     }
 )
 
@@ -152,9 +157,11 @@ def scaled_size(height: int, width: int, long_side: int) -> tuple[int, int]:
 
 
 def window_starts(length: int, crop_size: int, stride: int) -> list[int]:
-    """Window offsets covering `length` (padded up to the crop): ceil((L - crop) / stride) + 1 windows."""
-    count = math.ceil(max(length - crop_size, 0) / stride) + 1
-    return [i * stride for i in range(count)]
+    """Window offsets covering `length` (padded up to the crop): ceil((L - crop) / stride) + 1 windows,
+    every `stride` pixels, the last one shifted back to end at the edge (mmseg's `slide_inference`)."""
+    last = max(length - crop_size, 0)
+    count = math.ceil(last / stride) + 1
+    return [min(i * stride, last) for i in range(count)]
 
 
 def plan_protocol(protocol: InferenceProtocol, height: int, width: int) -> list[ScalePass]:
@@ -186,7 +193,8 @@ def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
-def _call(forward: Forward, batch: Tensor, amp: bool) -> Tensor:
+def _call(forward: Forward, batch: Tensor, amp: bool, size: Sequence[int]) -> Tensor:
+    """`forward(batch)` in float32, resized to `size`."""
     use_amp = amp and batch.device.type == "cuda"
     with torch.autocast(device_type=batch.device.type, dtype=torch.bfloat16, enabled=use_amp):
         out = forward(batch)
@@ -194,7 +202,7 @@ def _call(forward: Forward, batch: Tensor, amp: bool) -> Tensor:
         raise ValueError(
             f"forward must return [B, C, h, w] for a batch of {batch.shape[0]}, got {tuple(out.shape)}"
         )
-    return _resize(out.float(), batch.shape[-2:])
+    return _resize(out.float(), size)
 
 
 def _accumulate(
@@ -206,11 +214,16 @@ def _accumulate(
     flip: bool,
     window_batch_size: int,
     amp: bool,
+    out_size: tuple[int, int] | None = None,
 ) -> Tensor:
-    """Sum of outputs of all windows (and their flips) over an image already padded to cover them."""
+    """Sum of outputs of all windows (and their flips) over an image already padded to cover them.
+
+    With one window covering the image, `out_size` (default: the image's) is the output resolution.
+    """
     if window_batch_size < 1:
         raise ValueError(f"window_batch_size must be >= 1, got {window_batch_size}")
     wh, ww = window
+    size = out_size or (wh, ww)
     jobs = [
         (i, y, x, flipped)
         for i in range(images.shape[0])
@@ -223,26 +236,33 @@ def _accumulate(
         chunk = jobs[start : start + window_batch_size]
         crops = [images[i, :, y : y + wh, x : x + ww] for i, y, x, _ in chunk]
         batch = torch.stack([c.flip(-1) if f else c for c, (*_, f) in zip(crops, chunk, strict=True)])
-        out = _call(forward, batch, amp)
+        out = _call(forward, batch, amp, size)
         if total is None:
-            total = out.new_zeros(images.shape[0], out.shape[1], *images.shape[-2:])
+            full = out_size or tuple(images.shape[-2:])
+            total = out.new_zeros(images.shape[0], out.shape[1], *full)
         for o, (i, y, x, flipped) in zip(out, chunk, strict=True):
-            total[i, :, y : y + wh, x : x + ww] += o.flip(-1) if flipped else o
+            total[i, :, y : y + size[0], x : x + size[1]] += o.flip(-1) if flipped else o
     assert total is not None
     return total
 
 
 @torch.no_grad()
 def predict_whole(
-    forward: Forward, images: Tensor, *, flip: bool = False, window_batch_size: int = 8, amp: bool = True
+    forward: Forward,
+    images: Tensor,
+    *,
+    flip: bool = False,
+    out_size: tuple[int, int] | None = None,
+    window_batch_size: int = 8,
+    amp: bool = True,
 ) -> Tensor:
     """Run the whole images (and their flips, summed) in chunks of `window_batch_size`.
 
-    Returns [B, C, H, W] at the input resolution.
+    Returns [B, C, H, W] at the input resolution, or at `out_size` (each output resized once).
     """
     _check_images(images)
     h, w = images.shape[-2:]
-    return _accumulate(forward, images, [0], [0], (h, w), flip, window_batch_size, amp)
+    return _accumulate(forward, images, [0], [0], (h, w), flip, window_batch_size, amp, out_size)
 
 
 @torch.no_grad()
@@ -252,23 +272,26 @@ def predict_sliding(
     crop_size: int,
     stride: int,
     *,
+    pad_value: float | Tensor,
     flip: bool = False,
-    pad_value: float = 0.0,
     window_batch_size: int = 8,
     amp: bool = True,
 ) -> Tensor:
     """Sliding-window prediction with overlapping outputs averaged by a count map.
 
-    The image is padded bottom/right with `pad_value` up to the crop size; windows start every `stride`
-    pixels and the last one may run past the edge (padded too), as in the original LSeg evaluation.
-    Flipped windows are summed with the unflipped ones before averaging. Returns [B, C, H, W].
+    Windows start every `stride` pixels, the last one shifted back to end at the image's edge
+    (`window_starts`); a side shorter than the crop is padded bottom/right with `pad_value` (per
+    channel: the processor's black) and cropped back. Flipped windows are summed with the unflipped
+    ones before averaging. Returns [B, C, H, W].
     """
+    from lseg.processing import pad_image
+
     _check_images(images)
     h, w = images.shape[-2:]
-    ys = window_starts(max(h, crop_size), crop_size, stride)
-    xs = window_starts(max(w, crop_size), crop_size, stride)
-    full_h, full_w = ys[-1] + crop_size, xs[-1] + crop_size
-    padded = F.pad(images, (0, full_w - w, 0, full_h - h), value=pad_value)
+    full_h, full_w = max(h, crop_size), max(w, crop_size)
+    ys = window_starts(full_h, crop_size, stride)
+    xs = window_starts(full_w, crop_size, stride)
+    padded = pad_image(images, (full_h, full_w), pad_value)
     total = _accumulate(forward, padded, ys, xs, (crop_size, crop_size), flip, window_batch_size, amp)
     count = total.new_zeros(1, 1, full_h, full_w)
     for y in ys:
@@ -284,13 +307,16 @@ def run_protocol(
     protocol: InferenceProtocol,
     out_size: tuple[int, int] | None = None,
     *,
+    pad_value: float | Tensor,
     window_batch_size: int = 8,
     amp: bool = True,
 ) -> Tensor:
     """Run a protocol and return the sum over scales and flips at the input (or `out_size`) resolution.
 
-    Each scale's output is resized bilinearly (align_corners=True) to the target size before summing.
-    See `plan_protocol` for the sizes and windows visited.
+    `pad_value` fills what sliding windows need beyond a small image: pass the processor's black
+    (`model.pad_value` or `LSegImageProcessor.pad_value()`), one value per channel. Each scale's output
+    is resized bilinearly (align_corners=True) to the target size before summing. See `plan_protocol`
+    for the sizes and windows visited.
     """
     _check_images(images)
     h, w = images.shape[-2:]
@@ -300,7 +326,12 @@ def run_protocol(
         scaled = _resize(images, scale_pass.size)
         if protocol.crop_size is None:
             out = predict_whole(
-                forward, scaled, flip=protocol.flip, window_batch_size=window_batch_size, amp=amp
+                forward,
+                scaled,
+                flip=protocol.flip,
+                out_size=target,
+                window_batch_size=window_batch_size,
+                amp=amp,
             )
         else:
             out = predict_sliding(
@@ -309,7 +340,7 @@ def run_protocol(
                 protocol.crop_size,
                 protocol.stride,
                 flip=protocol.flip,
-                pad_value=protocol.pad_value,
+                pad_value=pad_value,
                 window_batch_size=window_batch_size,
                 amp=amp,
             )

@@ -5,10 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lseg import LSeg, LSegError
-from lseg.cli.features import extract_features, load_features
+from lseg import LSeg
 from lseg.cli.main import main
-from lseg.cli.query import colormap, similarity_map
+from lseg.features import load_features
 
 
 @pytest.fixture(scope="module")
@@ -28,35 +27,6 @@ def write_images(folder, sizes):
 
 def unit_norms(array):
     return np.linalg.norm(np.asarray(array, dtype=np.float32), axis=0)
-
-
-# --------------------------------------------------------------------------- extraction
-def test_single_protocol_matches_encode_image(tiny_model):
-    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    features, meta = extract_features(tiny_model, image, "single")
-    assert features.shape == (32, 25, 35)
-    assert meta["feature_size"] == [25, 35] and meta["feature_stride"] == [2.0, 2.0]
-    assert torch.allclose(features, tiny_model.encode_image(image), atol=1e-6)
-
-
-def test_openscene_grids_are_as_documented(tiny_model):
-    """openscene: long side 640 -> model grid 320 long side; image grid = original H/2 x W/2."""
-    image = np.random.default_rng(1).integers(0, 256, (100, 150, 3), dtype=np.uint8)
-    features, meta = extract_features(tiny_model, image, "openscene")
-    assert meta["model_size"] == [427, 640] and features.shape == (32, 214, 320)
-    assert meta["feature_stride"] == pytest.approx([100 / 214, 150 / 320])
-    assert np.allclose(unit_norms(features), 1, atol=1e-5)
-    features, meta = extract_features(tiny_model, image, "openscene", size=96)  # img_long_side 96
-    assert meta["model_size"] == [64, 96] and features.shape == (32, 32, 48)
-    assert meta["protocol_params"]["crop_size"] == 96 and meta["protocol_params"]["flip"]
-
-
-def test_image_grid_is_half_the_original_image(tiny_model):
-    image = np.random.default_rng(1).integers(0, 256, (100, 150, 3), dtype=np.uint8)
-    features, meta = extract_features(tiny_model, image, "single", size=48, feature_grid="image")
-    assert meta["model_size"] == [32, 48] and features.shape == (32, 50, 75)
-    assert meta["feature_stride"] == [2.0, 2.0]
-    assert np.allclose(unit_norms(features), 1, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- lseg features
@@ -100,25 +70,6 @@ def test_features_cli_pt_format_and_unreadable_image(tmp_path, model_dir, capsys
 
 
 # --------------------------------------------------------------------------- lseg query
-def test_similarity_is_one_where_features_equal_the_text_embedding():
-    text = torch.nn.functional.normalize(torch.randn(16), dim=0)
-    features = torch.nn.functional.normalize(torch.randn(16, 5, 7), dim=0)
-    features[:, 1, 2] = text
-    features[:, 4, 6] = 3 * text  # not unit length: still cosine 1
-    similarity = similarity_map(features.numpy(), text.numpy())
-    assert similarity.shape == (5, 7)
-    assert similarity[1, 2] == pytest.approx(1, abs=1e-6) and similarity[4, 6] == pytest.approx(1, abs=1e-6)
-    assert similarity.max() <= 1 + 1e-6
-    with pytest.raises(LSegError, match="channels"):
-        similarity_map(features.numpy(), np.ones(8))
-
-
-def test_colormap_range():
-    colours = colormap(np.array([[0.0, 0.5, 1.0]]))
-    assert colours.shape == (1, 3, 3) and colours.dtype == np.uint8
-    assert colours[0, 0].tolist() == [68, 1, 84] and colours[0, 2].tolist() == [253, 231, 37]
-
-
 def test_query_cli_heatmaps_and_values(tmp_path, model_dir, capsys):
     model = LSeg.from_pretrained(model_dir)
     text = model.encode_text(["chair"])[0]

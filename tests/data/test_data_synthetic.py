@@ -5,6 +5,7 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
 from lseg.data import SYNTHETIC_CLASS_NAMES, SyntheticStreetScenes, collate, train_transform
+from lseg.model.config import CLIP_MEAN_STD
 
 
 def test_sample_format():
@@ -51,7 +52,9 @@ def test_fast_enough():
 
 
 def test_works_with_transform_and_loader():
-    ds = SyntheticStreetScenes(4, transform=train_transform(crop_size=64, base_size=96))
+    ds = SyntheticStreetScenes(
+        4, transform=train_transform(crop_size=64, base_size=96, mean=CLIP_MEAN_STD[0], std=CLIP_MEAN_STD[1])
+    )
     batch = next(iter(DataLoader(ds, batch_size=4, collate_fn=collate)))
     assert batch["image"].shape == (4, 3, 64, 64) and batch["image"].dtype == torch.float32
     assert batch["mask"].shape == (4, 64, 64) and batch["dataset"] == ["synthetic"] * 4

@@ -3,8 +3,13 @@ import torch
 import torch.nn.functional as nnf
 from torchvision import tv_tensors
 
-from lseg.data import LSEG_MEAN, LSEG_STD, collate, eval_transform, train_transform
+from lseg.data import collate, eval_transform, train_transform
 from lseg.errors import LSegError
+
+# ImageNet statistics (as the rn101 / resnet26d / convnext_tiny presets): mean != std != 0.5 shows
+# a transform that ignores the model's normalisation.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORM = {"mean": MEAN, "std": STD}
 
 # One saturated colour per class, far apart, none equal to the mean grey that padding uses.
 COLOURS = torch.tensor(
@@ -23,7 +28,7 @@ def block_sample(height: int = 60, width: int = 80, block: int = 10, seed: int =
 
 
 def normalised_colours() -> torch.Tensor:
-    mean, std = torch.tensor(LSEG_MEAN), torch.tensor(LSEG_STD)
+    mean, std = torch.tensor(MEAN), torch.tensor(STD)
     return (COLOURS.float() / 255 - mean) / std
 
 
@@ -42,7 +47,7 @@ def interior(mask: torch.Tensor, radius: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("seed", range(12))
 def test_train_transform_keeps_image_and_mask_aligned(seed):
     torch.manual_seed(seed)
-    transform = train_transform(crop_size=48, base_size=80, scale_range=(0.5, 2.0))
+    transform = train_transform(crop_size=48, base_size=80, scale_range=(0.5, 2.0), **NORM)
     out = transform(block_sample(seed=seed))
     image, mask = out["image"], out["mask"]
     assert image.shape == (3, 48, 48) and image.dtype == torch.float32
@@ -57,7 +62,7 @@ def test_train_transform_keeps_image_and_mask_aligned(seed):
 
 def test_train_transform_pads_with_mean_and_ignore():
     torch.manual_seed(0)
-    transform = train_transform(crop_size=32, base_size=40, scale_range=(0.5, 0.5), hflip=False)
+    transform = train_transform(crop_size=32, base_size=40, scale_range=(0.5, 0.5), hflip=False, **NORM)
     sample = block_sample()
     sample["mask"][:] = 1  # no ignore in the source, so ignore marks padding only
     out = transform(sample)
@@ -70,31 +75,34 @@ def test_train_transform_pads_with_mean_and_ignore():
 
 def test_train_transform_colour_jitter_runs():
     torch.manual_seed(0)
-    out = train_transform(crop_size=32, base_size=64, color_jitter=True)(block_sample())
+    out = train_transform(crop_size=32, base_size=64, color_jitter=True, **NORM)(block_sample())
     assert out["image"].shape == (3, 32, 32) and out["mask"].dtype == torch.int64
 
 
 def test_train_transform_rejects_bad_scale_range():
     with pytest.raises(LSegError, match="scale_range"):
-        train_transform(scale_range=(2.0, 0.5))
+        train_transform(scale_range=(2.0, 0.5), **NORM)
 
 
 def test_eval_transform_keeps_aspect_ratio():
     sample = block_sample(60, 80)
-    out = eval_transform(size=120)(sample)
+    out = eval_transform(size=120, **NORM)(sample)
     assert out["image"].shape == (3, 90, 120) and out["mask"].shape == (90, 120)
     assert out["mask"].dtype == torch.int64 and out["image"].dtype == torch.float32
     labelled = (out["mask"] != 255) & interior(out["mask"])
     expected = normalised_colours()[out["mask"][labelled]]
     assert torch.allclose(out["image"].permute(1, 2, 0)[labelled], expected, atol=0.05)
-    same = eval_transform()(block_sample(60, 80))
+    same = eval_transform(**NORM)(block_sample(60, 80))
     assert same["image"].shape == (3, 60, 80) and torch.equal(same["mask"], sample["mask"])
-    assert same["image"].min() == -1.0 and same["image"].max() == 1.0
+    extremes = torch.tensor([[0.0] * 3, [1.0] * 3])  # black and white, normalised per channel
+    normalised = (extremes - torch.tensor(MEAN)) / torch.tensor(STD)
+    torch.testing.assert_close(same["image"].amin(dim=(1, 2)), normalised[0])
+    torch.testing.assert_close(same["image"].amax(dim=(1, 2)), normalised[1])
 
 
 def test_collate_pads_to_batch_max():
-    a = eval_transform()(block_sample(20, 30))
-    b = eval_transform()(block_sample(40, 10))
+    a = eval_transform(**NORM)(block_sample(20, 30))
+    b = eval_transform(**NORM)(block_sample(40, 10))
     batch = collate([a, b])
     assert batch["image"].shape == (2, 3, 40, 30) and batch["mask"].shape == (2, 40, 30)
     assert batch["mask"].dtype == torch.int64 and type(batch["image"]) is torch.Tensor

@@ -14,6 +14,8 @@ from torch.utils.data import Dataset
 from lseg.errors import LSegError
 from lseg.evaluate.labels import LabelSpace, apply_synonyms, read_labels_file, read_synonyms
 from lseg.evaluate.runner import ShardSampler, evaluate_dataset, predict_classes
+from lseg.model.lseg import LSegOutput
+from lseg.processing import LSegImageProcessor
 
 CLASSES = ["sky", "road", "car"]
 
@@ -45,7 +47,7 @@ class Painted(Dataset):
 class FakeModel:
     """Decodes the painted class: perfect where the image is painted right."""
 
-    config = None
+    processor = LSegImageProcessor((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
     def __init__(self) -> None:
         self.asked: list[list[str]] = []
@@ -56,7 +58,8 @@ class FakeModel:
 
     def __call__(self, pixel_values, text):
         grey = torch.round((pixel_values[:, 0] * 0.5 + 0.5) * 255 / 50).long().clamp(0, text.shape[0] - 1)
-        return torch.nn.functional.one_hot(grey, text.shape[0]).permute(0, 3, 1, 2).float()
+        logits = torch.nn.functional.one_hot(grey, text.shape[0]).permute(0, 3, 1, 2).float()
+        return LSegOutput(logits, pixel_embeds=None, label_embeds=text)
 
 
 def test_best_and_worst_are_disjoint_and_ordered():

@@ -49,7 +49,7 @@ def test_cnn_and_hybrid_models_give_exact_output_sizes(image_encoder):
     }
     model = LSeg.from_config(config).eval()
     with torch.no_grad():
-        logits = model(torch.randn(2, 3, 45, 67), ["a", "b", "c"])
+        logits = model(torch.randn(2, 3, 45, 67), model.encode_text(["a", "b", "c"])).logits
     assert logits.shape == (2, 3, 45, 67)
 
 
@@ -175,7 +175,7 @@ def test_tiny_original_rn_checkpoint_runs(tmp_path):
     state.update({f"net.clip_pretrained.{k}": v for k, v in tiny_clip_state().items()})
     model = LSeg.from_pretrained(save_lightning(state, tmp_path / "rn.ckpt")).eval()
     with torch.no_grad():
-        assert model(torch.randn(1, 3, 50, 70), ["a", "b"]).shape == (1, 2, 50, 70)
+        assert model(torch.randn(1, 3, 50, 70), model.encode_text(["a", "b"])).logits.shape == (1, 2, 50, 70)
 
 
 @pytest.mark.parametrize(
@@ -209,7 +209,7 @@ def test_every_trainable_parameter_gets_a_gradient(image_encoder):
         "regularizer": "bottleneck",
     }
     model = LSeg.from_config(config).train()
-    model(torch.randn(2, 3, 64, 64), ["a", "b"]).logsumexp(dim=1).mean().backward()
+    model(torch.randn(2, 3, 64, 64), model.encode_text(["a", "b"])).logits.logsumexp(dim=1).mean().backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert unused == []
 
@@ -301,7 +301,7 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients(image_encoder,
 
     def gradients() -> dict[str, torch.Tensor]:
         model.zero_grad()
-        model(images, ["a", "b"]).logsumexp(dim=1).mean().backward()
+        model(images, model.encode_text(["a", "b"])).logits.logsumexp(dim=1).mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = gradients()

@@ -18,7 +18,7 @@ def test_logits_are_scaled_cosines_over_the_channel_axis(tiny_model):
     text = tiny_model.encode_text(labels)
     expected = (1 / 0.07) * torch.einsum("bdhw,nd->bnhw", pixels, text)
     expected = F.interpolate(expected, scale_factor=2, mode="bilinear", align_corners=True)
-    assert torch.allclose(tiny_model(images, labels), expected, atol=1e-4)
+    assert torch.allclose(tiny_model(images, text).logits, expected, atol=1e-4)
 
 
 def test_logit_scale_is_inverse_temperature_not_exp():
@@ -27,7 +27,7 @@ def test_logit_scale_is_inverse_temperature_not_exp():
     assert head.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
     decoded = torch.randn(1, 8, 4, 4)
     text = head.embed(decoded)[0, :, 0, 0][None]  # the first pixel's own embedding
-    logits = head(decoded, text)
+    logits = head(head.embed(decoded), text)
     assert logits[0, 0, 0, 0].item() == pytest.approx(1 / 0.07, rel=1e-4)
 
 
@@ -44,15 +44,16 @@ def test_label_order_equivariance(tiny_model):
     images = torch.randn(1, 3, 48, 48)
     labels = ["sky", "road", "tree", "car"]
     permutation = [2, 0, 3, 1]
-    logits = tiny_model(images, labels)
-    permuted = tiny_model(images, [labels[i] for i in permutation])
+    logits = tiny_model(images, tiny_model.encode_text(labels)).logits
+    permuted = tiny_model(images, tiny_model.encode_text([labels[i] for i in permutation])).logits
     assert torch.allclose(permuted, logits[:, permutation], atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [(37, 53), (64, 64), (17, 129), (1, 1)])
 def test_any_input_size_gives_exact_output_size(tiny_model, size):
-    logits = tiny_model(torch.randn(3, 3, *size), ["a", "b"])
-    assert logits.shape == (3, 2, *size)
+    output = tiny_model(torch.randn(3, 3, *size), tiny_model.encode_text(["a", "b"]))
+    assert output.logits.shape == (3, 2, *size)
+    assert output.pixel_embeds.shape == (3, 32, (size[0] + 1) // 2, (size[1] + 1) // 2)
     assert tiny_model.pixel_embeddings(torch.randn(1, 3, *size)).shape[-2:] == (
         (size[0] + 1) // 2,
         (size[1] + 1) // 2,
@@ -61,14 +62,15 @@ def test_any_input_size_gives_exact_output_size(tiny_model, size):
 
 def test_batch_items_are_independent(tiny_model):
     images = torch.randn(2, 3, 32, 48)
-    batched = tiny_model(images, ["a", "b"])
-    single = tiny_model(images[1:], ["a", "b"])
+    text = tiny_model.encode_text(["a", "b"])
+    batched = tiny_model(images, text).logits
+    single = tiny_model(images[1:], text).logits
     assert torch.allclose(batched[1:], single, atol=1e-5)
 
 
 def test_gradients_reach_image_encoder_never_text_encoder():
     model = LSeg.from_config("tiny").train()
-    logits = model(torch.randn(2, 3, 32, 32), ["a", "b", "c"])
+    logits = model(torch.randn(2, 3, 32, 32), model.encode_text(["a", "b", "c"])).logits
     F.cross_entropy(logits, torch.randint(0, 3, (2, 32, 32))).backward()
     assert all(p.grad is None for p in model.text_encoder.parameters())
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
@@ -80,7 +82,7 @@ def test_gradients_reach_image_encoder_never_text_encoder():
 def test_regularizer_blocks_keep_shape_and_share_weights():
     cfg = {"regularizer": "bottleneck", "regularizer_depth": 3}
     model = LSeg.from_config({**_tiny_dict(), **cfg})
-    assert model(torch.randn(1, 3, 33, 41), ["a", "b", "c"]).shape == (1, 3, 33, 41)
+    assert model(torch.randn(1, 3, 33, 41), model.encode_text(["a", "b", "c"])).logits.shape == (1, 3, 33, 41)
     assert sum(p.numel() for p in model.head.regularizer.parameters()) == 10  # one 3x3 conv + bias
 
 
@@ -134,7 +136,8 @@ def test_bfloat16_model_segments_like_float32():
     expected = model.segment(image, labels=labels).label_map
     model.to(torch.bfloat16)
     assert model.dtype == torch.bfloat16
-    assert model.preprocess(image).dtype == torch.bfloat16
+    batch = model.processor.preprocess(image, device=model.device, dtype=model.dtype)
+    assert batch.pixel_values.dtype == torch.bfloat16
     assert model.encode_text(labels).dtype == torch.bfloat16
     result = model.segment(image, labels=labels)
     assert result.label_map.shape == (40, 56) and result.scores.dtype == np.float32
@@ -165,3 +168,58 @@ def test_bad_labels_for_segment_are_clear_errors(tiny_model, labels, message):
 
     with pytest.raises(LSegError, match=message):
         tiny_model.segment(np.zeros((8, 8, 3), dtype=np.uint8), labels=labels)
+
+
+# --------------------------------------------------------------------------- outputs agree
+def random_image(height: int, width: int, seed: int = 0):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("size", [(37, 53), (61, 29)])
+def test_encode_image_features_give_segments_label_map(tiny_model, size):
+    """Sizes off the stride: features and logits must come from the same (cropped) map."""
+    labels = ["sky", "road", "car", "tree"]
+    image = random_image(*size)
+    result = tiny_model.segment(image, labels=labels)
+    features = tiny_model.encode_image(image)
+    upsampled = F.interpolate(features[None], size=size, mode="bilinear", align_corners=True)[0]
+    similarity = torch.einsum("dhw,nd->nhw", upsampled, tiny_model.encode_text(labels))
+    assert (similarity.argmax(0).numpy() == result.label_map).all()
+
+
+@pytest.mark.parametrize("size", [(37, 53), (64, 96)])
+def test_logits_are_the_upsampled_pixel_embeddings_against_the_labels(tiny_model, size):
+    output = tiny_model(torch.randn(2, 3, *size), tiny_model.encode_text(["a", "b", "c"]))
+    upsampled = F.interpolate(output.pixel_embeds, size=size, mode="bilinear", align_corners=True)
+    expected = tiny_model.head.logit_scale * torch.einsum("bdhw,nd->bnhw", upsampled, output.label_embeds)
+    torch.testing.assert_close(output.logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_model_pads_to_its_stride_with_black_for_its_own_statistics():
+    """An ImageNet-normalised model: padding by hand with black changes nothing; mean grey would."""
+    from lseg.processing import pad_image
+
+    config = {**_tiny_dict(), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    model = LSeg.from_config(config).eval()
+    text = model.encode_text(["a", "b"])
+    images = torch.randn(1, 3, 37, 53)
+    with torch.no_grad():
+        own = model(images, text).pixel_embeds
+        black = model(pad_image(images, (64, 64), model.processor.pad_value()), text).pixel_embeds
+        grey = model(pad_image(images, (64, 64), 0.0), text).pixel_embeds
+    torch.testing.assert_close(own, black[..., :19, :27])
+    assert not torch.allclose(own, grey[..., :19, :27], atol=1e-3)
+
+
+def test_forward_takes_tensors_only_and_exports(tiny_model):
+    from lseg import LSegOutput
+
+    images, text = torch.randn(1, 3, 37, 53), tiny_model.encode_text(["a", "b"])
+    with pytest.raises(LSegError, match="encode_text"):
+        tiny_model(images, ["a", "b"])
+    exported = torch.export.export(tiny_model, (images, text))
+    output = exported.module()(images, text)
+    assert isinstance(output, LSegOutput)
+    torch.testing.assert_close(output.logits, tiny_model(images, text).logits)

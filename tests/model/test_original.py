@@ -55,7 +55,7 @@ def test_logits_match_the_original_network(tmp_path, head_block):
         state, images, text, depth=4, heads=1, patch=16, head_block_depth=2 if head_block else 0
     )
     with torch.no_grad():
-        ours = model(images, text)
+        ours = model(images, text).logits
     assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-4), (ours - expected).abs().max()
 
 

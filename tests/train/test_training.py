@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -14,6 +15,8 @@ import torch
 from huggingface_hub import ModelCard
 
 from lseg import LSeg, LSegError
+from lseg.data import SyntheticStreetScenes
+from lseg.model import load_preset
 from lseg.train.callbacks import ExportPretrained
 from lseg.train.datamodule import LSegDataModule
 from lseg.train.module import LSegModule, NonFiniteLossError
@@ -137,9 +140,9 @@ def test_mixed_batches_use_each_datasets_own_labels(tmp_path, monkeypatch):
     seen = []
     original = module.model.classify
 
-    def spy(decoded, text, size):
-        seen.append((decoded.shape[0], text.clone()))
-        return original(decoded, text, size)
+    def spy(pixel_embeds, text, size):
+        seen.append((pixel_embeds.shape[0], text.clone()))
+        return original(pixel_embeds, text, size)
 
     monkeypatch.setattr(module.model, "classify", spy)
     trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=datamodule)
@@ -205,7 +208,8 @@ def test_export_and_checkpoint_load_as_models(tmp_path):
     exported = LSeg.from_pretrained(tmp_path / "model")
     from_ckpt = LSeg.from_pretrained(checkpoint.best_model_path)
     images = torch.randn(1, 3, 32, 32)
-    assert torch.equal(exported.eval()(images, ["a", "b"]), from_ckpt.eval()(images, ["a", "b"]))
+    text = exported.encode_text(["a", "b"])
+    assert torch.equal(exported.eval()(images, text).logits, from_ckpt.eval()(images, text).logits)
     card = ModelCard.load(tmp_path / "model" / "README.md").data
     training = card.lseg["results"]["train"]
     assert training["training"]["label_sets"] == {"synthetic": list(datamodule.label_sets["synthetic"])}
@@ -224,7 +228,7 @@ def test_export_reports_the_scores_of_the_exported_weights():
         {"epoch": 0, "step": 4, "metrics": {"miou": 0.5, "pixel_accuracy": 0.8}},
         {"epoch": 1, "step": 8, "metrics": {"miou": 0.25, "pixel_accuracy": 0.9}},
     ]
-    datamodule = data()
+    datamodule = attached(data(), LSegModule("tiny", pretrained=False))
     datamodule.setup("fit")
     trainer = SimpleNamespace(datamodule=datamodule)
     best = SimpleNamespace(monitor="val/miou", best_model_score=torch.tensor(0.5))
@@ -241,10 +245,32 @@ def test_export_reports_the_scores_of_the_exported_weights():
     assert resumed["metrics"] == {"miou": 0.75} and "epoch" not in resumed["training"]
 
 
+def attached(datamodule: LSegDataModule, module: LSegModule) -> LSegDataModule:
+    """`datamodule` as a Trainer running `module` sees it (without fitting)."""
+    datamodule.trainer = SimpleNamespace(lightning_module=module, current_epoch=0)
+    return datamodule
+
+
 def test_label_count_must_match_classes():
     datamodule = data(train=[{"name": "synthetic", "labels": ["only", "two"], "options": {"num_images": 2}}])
+    attached(datamodule, LSegModule("tiny", pretrained=False))
     with pytest.raises(LSegError, match="6 classes, 2 labels"):
         datamodule.setup("fit")
+
+
+def test_data_is_normalised_with_the_models_mean_and_std():
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    module = LSegModule({**load_preset("tiny").to_dict(), **imagenet}, pretrained=False)
+    datamodule = attached(data(), module)
+    datamodule.setup("fit")
+    raw = SyntheticStreetScenes(4, size=tuple(SIZE), seed=1)[0]["image"].as_subclass(torch.Tensor)
+    expected = module.model.processor.normalize(raw[None])[0]
+    assert torch.allclose(datamodule.val_dataset[0]["image"].as_subclass(torch.Tensor), expected, atol=1e-6)
+
+
+def test_data_without_a_model_fails_loudly():
+    with pytest.raises(LSegError, match="model's mean/std"):
+        data().setup("fit")
 
 
 def run_smoke_training(folder, *extra: str) -> subprocess.CompletedProcess:

@@ -34,7 +34,6 @@ def predict(
     included (shares sum to 1). `size` is the long side the model sees (None or 0: original size).
     Raises LSegError with a one-line, user-facing message for any bad input.
     """
-    from lseg.images import load_image
     from lseg.inference import PROTOCOLS
     from lseg.labels import parse_labels
     from lseg.visualize import overlay
@@ -49,7 +48,7 @@ def predict(
     if protocol not in PROTOCOLS:
         raise LSegError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     size = checked_size(size)
-    array = load_image(image)
+    array = model.processor.load(image)
     result = model.segment(array, labels=labels, size=size, protocol=protocol)
     shares = sorted(result.shares().items(), key=lambda item: -item[1])
     return overlay(array, result.label_map, labels), shares

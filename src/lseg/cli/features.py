@@ -8,10 +8,8 @@ both files exist, so an interrupted run resumes where it stopped. See docs/featu
 from __future__ import annotations
 
 import argparse
-import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -19,12 +17,12 @@ from lseg.errors import LSegError
 
 FORMATS = ("npy", "pt")
 DTYPES = ("float16", "float32")
-GRIDS = ("model", "image")
 # Sidecar fields that must agree before an existing output is reused on resume.
 SETTINGS = ("protocol", "size", "feature_grid", "dtype", "format", "checkpoint", "preset")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from lseg.features import GRIDS
     from lseg.inference import PROTOCOLS
 
     parser = subparsers.add_parser(
@@ -69,115 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-# --------------------------------------------------------------------------- extraction
-def model_input_size(protocol, height: int, width: int) -> tuple[int, int]:
-    """Resolution the model sees at scale 1 for an input of this size under `protocol`."""
-    from lseg.inference import scaled_size
-
-    if protocol.base_size is None:
-        return height, width
-    return scaled_size(height, width, protocol.base_size)
-
-
-def extract_features(
-    model, image: np.ndarray, protocol: str = "single", size: int | None = None, feature_grid: str = "model"
-) -> tuple[Any, dict[str, Any]]:
-    """One image -> (D x h x w float32 tensor normalised over D, geometry metadata).
-
-    `size` is the long side at scale 1: it resizes the input for protocols without a base size
-    (single, slide) and replaces the base size of the others (openscene, lseg-ms). `feature_grid`
-    "model" returns half the scale-1 resolution (what `LSeg.encode_image` gives for single),
-    "image" half the original image resolution.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from lseg.inference import resolve_protocol, run_protocol
-
-    if feature_grid not in GRIDS:
-        raise LSegError(f"unknown feature grid {feature_grid!r}; choose one of: {', '.join(GRIDS)}")
-    spec, size = resolve_protocol(protocol, size)
-    height, width = image.shape[:2]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            pixel_values = model.preprocess(image, size)
-            input_size = tuple(pixel_values.shape[-2:])
-            seen = model_input_size(spec, *input_size)
-            grid_of = (height, width) if feature_grid == "image" else seen
-            target = ((grid_of[0] + 1) // 2, (grid_of[1] + 1) // 2)
-            features = run_protocol(
-                model.pixel_embeddings, pixel_values, spec, out_size=target, amp=model.device.type == "cuda"
-            )
-            features = F.normalize(features.float(), dim=1)[0]
-    finally:
-        model.train(was_training)
-    meta = {
-        "image_size": [height, width],
-        "model_size": list(seen),
-        "feature_size": list(target),
-        "feature_stride": [height / target[0], width / target[1]],
-        "embed_dim": int(features.shape[0]),
-        "protocol_params": {
-            "base_size": spec.base_size,
-            "crop_size": spec.crop_size,
-            "stride": spec.stride,
-            "scales": list(spec.scales),
-            "flip": spec.flip,
-        },
-    }
-    return features, meta
-
-
-# --------------------------------------------------------------------------- files
-def save_features(array: np.ndarray, meta: dict[str, Any], out: Path, name: str, fmt: str) -> None:
-    """Array first, then the json sidecar (the completion marker)."""
-    from lseg.files import save_array, write_atomic, write_json_atomic
-
-    array_path = out / f"{name}.{fmt}"
-    if fmt == "npy":
-        save_array(array, array_path)
-    else:
-        import torch
-
-        write_atomic(array_path, lambda f: torch.save(torch.from_numpy(array), f))
-    write_json_atomic(out / f"{name}.json", {**meta, "array": array_path.name})
-
-
-def load_features(path: str | Path) -> np.ndarray:
-    """A D x h x w array from `.npy` (memory-mapped) or `.pt`; LSegError for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise LSegError(f"feature file not found: {path}")
-    try:
-        if path.suffix == ".npy":
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        elif path.suffix == ".pt":
-            import torch
-
-            tensor = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(tensor, torch.Tensor):
-                raise LSegError(f"{path} does not hold a single tensor")
-            array = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
-        else:
-            raise LSegError(f"unsupported feature file {path}: expected .npy or .pt")
-    except LSegError:
-        raise
-    except Exception as error:  # numpy/torch raise many types for truncated or foreign files
-        raise LSegError(f"cannot read features {path}: {str(error).splitlines()[0]}") from error
-    if array.ndim != 3:
-        raise LSegError(f"{path} holds shape {tuple(array.shape)}; expected D x h x w features")
-    return array
-
-
-def read_sidecar(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
+# --------------------------------------------------------------------------- names
 def checkpoint_id(checkpoint: str | None) -> str | None:
     """Local checkpoints as absolute paths (so resume and `lseg query` find them), hub ids as given."""
     if checkpoint is None or not Path(checkpoint).exists():
@@ -204,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lseg import __version__
     from lseg.cli.common import load_model_from_args, raise_failures
+    from lseg.features import extract_features, read_sidecar, save_features
     from lseg.files import check_output_folder, make_output_folder
     from lseg.images import check_model_size, find_images, load_image
 

@@ -5,27 +5,10 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from lseg.errors import LSegError
-
-# Viridis, sampled at 9 evenly spaced points (perceptually uniform, colour-blind safe).
-VIRIDIS = np.array(
-    [
-        [68, 1, 84],
-        [71, 44, 122],
-        [59, 81, 139],
-        [44, 113, 142],
-        [33, 144, 141],
-        [39, 173, 129],
-        [92, 200, 99],
-        [170, 220, 50],
-        [253, 231, 37],
-    ],
-    dtype=np.float32,
-)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -60,53 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-# --------------------------------------------------------------------------- pure functions
-def similarity_maps(features: Any, text_embeddings: Any) -> np.ndarray:
-    """N x h x w cosine similarities of a D x h x w feature map with N x D text embeddings (float32)."""
-    import torch
-    import torch.nn.functional as F
-
-    feats = torch.from_numpy(np.array(features, dtype=np.float32))  # a copy: also of read-only memmaps
-    text = torch.from_numpy(np.array(text_embeddings, dtype=np.float32))
-    text = text.reshape(1, -1) if text.ndim == 1 else text
-    if feats.ndim != 3:
-        raise LSegError(f"features must be D x h x w, got shape {tuple(feats.shape)}")
-    if feats.shape[0] != text.shape[1]:
-        raise LSegError(
-            f"features have {feats.shape[0]} channels but the text embedding has {text.shape[1]}: "
-            "query with the checkpoint that wrote the features"
-        )
-    return torch.einsum("dhw,nd->nhw", F.normalize(feats, dim=0), F.normalize(text, dim=1)).numpy()
-
-
-def similarity_map(features: Any, text_embedding: Any) -> np.ndarray:
-    """h x w cosine similarities of a D x h x w feature map with one D text embedding."""
-    return similarity_maps(features, np.asarray(text_embedding).reshape(1, -1))[0]
-
-
-def colormap(values: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
-    """h x w values -> h x w x 3 uint8 viridis colours; range [vmin, vmax] (default: min..max)."""
-    low = float(values.min()) if vmin is None else vmin
-    high = float(values.max()) if vmax is None else vmax
-    scaled = np.clip((values - low) / (high - low), 0, 1) if high > low else np.zeros_like(values)
-    position = scaled * (len(VIRIDIS) - 1)
-    index = np.minimum(position.astype(np.int64), len(VIRIDIS) - 2)
-    fraction = (position - index)[..., None]
-    colours = VIRIDIS[index] * (1 - fraction) + VIRIDIS[index + 1] * fraction
-    return colours.round().astype(np.uint8)
-
-
-def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of an h x w float map to `size` (H, W)."""
-    import torch
-    import torch.nn.functional as F
-
-    if tuple(values.shape) == tuple(size):
-        return values
-    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None, None]
-    return F.interpolate(tensor, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
-
-
+# --------------------------------------------------------------------------- names
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "text"
 
@@ -124,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from lseg.cli.common import load_model_from_args, raise_failures
-    from lseg.cli.features import load_features, read_sidecar
+    from lseg.features import colormap, load_features, read_sidecar, resize_map, similarity_maps
     from lseg.files import check_output_folder, make_output_folder
     from lseg.files import save_array as save_npy
     from lseg.files import save_image as save_png

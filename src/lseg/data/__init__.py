@@ -31,8 +31,6 @@ from lseg.data.taxonomy import (
     universal_names,
 )
 from lseg.data.transforms import (
-    LSEG_MEAN,
-    LSEG_STD,
     RandomLongSideResize,
     collate,
     eval_transform,
@@ -45,8 +43,6 @@ __all__ = [
     "DATASETS",
     "IGNORE_INDEX",
     "LAYOUTS",
-    "LSEG_MEAN",
-    "LSEG_STD",
     "SYNTHETIC_CLASS_NAMES",
     "ListFileDataset",
     "RandomLongSideResize",

@@ -18,10 +18,6 @@ from lseg.data.datasets import Sample
 from lseg.data.taxonomy import IGNORE_INDEX
 from lseg.errors import LSegError
 
-# Normalisation of the original LSeg release (maps [0, 1] to [-1, 1]).
-LSEG_MEAN = (0.5, 0.5, 0.5)
-LSEG_STD = (0.5, 0.5, 0.5)
-
 
 class RandomLongSideResize(v2.Transform):
     """Resize so the long side is ``base_size * s``, ``s ~ U(scale_range)``: LSeg's multi-scale training."""
@@ -47,13 +43,17 @@ def train_transform(
     crop_size: int = 480,
     base_size: int = 520,
     scale_range: tuple[float, float] = (0.5, 2.0),
-    mean: Sequence[float] = LSEG_MEAN,
-    std: Sequence[float] = LSEG_STD,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
     ignore_index: int = IGNORE_INDEX,
     hflip: bool = True,
     color_jitter: bool = False,
 ) -> v2.Compose:
     """Random scale, flip, (colour jitter), normalise, then pad and random-crop to ``crop_size``.
+
+    `mean`/`std` are the model's (`model.processor.mean/std`, from its config): no default, so data
+    and model cannot silently disagree.
 
     Padding comes after normalisation so padded image pixels are exactly 0 (the mean colour) and
     padded mask pixels are ``ignore_index``, i.e. padding never counts as a class.
@@ -73,10 +73,9 @@ def train_transform(
     return v2.Compose(ops)
 
 
-def eval_transform(
-    size: int | None = None, mean: Sequence[float] = LSEG_MEAN, std: Sequence[float] = LSEG_STD
-) -> v2.Compose:
-    """Keep the aspect ratio (long side -> ``size`` if given, image and mask alike) and normalise."""
+def eval_transform(size: int | None = None, *, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Keep the aspect ratio (long side -> ``size`` if given, image and mask alike) and normalise with
+    the model's `mean`/`std`."""
     ops: list[v2.Transform] = [] if size is None else [v2.Resize(size=None, max_size=size, antialias=True)]
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
     return v2.Compose(ops)

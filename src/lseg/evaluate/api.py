@@ -231,10 +231,11 @@ def evaluate_zeroshot(
     model = model.to(device).eval()
     spec = get_protocol("single")
     amp = device.type == "cuda"
+    pad_value = model.processor.pad_value(device)
 
     def predict(images: torch.Tensor, labels: list[str]) -> torch.Tensor:
         text = model.encode_text([labels[0], words.get(labels[1], labels[1])])
-        return run_protocol(lambda x: model(x, text), images, spec, amp=amp)
+        return run_protocol(lambda x: model(x, text).logits, images, spec, pad_value=pad_value, amp=amp)
 
     with _prompt_template(model, prompt_template) as templates:
         try:
@@ -248,8 +249,8 @@ def evaluate_zeroshot(
             benchmark,
             root,
             fold,
-            mean=model.config.mean,
-            std=model.config.std,
+            mean=model.processor.mean,
+            std=model.processor.std,
             image_size=size,
             background=background,
             batch_size=batch_size,

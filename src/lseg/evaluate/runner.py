@@ -1,8 +1,9 @@
 """Score a model on a segmentation dataset: confusion matrix at the original label resolution.
 
-Each image is (optionally) resized to ``size`` on its long side, normalised and run through an
-inference protocol (`lseg.inference`); the summed logits are resized bilinearly back to the size of
-the *original* label mask before the argmax, so every annotated pixel is scored exactly once whatever
+Each image goes through the model's processor (`model.processor`: long side resized to ``size``,
+normalised with the model's mean/std) and an inference protocol (`lseg.inference`, padding with the
+processor's black); the summed logits are resized bilinearly back to the size of the *original* label
+mask before the argmax, so every annotated pixel is scored exactly once whatever
 the inference resolution. The confusion matrix is a `SegmentationMetrics` (torchmetrics) state:
 under ``torch.distributed`` each rank scores its shard (a non-padding `DistributedSampler`) and the
 matrices are summed across ranks. Per-image scores (mIoU over the classes present in the image's
@@ -27,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from lseg.errors import LSegError
 from lseg.evaluate.labels import IGNORE_INDEX, LabelSpace, dataset_label_space
 from lseg.evaluate.metrics import SegmentationMetrics, class_iou, confusion_matrix, metrics_from_confusion
-from lseg.images import resize_long_side
 from lseg.inference import InferenceProtocol, resolve_protocol, run_protocol
+from lseg.processing import LSegImageProcessor
 
 RANK_BY = ("miou", "pixel_accuracy")
 
@@ -182,12 +183,6 @@ def _same_size_groups(batch: list[dict[str, Any]]) -> Iterator[list[dict[str, An
         yield group
 
 
-def _preprocess(images: Tensor, size: int | None, mean: Tensor, std: Tensor, device: torch.device) -> Tensor:
-    """uint8 B x 3 x H x W -> normalised float on `device`, long side resized to `size` if given."""
-    x = resize_long_side(images.to(device, non_blocking=True).float() / 255, size)
-    return (x - mean) / std
-
-
 def predict_classes(logits: Tensor, space: LabelSpace, num_classes: int, num_passes: int = 1) -> Tensor:
     """B x N x H x W logits -> B x H x W dataset class ids.
 
@@ -249,15 +244,15 @@ def evaluate_dataset(
     num_examples: int = 4,
     amp: bool | None = None,
     window_batch_size: int = 8,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    processor: LSegImageProcessor | None = None,
     ignore_index: int = IGNORE_INDEX,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvaluationReport:
     """Evaluate `model` on a dataset of ``{"image": uint8 3xHxW, "mask": HxW, "path": str}`` samples.
 
     Args:
-        model: an `LSeg` (anything with ``encode_text(labels)`` and ``model(pixel_values, text)``).
+        model: an `LSeg` (anything with ``encode_text(labels)``, ``processor`` and
+            ``model(pixel_values, label_embeds).logits``).
         dataset: e.g. `lseg.data.build_dataset(...)` *without* a transform (masks stay original size).
         labels: text per dataset class (default: the class names), or a `LabelSpace`
             (e.g. `labels.universal_label_space`) asking other labels and mapping them to the classes.
@@ -271,6 +266,7 @@ def evaluate_dataset(
         rank_by: per-image score choosing best / worst images: "miou" or "pixel_accuracy".
         num_examples: how many best and how many worst images to keep.
         amp: bf16 autocast (default: on CUDA).
+        processor: how images become model input (default ``model.processor``, from its config).
         progress: ``progress(done, total)`` after each batch (this rank's counts).
     """
     if batch_size < 1:
@@ -293,9 +289,8 @@ def evaluate_dataset(
         spec = protocol
     device = torch.device(device)
     amp = device.type == "cuda" if amp is None else amp
-    config = getattr(model, "config", None)
-    mean_t = torch.tensor(mean or getattr(config, "mean", (0.5,) * 3), device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std or getattr(config, "std", (0.5,) * 3), device=device).view(1, 3, 1, 1)
+    processor = processor or model.processor
+    pad_value = processor.pad_value(device)
 
     if max_images is not None:
         if max_images < 1:
@@ -344,7 +339,7 @@ def evaluate_dataset(
             text = text.to(device)
 
             def forward(batch: Tensor) -> Tensor:
-                return model(batch, text)
+                return model(batch, text).logits
 
             sync()
             started = time.perf_counter()
@@ -354,20 +349,22 @@ def evaluate_dataset(
                 for group in _same_size_groups(batch):
                     images = torch.stack([s["image"].as_subclass(Tensor) for s in group])
                     masks = [s["mask"].as_subclass(Tensor) for s in group]
-                    out_size = tuple(masks[0].shape[-2:])
-                    if any(tuple(m.shape[-2:]) != out_size for m in masks):
-                        raise LSegError("masks of same-size images differ in size")
-                    pixel_values = _preprocess(images, size, mean_t, std_t, device)
+                    pixel_values = processor.preprocess(
+                        images.to(device, non_blocking=True), size
+                    ).pixel_values
                     tick = time.perf_counter()
                     logits = run_protocol(
                         forward,
                         pixel_values,
                         spec,
-                        out_size=out_size,
+                        pad_value=pad_value,
                         window_batch_size=window_batch_size,
                         amp=amp,
                     )
-                    preds = predict_classes(logits, space, num_classes, spec.num_passes)
+                    resized = processor.resize_logits(logits, [m.shape[-2:] for m in masks])
+                    preds = [
+                        predict_classes(r[None], space, num_classes, spec.num_passes)[0] for r in resized
+                    ]
                     sync()
                     model_seconds += time.perf_counter() - tick
                     for sample, mask, pred in zip(group, masks, preds, strict=True):

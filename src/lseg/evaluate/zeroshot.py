@@ -48,6 +48,8 @@ from lseg.errors import LSegError
 from lseg.evaluate.metrics import confusion_matrix, fb_iou
 from lseg.files import write_text_atomic
 from lseg.images import load_image, open_image
+from lseg.model.config import CLIP_MEAN_STD
+from lseg.processing import LSegImageProcessor
 
 BENCHMARKS = ("pascal", "coco", "fss")
 _ALIASES = {
@@ -93,12 +95,11 @@ class EpisodeDataset(Dataset):
         classes: Sequence[str],
         *,
         image_size: int = 480,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.5, 0.5, 0.5),
+        mean: Sequence[float] = CLIP_MEAN_STD[0],
+        std: Sequence[float] = CLIP_MEAN_STD[1],
         max_episodes: int | None = None,
     ) -> None:
-        if len(mean) != 3 or len(std) != 3:
-            raise LSegError(f"mean and std need 3 values each, got {list(mean)} and {list(std)}")
+        self.processor = LSegImageProcessor(mean, std)  # the model's normalisation (checks mean/std)
         episodes = list(episodes)[:max_episodes]
         for episode in episodes:
             for path in (episode.image, episode.mask):
@@ -107,8 +108,6 @@ class EpisodeDataset(Dataset):
         self.episodes = episodes
         self.classes = list(classes)
         self.image_size = image_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -117,8 +116,7 @@ class EpisodeDataset(Dataset):
         episode = self.episodes[index]
         size = (self.image_size, self.image_size)
         rgb = Image.fromarray(load_image(episode.image)).resize(size, Image.Resampling.BILINEAR)
-        image = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        image = (image - self.mean) / self.std
+        image = self.processor.normalize(torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None])[0]
         mask = self.binary_mask(episode)
         mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
         return image, mask, episode.class_name
@@ -330,8 +328,8 @@ def build_episodes(
     fold: int = 0,
     *,
     image_size: int = 480,
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.5, 0.5, 0.5),
+    mean: Sequence[float] = CLIP_MEAN_STD[0],
+    std: Sequence[float] = CLIP_MEAN_STD[1],
     coco_episodes: int | None = 1000,
     seed: int = 0,
     max_episodes: int | None = None,
@@ -363,8 +361,8 @@ def score_episodes(
     root: str | Path,
     fold: int = 0,
     *,
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.5, 0.5, 0.5),
+    mean: Sequence[float] = CLIP_MEAN_STD[0],
+    std: Sequence[float] = CLIP_MEAN_STD[1],
     image_size: int = 480,
     background: str = "others",
     batch_size: int = 1,

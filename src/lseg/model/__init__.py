@@ -1,12 +1,13 @@
 """LSeg model: image encoders (timm), DPT decoder, LSeg head, frozen text encoders."""
 
 from lseg.model.config import ImageEncoderConfig, LSegConfig, TextEncoderConfig, load_preset, preset_names
-from lseg.model.lseg import LSeg, SegmentationResult
+from lseg.model.lseg import LSeg, LSegOutput, SegmentationResult
 
 __all__ = [
     "ImageEncoderConfig",
     "LSeg",
     "LSegConfig",
+    "LSegOutput",
     "SegmentationResult",
     "TextEncoderConfig",
     "load_preset",

@@ -52,7 +52,7 @@ class SpatialRegularizer(nn.Module):
 
 
 class LSegHead(nn.Module):
-    """Stride-2 decoder map -> per-pixel embeddings -> logits against label embeddings at full size."""
+    """Stride-2 decoder map -> per-pixel embeddings -> stride-2 logits against label embeddings."""
 
     def __init__(
         self,
@@ -87,10 +87,11 @@ class LSegHead(nn.Module):
         """Per-pixel embeddings, L2-normalised over the channel axis (dim 1), at stride 2."""
         return F.normalize(self.project(decoded), dim=1)
 
-    def forward(self, decoded: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        pixels = self.embed(decoded)
+    def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Logits at the embeddings' (stride 2) resolution: scaled cosines of `embed`'s output with
+        N x D label embeddings, then the spatial regulariser if any (the model upsamples them)."""
         text = F.normalize(text.to(pixels.dtype), dim=-1)
         logits = self.logit_scale * torch.einsum("bdhw,nd->bnhw", pixels, text)
         if self.regularizer is not None:
             logits = self.regularizer(logits)
-        return F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=True)
+        return logits

@@ -306,12 +306,3 @@ def build_image_encoder(cfg: ImageEncoderConfig) -> nn.Module:
     if cfg.type not in ENCODERS:
         raise LSegError(f"unknown image encoder type '{cfg.type}'; valid: {', '.join(ENCODERS)}")
     return ENCODERS[cfg.type](cfg)
-
-
-def pad_to_multiple(images: torch.Tensor, multiple: int, value: float = 0.0) -> torch.Tensor:
-    """Pad bottom/right so both sides are multiples of `multiple` (the encoder's coarsest stride)."""
-    height, width = images.shape[-2:]
-    pad_h, pad_w = (-height) % multiple, (-width) % multiple
-    if pad_h == 0 and pad_w == 0:
-        return images
-    return F.pad(images, (0, pad_w, 0, pad_h), value=value)

@@ -3,7 +3,8 @@ scaled cosine similarities, so one model segments with whatever labels it is giv
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -17,16 +18,18 @@ from torch import nn
 
 from lseg.device import resolve_device
 from lseg.errors import LSegError
-from lseg.images import ImageInput, load_image, resize_long_side
+from lseg.images import ImageInput
+from lseg.labels import validate_labels
 from lseg.model.card import save_card
 from lseg.model.checkpoint import read_checkpoint, save_model
 from lseg.model.config import LSegConfig, load_preset
 from lseg.model.dpt import DPTDecoder
 from lseg.model.head import LSegHead
 from lseg.model.hub import push_folder
-from lseg.model.image_encoder import build_image_encoder, pad_to_multiple
-from lseg.model.text_encoder import build_text_encoder, validate_labels
+from lseg.model.image_encoder import build_image_encoder
+from lseg.model.text_encoder import build_text_encoder
 from lseg.model.weights import load_state, resolve_dtype
+from lseg.processing import ImageBatch, LSegImageProcessor, pad_image
 
 
 @dataclass
@@ -43,16 +46,37 @@ class SegmentationResult:
         return {label: float(c) / self.label_map.size for label, c in zip(self.labels, counts)}
 
 
+@dataclass
+class LSegOutput:
+    """What `LSeg.forward` returns (tensors only, like Hugging Face model outputs).
+
+    `logits` are `pixel_embeds` . `label_embeds` x logit scale, upsampled bilinearly (align_corners=True)
+    from the stride-2 grid to the input size, so upsampling `pixel_embeds` the same way and taking
+    the argmax over labels gives the same labels. Exception: a config with a `regularizer` smooths
+    the logits spatially after the dot product, which the embeddings do not show.
+    """
+
+    logits: torch.Tensor  # B x N x H x W
+    pixel_embeds: torch.Tensor  # B x D x ceil(H/2) x ceil(W/2), L2-normalised over D
+    label_embeds: torch.Tensor  # N x D, L2-normalised
+
+
+if hasattr(torch.export, "register_dataclass"):  # torch.export / ONNX (dynamo) see through the output
+    torch.export.register_dataclass(LSegOutput, serialized_type_name="lseg.LSegOutput")
+
+
 class LSeg(nn.Module):
     """Language-driven semantic segmentation model (Li et al., ICLR 2022).
 
-    `forward(pixel_values, labels_or_embeddings)` takes normalised B x 3 x H x W images of any size and
-    returns B x N x H x W logits. `segment`, `encode_image` and `encode_text` are the user-facing API.
+    `forward(pixel_values, label_embeds) -> LSegOutput` is tensors only (compile- and export-friendly):
+    normalised B x 3 x H x W images of any size (`model.processor` makes them) and N x D label
+    embeddings (`encode_text`). `segment`, `encode_image` and `encode_text` are the user-facing API.
     """
 
     def __init__(self, config: LSegConfig, load_pretrained: bool = True) -> None:
         super().__init__()
         self.config = config
+        self.processor = LSegImageProcessor.from_config(config)
         self.text_encoder = build_text_encoder(config.text_encoder, load_pretrained=load_pretrained)
         image_cfg = config.image_encoder
         if not load_pretrained and image_cfg.pretrained:
@@ -68,8 +92,8 @@ class LSeg(nn.Module):
             regularizer_depth=config.regularizer_depth,
             regularizer_activation=config.regularizer_activation,
         )
-        self.register_buffer("pixel_mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        # Black in the model's input space: the stride padding inside `pixel_embeddings`.
+        self.register_buffer("pad_value", self.processor.pad_value(), persistent=False)
 
     # ----------------------------------------------------------------- construction and weights
     @classmethod
@@ -163,11 +187,11 @@ class LSeg(nn.Module):
     # buffer with the weights, and images and label embeddings are cast to match it.
     @property
     def device(self) -> torch.device:
-        return self.pixel_mean.device
+        return self.pad_value.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pixel_mean.dtype
+        return self.pad_value.dtype
 
     def encode_text(self, labels: str | Sequence[str]) -> torch.Tensor:
         """N x D label embeddings, L2-normalised (cached; the text encoder is frozen).
@@ -176,41 +200,44 @@ class LSeg(nn.Module):
         """
         return self.text_encoder.encode(labels).to(self.device, self.dtype)
 
-    def decode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Decoder output (stride 2) of the input padded to the encoder's multiple."""
-        padded = pad_to_multiple(pixel_values, self.image_encoder.pad_multiple)
-        return self.decoder(self.image_encoder(padded))
-
-    def classify(self, decoded: torch.Tensor, text: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Logits of `decode`'s output against N x D label embeddings, cropped to the input `size`."""
-        return self.head(decoded, text)[..., : size[0], : size[1]]
-
     def pixel_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Normalised B x D x ceil(H/2) x ceil(W/2) embeddings of normalised B x 3 x H x W images."""
+        """Normalised B x D x ceil(H/2) x ceil(W/2) embeddings of normalised B x 3 x H x W images.
+
+        The input is padded with black (for this model's mean/std) to the encoder's multiple and the
+        stride-2 map cropped back to the input's extent; logits are upsampled from this cropped map
+        too, so features and logits describe the same grid.
+        """
         height, width = pixel_values.shape[-2:]
-        embeddings = self.head.embed(self.decode(pixel_values))
+        multiple = self.image_encoder.pad_multiple
+        padded = pad_image(
+            pixel_values,
+            (-(-height // multiple) * multiple, -(-width // multiple) * multiple),
+            self.pad_value,
+        )
+        embeddings = self.head.embed(self.decoder(self.image_encoder(padded)))
         return embeddings[..., : (height + 1) // 2, : (width + 1) // 2]
 
-    def forward(self, pixel_values: torch.Tensor, labels: str | Sequence[str] | torch.Tensor) -> torch.Tensor:
-        """B x N x H x W logits for normalised images and N labels (or N x D label embeddings)."""
+    def classify(
+        self, pixel_embeds: torch.Tensor, label_embeds: torch.Tensor, size: Sequence[int]
+    ) -> torch.Tensor:
+        """B x N x H x W logits at `size` (the input's) of `pixel_embeddings` against N x D labels."""
+        logits = self.head(pixel_embeds, label_embeds)
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+
+    def forward(self, pixel_values: torch.Tensor, label_embeds: torch.Tensor) -> LSegOutput:
+        """Logits and embeddings of normalised B x 3 x H x W images against N x D label embeddings."""
+        if not isinstance(label_embeds, torch.Tensor):
+            raise LSegError(
+                "LSeg.forward takes N x D label embeddings: use "
+                "model(pixel_values, model.encode_text(labels)) or model.segment(images, labels)"
+            )
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise LSegError(f"pixel_values must be B x 3 x H x W, got {tuple(pixel_values.shape)}")
-        text = labels if isinstance(labels, torch.Tensor) else self.encode_text(labels)
-        return self.classify(self.decode(pixel_values), text, pixel_values.shape[-2:])
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 or [0, 1] float B x 3 x H x W -> model input, on the model's device and in its dtype."""
-        if not images.is_floating_point():
-            images = images.float() / 255
-        images = images.to(self.device, torch.float32)
-        return ((images - self.pixel_mean.float()) / self.pixel_std.float()).to(self.dtype)
+        pixels = self.pixel_embeddings(pixel_values)
+        logits = self.classify(pixels, label_embeds, pixel_values.shape[-2:])
+        return LSegOutput(logits, pixels, F.normalize(label_embeds.to(pixels.dtype), dim=-1))
 
     # ----------------------------------------------------------------- user-facing API
-    def preprocess(self, image: ImageInput, size: int | None = None) -> torch.Tensor:
-        """Any supported image -> normalised 1 x 3 x H x W tensor, long side resized to `size` if given."""
-        tensor = torch.from_numpy(load_image(image)).permute(2, 0, 1).unsqueeze(0).float() / 255
-        return self.normalize(resize_long_side(tensor, size))
-
     @torch.inference_mode()
     def segment(
         self,
@@ -226,7 +253,7 @@ class LSeg(nn.Module):
 
         `size` is the long side the model sees (at scale 1 for multi-scale protocols); `protocol` is
         single, slide, lseg-ms or openscene (`lseg.inference`). Up to `batch_size` consecutive images
-        of the same size share a forward pass.
+        that the model sees at the same size share a forward pass (so batching never changes results).
         """
         from lseg.inference import resolve_protocol, run_protocol
 
@@ -237,31 +264,27 @@ class LSeg(nn.Module):
         labels = validate_labels(self.config.labels if labels is None else labels)
         text = self.encode_text(labels)
         spec, size = resolve_protocol(protocol, size)
-        was_training = self.training
-        self.eval()
+        processor = self.processor
         results = []
-        try:
+        with _eval_mode(self):
             for start in range(0, len(items), batch_size):
-                originals = [load_image(item) for item in items[start : start + batch_size]]
-                inputs = [self.preprocess(original, size) for original in originals]
-                for group in _same_size_runs(originals, inputs):
+                batches = [
+                    processor.preprocess(item, size, device=self.device, dtype=self.dtype)
+                    for item in items[start : start + batch_size]
+                ]
+                for group in _same_size_runs(batches):
                     logits = run_protocol(
-                        lambda batch: self(batch, text),
-                        torch.cat([inputs[i] for i in group]),
+                        lambda pixel_values: self(pixel_values, text).logits,
+                        torch.cat([b.pixel_values for b in group]),
                         spec,
-                        out_size=originals[group[0]].shape[:2],
+                        pad_value=self.pad_value,
                         amp=self.device.type == "cuda",
-                    ).float()
-                    for scores in logits.softmax(dim=1):
+                    )
+                    originals = [b.original_sizes[0] for b in group]
+                    for label_map, scores in processor.postprocess(logits, originals, return_scores=True):
                         results.append(
-                            SegmentationResult(
-                                label_map=scores.argmax(dim=0).cpu().numpy(),
-                                scores=scores.cpu().numpy(),
-                                labels=labels,
-                            )
+                            SegmentationResult(label_map.cpu().numpy(), scores.cpu().numpy(), labels)
                         )
-        finally:
-            self.train(was_training)
         return results[0] if single else results
 
     @torch.inference_mode()
@@ -271,42 +294,48 @@ class LSeg(nn.Module):
         size: int | None = None,
         protocol: str = "single",
     ) -> torch.Tensor | list[torch.Tensor]:
-        """Dense per-pixel embeddings, D x H/2 x W/2 per image (normalised over D).
+        """Dense per-pixel embeddings, D x ceil(H/2) x ceil(W/2) per image (normalised over D), where
+        H x W is the size the model sees: the stride-2 grid of the logits `segment` takes the argmax of.
 
-        A batch tensor B x 3 x H x W (uint8 or [0, 1] float) gives B x D x H/2 x W/2.
+        A batch tensor B x 3 x H x W (uint8 or [0, 1] float) gives B x D x ceil(H/2) x ceil(W/2).
         """
         from lseg.inference import resolve_protocol, run_protocol
 
         spec, size = resolve_protocol(protocol, size)
-        was_training = self.training
-        self.eval()
-        try:
-            if isinstance(images, torch.Tensor) and images.ndim == 4:
-                batches = [self.normalize(images)]
-            else:
-                items = [images] if not isinstance(images, (list, tuple)) else images
-                batches = [self.preprocess(item, size) for item in items]
-            outputs = []
-            for pixel_values in batches:
-                feature_size = ((pixel_values.shape[-2] + 1) // 2, (pixel_values.shape[-1] + 1) // 2)
+        is_batch = isinstance(images, torch.Tensor) and images.ndim == 4
+        items = [images] if is_batch or not isinstance(images, (list, tuple)) else list(images)
+        outputs = []
+        with _eval_mode(self):
+            for item in items:
+                batch = self.processor.preprocess(item, size, device=self.device, dtype=self.dtype)
+                height, width = batch.sizes[0]
                 features = run_protocol(
                     self.pixel_embeddings,
-                    pixel_values,
+                    batch.pixel_values,
                     spec,
-                    out_size=feature_size,
+                    out_size=((height + 1) // 2, (width + 1) // 2),
+                    pad_value=self.pad_value,
                     amp=self.device.type == "cuda",
                 )
                 outputs.append(F.normalize(features.float(), dim=1))
-        finally:
-            self.train(was_training)
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
+        if is_batch:
             return outputs[0]
         squeezed = [o[0] for o in outputs]
         return squeezed[0] if not isinstance(images, (list, tuple)) else squeezed
 
 
-def _same_size_runs(originals: list[np.ndarray], inputs: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of consecutive images whose original and model-input sizes match (one batch each)."""
-    keys = [(o.shape[:2], tuple(t.shape[-2:])) for o, t in zip(originals, inputs)]
-    runs = groupby(range(len(keys)), key=keys.__getitem__)
-    return [list(indices) for _, indices in runs]
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode, restoring the caller's train/eval mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _same_size_runs(batches: list[ImageBatch]) -> list[list[ImageBatch]]:
+    """Consecutive one-image batches the model sees at the same size (one forward pass each)."""
+    runs = groupby(batches, key=lambda batch: tuple(batch.pixel_values.shape[-2:]))
+    return [list(run) for _, run in runs]

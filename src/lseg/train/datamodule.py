@@ -144,11 +144,15 @@ class LSegDataModule(L.LightningDataModule):
         self.val_key: str | None = None
 
     def _normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """The model's mean/std, so data and model can never disagree."""
+        """The model's mean/std (its processor's), so data and model can never disagree."""
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is None:
-            return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-        return tuple(module.model.config.mean), tuple(module.model.config.std)
+        processor = getattr(getattr(module, "model", None), "processor", None)
+        if processor is None:
+            raise LSegError(
+                "the data module normalises images with the model's mean/std: attach it to a Trainer "
+                "with an LSegModule (trainer.fit(module, datamodule=data)) before setup"
+            )
+        return processor.mean, processor.std
 
     def setup(self, stage: str | None = None) -> None:
         mean, std = self._normalisation()

@@ -68,12 +68,12 @@ class LSegModule(L.LightningModule):
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean CE over valid pixels; samples of different datasets use their own label sets."""
         images, masks = batch["image"], batch["mask"]
-        decoded = self.model.decode(images)
+        pixels = self.model.pixel_embeddings(images)
         total = images.new_zeros(())
         valid = int((masks != IGNORE_INDEX).sum())
         for key in dict.fromkeys(batch["dataset"]):
             rows = [i for i, k in enumerate(batch["dataset"]) if k == key]
-            logits = self.model.classify(decoded[rows], self._text(key), images.shape[-2:])
+            logits = self.model.classify(pixels[rows], self._text(key), images.shape[-2:])
             total = total + F.cross_entropy(
                 logits.float(), masks[rows], ignore_index=IGNORE_INDEX, reduction="sum"
             )
@@ -97,7 +97,7 @@ class LSegModule(L.LightningModule):
         self._preview = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self.model(batch["image"], self._text(batch["dataset"][0]))
+        logits = self.model(batch["image"], self._text(batch["dataset"][0])).logits
         loss = F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX)
         prediction = logits.argmax(dim=1)
         self.val_metrics.update(prediction, batch["mask"])
@@ -122,15 +122,13 @@ class LSegModule(L.LightningModule):
         labels = self.label_sets[self.trainer.datamodule.val_key]
         colours = torch.from_numpy(palette(len(labels) + 1)).float() / 255
         colours[-1] = 0  # ignore -> black
-        mean = torch.tensor(self.model.config.mean).view(3, 1, 1)
-        std = torch.tensor(self.model.config.std).view(3, 1, 1)
         rows = []
         for image, mask, prediction in self._preview:
             mask = torch.where(mask == IGNORE_INDEX, len(labels), mask)
             rows.append(
                 torch.cat(
                     [
-                        (image * std + mean).clamp(0, 1),
+                        self.model.processor.denormalize(image[None])[0],
                         colours[mask].permute(2, 0, 1),
                         colours[prediction].permute(2, 0, 1),
                     ],

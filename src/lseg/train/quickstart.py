@@ -90,7 +90,7 @@ def evaluate(model, scenes: SyntheticStreetScenes, labels: list[str]) -> dict[st
     with torch.inference_mode():
         for index in range(len(scenes)):
             sample = scenes[index]
-            logits = model(sample["image"].as_subclass(torch.Tensor)[None], text)
+            logits = model(sample["image"].as_subclass(torch.Tensor)[None], text).logits
             metrics.update(logits.argmax(1), sample["mask"].as_subclass(torch.Tensor)[None])
     return metrics.compute()
 
@@ -185,7 +185,12 @@ def run_quickstart(out: Path, minutes: float = 3.0, train_images: int = 256, see
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
             trainer.fit(module, datamodule=data)
     model = module.model.eval()
-    held_out = SyntheticStreetScenes(32, size=tuple(size), seed=seed + 2000, transform=eval_transform())
+    held_out = SyntheticStreetScenes(
+        32,
+        size=tuple(size),
+        seed=seed + 2000,
+        transform=eval_transform(mean=model.processor.mean, std=model.processor.std),
+    )
     synonyms = [SYNONYMS[name] for name in SYNTHETIC_CLASS_NAMES]
     results = {
         "generator": GENERATOR,

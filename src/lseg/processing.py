@@ -1,0 +1,189 @@
+"""The one seam between pictures and the model: images -> normalised, padded batches -> label maps.
+
+`LSegImageProcessor` is built from a model's config (`LSegImageProcessor.from_config(config)`, or
+`model.processor`) and owns, for that model, everything the pixels go through on their way in and
+out: loading (`lseg.images`), long-side resize, normalisation with the config's mean/std, padding
+with the colour that is *black in pixel space* for that mean/std, batching images of different
+sizes, and turning logits back into label maps at the original sizes. `segment`, `encode_image`,
+feature extraction, the evaluation runner, `lseg query` and the demo all go through it, so they
+cannot disagree on any of these steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lseg.errors import LSegError
+from lseg.images import ImageInput, load_image, resize_long_side
+
+if TYPE_CHECKING:
+    from lseg.model.config import LSegConfig
+
+Size = tuple[int, int]
+
+
+def pad_image(images: Tensor, size: Sequence[int], value: float | Tensor) -> Tensor:
+    """Pad B x C x H x W bottom/right to `size` with `value` (a number or one value per channel).
+
+    Concatenation rather than `F.pad`, which only takes one number, so per-channel black works and the
+    op traces cleanly (torch.compile, ONNX).
+    """
+    batch, channels, height, width = images.shape
+    target_h, target_w = int(size[0]), int(size[1])
+    if target_h < height or target_w < width:
+        raise ValueError(f"cannot pad {height} x {width} to the smaller {target_h} x {target_w}")
+    fill = torch.as_tensor(value, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
+    if target_w > width:
+        images = torch.cat([images, fill.expand(batch, channels, height, target_w - width)], dim=3)
+    if target_h > height:
+        images = torch.cat([images, fill.expand(batch, channels, target_h - height, target_w)], dim=2)
+    return images
+
+
+def resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear (align_corners=True, as the model's own upsampling) resize of B x C x h x w maps."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(int(s) for s in size), mode="bilinear", align_corners=True)
+
+
+@dataclass
+class ImageBatch:
+    """Model input for a batch: images padded to the largest, and where each one really is."""
+
+    pixel_values: Tensor  # B x 3 x H x W, normalised, padded bottom/right with black
+    sizes: list[Size]  # each image's valid (resized) region, top-left of `pixel_values`
+    original_sizes: list[Size]  # each image's size before the resize: where results go back to
+
+
+class LSegImageProcessor:
+    """Pre- and post-processing of one model's images (see the module docstring).
+
+    `size` is the default long side images are resized to (None: keep their size).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], size: int | None = None) -> None:
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise LSegError(f"mean and std need 3 values each (std > 0), got {list(mean)} and {list(std)}")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.size = size
+
+    @classmethod
+    def from_config(cls, config: LSegConfig, size: int | None = None) -> LSegImageProcessor:
+        return cls(config.mean, config.std, size)
+
+    def __repr__(self) -> str:
+        return f"LSegImageProcessor(mean={self.mean}, std={self.std}, size={self.size})"
+
+    # ------------------------------------------------------------------ pixel <-> model space
+    def _stats(self, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        return mean, torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+
+    def pad_value(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """1 x 3 x 1 x 1 normalised value of a black pixel, `(0 - mean) / std`: what padding must be,
+        so the model sees a black border whatever its normalisation (-1 only for mean = std = 0.5)."""
+        mean, std = self._stats(device)
+        return ((0 - mean) / std).to(dtype or torch.float32)
+
+    def normalize(
+        self, images: Tensor, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """uint8 or [0, 1] float B x 3 x H x W -> model input (computed in float32, then cast)."""
+        if not images.is_floating_point():
+            images = images.float() / 255
+        images = images.to(device, torch.float32)
+        mean, std = self._stats(images.device)
+        return ((images - mean) / std).to(dtype or torch.float32)
+
+    def denormalize(self, pixel_values: Tensor) -> Tensor:
+        """Model input -> float32 [0, 1] pixels (previews, debugging)."""
+        mean, std = self._stats(pixel_values.device)
+        return (pixel_values.float() * std + mean).clamp(0, 1)
+
+    # ------------------------------------------------------------------ images in
+    def load(self, image: ImageInput) -> np.ndarray:
+        """H x W x 3 uint8 RGB from any supported input (`lseg.images.load_image`)."""
+        return load_image(image)
+
+    def preprocess(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        size: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ImageBatch:
+        """Load, resize (long side `size`, default `self.size`), normalise and batch images.
+
+        `images` is one image, a list of images of any sizes (padded with black to the largest), or a
+        B x 3 x H x W batch tensor (uint8 or [0, 1] float).
+        """
+        size = self.size if size is None else size
+        if isinstance(images, Tensor) and images.ndim == 4:
+            if images.shape[1] != 3 or 0 in images.shape:
+                raise LSegError(f"image batches must be B x 3 x H x W, got {tuple(images.shape)}")
+            originals = [tuple(images.shape[-2:])] * images.shape[0]
+            pixels = images.float() / 255 if not images.is_floating_point() else images.float()
+            resized = [resize_long_side(pixels.to(device).clamp(0, 1), size)]
+        else:
+            items = list(images) if isinstance(images, (list, tuple)) else [images]
+            if not items:
+                raise LSegError("no images given")
+            arrays = [self.load(item) for item in items]
+            originals = [array.shape[:2] for array in arrays]
+            resized = [
+                resize_long_side(torch.from_numpy(a).to(device).permute(2, 0, 1)[None].float() / 255, size)
+                for a in arrays
+            ]
+        sizes = [tuple(r.shape[-2:]) for r in resized for _ in range(r.shape[0])]
+        batch_size = (max(h for h, _ in sizes), max(w for _, w in sizes))
+        normalised = [self.normalize(r, dtype=dtype) for r in resized]
+        black = self.pad_value(normalised[0].device, normalised[0].dtype)
+        pixel_values = torch.cat([pad_image(n, batch_size, black) for n in normalised])
+        return ImageBatch(
+            pixel_values, [(int(h), int(w)) for h, w in sizes], [tuple(map(int, o)) for o in originals]
+        )
+
+    # ------------------------------------------------------------------ results out
+    def resize_logits(
+        self,
+        logits: Tensor,
+        target_sizes: Sequence[Sequence[int]],
+        sizes: Sequence[Sequence[int]] | None = None,
+    ) -> list[Tensor]:
+        """Per image: crop B x N x H x W logits to its valid `sizes` (default: all), resize to its
+        `target_sizes` entry; float32 N x h x w tensors."""
+        if len(target_sizes) != logits.shape[0] or (sizes is not None and len(sizes) != logits.shape[0]):
+            raise ValueError(f"need one target size (and valid size) per image, got {len(target_sizes)}")
+        out = []
+        for index, target in enumerate(target_sizes):
+            height, width = sizes[index] if sizes is not None else logits.shape[-2:]
+            out.append(resize_logits(logits[index : index + 1, :, :height, :width].float(), target)[0])
+        return out
+
+    def postprocess(
+        self,
+        logits: Tensor,
+        target_sizes: Sequence[Sequence[int]],
+        sizes: Sequence[Sequence[int]] | None = None,
+        return_scores: bool = False,
+    ) -> list[Tensor] | list[tuple[Tensor, Tensor]]:
+        """Logits of a batch -> one H x W int64 label map per image at its `target_sizes` entry
+        (usually `ImageBatch.original_sizes`), with N x H x W softmax scores if `return_scores`.
+
+        `sizes` (usually `ImageBatch.sizes`) crops away each image's batch padding first.
+        """
+        results = []
+        for resized in self.resize_logits(logits, target_sizes, sizes):
+            label_map = resized.argmax(dim=0)
+            results.append((label_map, resized.softmax(dim=0)) if return_scores else label_map)
+        return results
