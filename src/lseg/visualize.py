@@ -30,10 +30,16 @@ def shorten(label: str, limit: int = LEGEND_LABEL_CHARS) -> str:
     return label if len(label) <= limit else label[: limit - 1] + "…"
 
 
+def blend(image: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
+    """uint8 `image` with `colours` (same H x W x 3) laid over it at opacity `alpha`."""
+    mixed = image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
+    return mixed.round().clip(0, 255).astype(np.uint8)
+
+
 def overlay(image: np.ndarray, label_map: np.ndarray, labels: list[str], alpha: float = 0.55) -> Image.Image:
     """Image blended with the label colours, plus a legend: colour, label, share of pixels."""
     colours = palette(len(labels))
-    blended = (image.astype(np.float32) * (1 - alpha) + colours[label_map] * alpha).astype(np.uint8)
+    blended = blend(image, colours[label_map], alpha)
     counts = np.bincount(label_map.ravel(), minlength=len(labels))
     order = [i for i in np.argsort(-counts) if counts[i] > 0]
     font_size = max(12, min(28, image.shape[0] // 30))

@@ -14,17 +14,47 @@ def image():
     return np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
 
 
-def test_predict_returns_overlay_and_shares(tiny_model, image):
-    picture, shares = predict(tiny_model, image, " cat, plant ,grass, other", 64, "single")
+def test_predict_returns_overlay_shares_heatmaps_and_label_map(tiny_model, image):
+    prediction = predict(tiny_model, image, " cat, plant ,grass, other", 64, "single")
+    labels = ["cat", "plant", "grass", "other"]
+    assert prediction.labels == labels
+    picture = prediction.overlay
     assert isinstance(picture, Image.Image) and picture.height >= 40 and picture.width > 56
-    assert [label for label, _ in shares] != [] and {label for label, _ in shares} == {
-        "cat",
-        "plant",
-        "grass",
-        "other",
-    }
+    shares = prediction.shares
+    assert {label for label, _ in shares} == set(labels)
     assert sum(share for _, share in shares) == pytest.approx(1)
     assert [s for _, s in shares] == sorted((s for _, s in shares), reverse=True)
+    assert prediction.label_map.shape == (40, 56) and prediction.label_map.max() < 4
+    assert [caption for _, caption in prediction.heatmaps] == labels
+    assert all(heat.shape == (40, 56, 3) and heat.dtype == np.uint8 for heat, _ in prediction.heatmaps)
+    assert prediction.seconds > 0
+    result = tiny_model.segment(image, labels=labels, size=64)
+    assert np.array_equal(prediction.label_map, result.label_map)
+
+
+def test_heatmaps_follow_the_similarity_of_each_word(tiny_model):
+    """The brightest heat-map pixel of a label is where its cosine similarity is highest."""
+    from lseg.features import similarity_maps
+
+    image = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    prediction = predict(tiny_model, image, "cat, road", 0, "single")
+    features = tiny_model.encode_image(image).float().numpy()
+    similarity = similarity_maps(features, tiny_model.encode_text(["cat", "road"]).numpy())
+    for (heat, _), values in zip(prediction.heatmaps, similarity):
+        assert heat.shape[:2] == (48, 64)
+        brightness = heat.astype(np.float32).sum(axis=2)
+        top = np.unravel_index(values.argmax(), values.shape)
+        assert brightness[top[0] * 2, top[1] * 2] > np.median(brightness)
+
+
+def test_large_images_get_small_heatmaps(tiny_model):
+    from lseg.app.demo import HEATMAP_LONG_SIDE
+
+    image = np.zeros((400, 1000, 3), dtype=np.uint8)
+    prediction = predict(tiny_model, image, "a, b", 64, "single")
+    assert prediction.heatmaps[0][0].shape == (128, HEATMAP_LONG_SIDE, 3)
+    assert prediction.label_map.shape == (400, 1000)
+    assert not predict(tiny_model, image, "a, b", 64, "single", heatmaps=False).heatmaps
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Web demo: upload an image, type label words, get a colour overlay and label shares.
+"""Web demo: upload an image, type label words, get a colour overlay, label shares, a heat map per
+label (which pixels look like *this word*), the label map as a PNG and the time it took.
 
 `predict` holds all the logic and needs no gradio (tests call it directly); `build_app` wraps it in a
 gradio Blocks UI and turns `LSegError` into `gr.Error` messages shown in the page. gradio is an optional
@@ -9,8 +10,14 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from lseg.errors import LSegError
 
@@ -20,23 +27,41 @@ if TYPE_CHECKING:
     from lseg.model.lseg import LSeg
 
 DEFAULT_LABELS = "cat, plant, grass, stone, other"
+STREET_LABELS = "road, car, building, tree, sky, person, other"
 DEFAULT_SIZE = 480
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_LABELS = 64
+HEATMAP_LONG_SIDE = 320  # gallery thumbnails: enough to see where a word matches, cheap to send
+
+
+@dataclass
+class Prediction:
+    """What the page shows for one request."""
+
+    labels: list[str]
+    overlay: Image.Image  # image blended with one colour per label, with a legend
+    shares: list[tuple[str, float]]  # (label, share of pixels), largest first, summing to 1
+    label_map: np.ndarray  # H x W indices into `labels` at the image's size
+    heatmaps: list[tuple[np.ndarray, str]]  # per label: cosine-similarity heat map over the image
+    seconds: float
 
 
 def predict(
-    model: LSeg, image: Any, labels_text: str | None, size: int | float | None, protocol: str = "single"
-) -> tuple[Image.Image, list[tuple[str, float]]]:
-    """Segment `image` with comma-separated `labels_text`.
-
-    Returns the overlay with its legend and (label, share of pixels) pairs, largest first, every label
-    included (shares sum to 1). `size` is the long side the model sees (None or 0: original size).
+    model: LSeg,
+    image: Any,
+    labels_text: str | None,
+    size: int | float | None,
+    protocol: str = "single",
+    heatmaps: bool = True,
+) -> Prediction:
+    """Segment `image` with comma-separated `labels_text`; `size` is the long side the model sees
+    (None or 0: original size). Heat maps share one colour scale, so they compare across labels.
     Raises LSegError with a one-line, user-facing message for any bad input.
     """
+    from lseg.features import colormap, resize_map, similarity_maps
     from lseg.inference import PROTOCOLS
     from lseg.labels import parse_labels
-    from lseg.visualize import overlay
+    from lseg.visualize import blend, overlay
 
     if image is None:
         raise LSegError("upload an image first")
@@ -49,9 +74,34 @@ def predict(
         raise LSegError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     size = checked_size(size)
     array = model.processor.load(image)
+    started = time.perf_counter()
     result = model.segment(array, labels=labels, size=size, protocol=protocol)
+    maps: list[tuple[np.ndarray, str]] = []
+    if heatmaps:
+        thumbnail = _thumbnail(array)
+        features = model.encode_image(array, size=size, protocol=protocol)
+        similarity = similarity_maps(features.float().cpu().numpy(), model.encode_text(labels).float().cpu())
+        low, high = float(similarity.min()), float(similarity.max())
+        for label, values in zip(labels, similarity):
+            heat = colormap(resize_map(values, thumbnail.shape[:2]), low, high)
+            maps.append((blend(thumbnail, heat, 0.6), label))
+    seconds = time.perf_counter() - started
     shares = sorted(result.shares().items(), key=lambda item: -item[1])
-    return overlay(array, result.label_map, labels), shares
+    return Prediction(
+        labels, overlay(array, result.label_map, labels), shares, result.label_map, maps, seconds
+    )
+
+
+def _thumbnail(array: np.ndarray) -> np.ndarray:
+    """The image with its long side at most HEATMAP_LONG_SIDE (the gallery does not need more)."""
+    import torch
+
+    from lseg.images import resize_long_side
+
+    if max(array.shape[:2]) <= HEATMAP_LONG_SIDE:
+        return array
+    small = resize_long_side(torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255, HEATMAP_LONG_SIDE)
+    return (small[0].permute(1, 2, 0) * 255).round().byte().numpy()
 
 
 def checked_size(size: Any) -> int | None:
@@ -65,18 +115,26 @@ def checked_size(size: Any) -> int | None:
     return int(size)
 
 
-def example_images() -> list[Path]:
-    """The bundled-with-the-repo sample image(s), when a shared data folder is present (never shipped)."""
+def example_images(folder: Path) -> list[tuple[Path, str]]:
+    """(image, labels) examples to click: the repository's shared photo when present (never shipped)
+    and two procedurally generated street scenes written to `folder`."""
+    from lseg.data.synthetic import SyntheticStreetScenes
+    from lseg.files import save_image
+
+    examples = []
     candidates = []
     if os.environ.get("LSEG_SHARED_DATA"):
         candidates.append(Path(os.environ["LSEG_SHARED_DATA"]) / "images")
     candidates.append(Path.cwd().parent / "shared" / "data" / "images")
     candidates.append(Path(__file__).resolve().parents[3].parent / "shared" / "data" / "images")
-    for folder in candidates:
-        image = folder / "cat1.jpeg"
-        if image.is_file():
-            return [image.resolve()]
-    return []
+    photo = next((folder / "cat1.jpeg" for folder in candidates if (folder / "cat1.jpeg").is_file()), None)
+    if photo is not None:
+        examples.append((photo.resolve(), DEFAULT_LABELS))
+    scenes = SyntheticStreetScenes(2, size=(240, 320), seed=7)
+    for index in range(len(scenes)):
+        path = save_image(scenes[index]["image"].permute(1, 2, 0).numpy(), folder / f"street{index}.png")
+        examples.append((path, STREET_LABELS))
+    return examples
 
 
 def require_gradio():
@@ -87,17 +145,36 @@ def require_gradio():
     return gradio
 
 
-def build_app(model: LSeg, title: str = "LSeg: language-driven semantic segmentation"):
-    """A gradio Blocks app around `predict` for `model` (not launched)."""
+def build_app(
+    model: LSeg,
+    title: str = "LSeg: language-driven semantic segmentation",
+    scratch: Path | None = None,
+    examples: list[tuple[Path, str]] | None = None,
+):
+    """A gradio Blocks app around `predict` for `model` (not launched). The model is loaded once by the
+    caller and shared by every request; its text encoder caches label embeddings (bounded LRU).
+    `scratch` holds the generated examples and label-map downloads (default: a new temporary folder)."""
     gr = require_gradio()
+    from lseg.files import save_image
     from lseg.inference import PROTOCOLS
 
-    def run(image, labels_text, size, protocol):
+    scratch = scratch or Path(tempfile.mkdtemp(prefix="lseg-demo-"))
+    examples = example_images(scratch) if examples is None else examples
+
+    def run(image, labels_text, size, protocol, heatmaps):
         try:
-            picture, shares = predict(model, image, labels_text, size, protocol)
+            prediction = predict(model, image, labels_text, size, protocol, heatmaps)
         except LSegError as error:
             raise gr.Error(str(error)) from error
-        return picture, [[label, f"{100 * share:.1f}%"] for label, share in shares]
+        _prune(scratch)
+        dtype = np.uint8 if len(prediction.labels) <= 256 else np.uint16
+        label_map = save_image(
+            prediction.label_map.astype(dtype), scratch / f"labels-{secrets.token_hex(6)}.png"
+        )
+        table = [[label, f"{100 * share:.1f}%"] for label, share in prediction.shares]
+        legend = ", ".join(f"{index} = {label}" for index, label in enumerate(prediction.labels))
+        timing = f"{prediction.seconds:.2f} s on {model.device} · label map values: {legend}"
+        return prediction.overlay, table, prediction.heatmaps, str(label_map), timing
 
     with gr.Blocks(title=title) as app:
         gr.Markdown(
@@ -107,7 +184,8 @@ def build_app(model: LSeg, title: str = "LSeg: language-driven semantic segmenta
         )
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="numpy", label="image")
+                # A file path: lseg.images decodes it (size limit, EXIF, 16-bit, alpha), not gradio.
+                image = gr.Image(type="filepath", image_mode=None, label="image")
                 labels = gr.Textbox(value=DEFAULT_LABELS, label="labels (comma-separated)")
                 size = gr.Slider(
                     minimum=MIN_SIZE,
@@ -121,23 +199,46 @@ def build_app(model: LSeg, title: str = "LSeg: language-driven semantic segmenta
                     value="single",
                     label="inference protocol (single is fastest; lseg-ms is the paper's multi-scale)",
                 )
+                heatmaps = gr.Checkbox(value=True, label="similarity heat map per label")
                 button = gr.Button("Segment", variant="primary")
             with gr.Column():
-                picture = gr.Image(type="pil", label="segmentation")
-                table = gr.Dataframe(headers=["label", "share"], label="label shares", interactive=False)
-        inputs = [image, labels, size, protocol]
-        button.click(run, inputs=inputs, outputs=[picture, table])
-        examples = example_images()
-        if examples:
-            gr.Examples(
-                examples=[[str(path), DEFAULT_LABELS, DEFAULT_SIZE, "single"] for path in examples],
-                inputs=inputs,
-            )
+                picture = gr.Image(type="pil", label="segmentation", elem_id="segmentation")
+                table = gr.Dataframe(
+                    headers=["label", "share"], label="label shares", interactive=False, elem_id="shares"
+                )
+                timing = gr.Markdown(elem_id="timing")
+                label_map = gr.File(label="label map (PNG of label indices)", elem_id="label-map")
+        gallery = gr.Gallery(
+            label="which pixels look like each word (cosine similarity, one colour scale)",
+            columns=4,
+            elem_id="heatmaps",
+        )
+        inputs = [image, labels, size, protocol, heatmaps]
+        button.click(
+            run, inputs=inputs, outputs=[picture, table, gallery, label_map, timing], api_name="segment"
+        )
+        gr.Examples(
+            examples=[
+                [str(path), words, DEFAULT_SIZE, "single", True] for path, words in example_images(scratch)
+            ],
+            inputs=inputs,
+        )
     return app
 
 
+def _prune(folder: Path, max_age_s: float = 3600) -> None:
+    """Delete our own label-map downloads older than an hour, so a long-running demo stays bounded."""
+    cutoff = time.time() - max_age_s
+    for path in folder.glob("labels-*.png"):
+        if path.stat().st_mtime < cutoff:
+            path.unlink(missing_ok=True)
+
+
 def launch(model: LSeg, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
-    app = build_app(model)
+    scratch = Path(tempfile.mkdtemp(prefix="lseg-demo-"))
+    examples = example_images(scratch)
+    app = build_app(model, scratch=scratch, examples=examples)
     app.queue(default_concurrency_limit=1)  # one model, one request at a time
-    allowed = [str(path.parent) for path in example_images()]
-    app.launch(server_name=host, server_port=port, share=share, allowed_paths=allowed)
+    allowed = sorted({str(scratch), *(str(path.parent) for path, _ in examples)})
+    # show_error: what gradio itself refuses (a file that is no image) is shown in the page too.
+    app.launch(server_name=host, server_port=port, share=share, allowed_paths=allowed, show_error=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 from lseg.errors import LSegError
 
@@ -49,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         raise LSegError(f"--port must be between 1 and 65535, got {args.port}")
     if not args.checkpoint and not args.preset:
         raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
+    started = time.perf_counter()
     model = load_model_from_args(args)
+    source = args.checkpoint or f"preset {args.preset}"
+    print(f"lseg demo: model {source} loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     launch(model, host=args.host, port=args.port, share=args.share)
     return 0

@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from lseg.files import save_array as save_npy
     from lseg.files import save_image as save_png
     from lseg.images import load_image
+    from lseg.visualize import blend
 
     if not 0 <= args.alpha <= 1:
         raise LSegError(f"--alpha must be between 0 and 1, got {args.alpha}")
@@ -122,8 +123,7 @@ def run(args: argparse.Namespace) -> int:
             heat = colormap(full, args.vmin, args.vmax)
             save_png(heat, out / f"{path.stem}.{name}.png")
             if image is not None:
-                blended = image.astype(np.float32) * (1 - args.alpha) + heat.astype(np.float32) * args.alpha
-                save_png(blended.round().astype(np.uint8), out / f"{path.stem}.{name}.overlay.png")
+                save_png(blend(image, heat, args.alpha), out / f"{path.stem}.{name}.overlay.png")
             if args.save_similarity:
                 save_npy(similarity.astype(np.float32), out / f"{path.stem}.{name}.npy")
         del features
