@@ -102,3 +102,21 @@ def test_a_model_without_text_encoder_is_refused(camvid_root, model):
     model.text_encoder = None
     with pytest.raises(LSegError, match="no text encoder"):
         evaluate(model, load_dataset("camvid", camvid_root))
+
+
+def test_charts_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    """A notebook's inline backend survives drawing the report charts (they once forced Agg)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    from lseg.evaluate.report import plot_confusion, plot_per_class_iou
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg", force=True)
+    try:
+        plot_per_class_iou(["a", "b"], [0.25, float("nan")], tmp_path / "iou.png")
+        plot_confusion(["a", "b"], np.array([[3, 1], [0, 2]]), tmp_path / "confusion.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before, force=True)
+    for name in ("iou.png", "confusion.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.width > 100

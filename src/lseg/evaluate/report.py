@@ -145,17 +145,18 @@ def write_staged(out: str | Path, writers: Iterable[tuple[str, Callable[[Path], 
 
 # ----------------------------------------------------------------------------- charts
 def require_matplotlib() -> Any:
-    """`matplotlib.pyplot` on the Agg backend, or an LSegError saying how to install it."""
+    """`matplotlib.figure.Figure`, or an LSegError saying how to install matplotlib.
+
+    Charts are drawn on a bare `Figure` (rendered by Agg when saved), never through pyplot: the caller's
+    backend, e.g. a notebook's inline one, is left as it was.
+    """
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         raise LSegError(
             "evaluation charts need matplotlib: pip install 'lseg[train]' (or pip install matplotlib)"
         ) from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure
 
 
 def _save_figure(fig: Any, path: Path) -> None:
@@ -166,67 +167,63 @@ def plot_per_class_iou(
     class_names: Sequence[str], ious: Sequence[float], path: Path, title: str = "per-class IoU"
 ) -> None:
     """Horizontal bars, one per class in class order; classes without a defined IoU are marked n/a."""
-    plt = require_matplotlib()
+    figure = require_matplotlib()
     count = len(class_names)
     height = min(60.0, max(2.5, 0.22 * count + 1.2))
-    fig, ax = plt.subplots(figsize=(7.5, height))
-    try:
-        values = [0.0 if v is None or math.isnan(v) else 100 * v for v in ious]
-        positions = np.arange(count)
-        ax.barh(positions, values, color="#4c72b0")
-        ax.set_yticks(positions, labels=list(class_names), fontsize=8 if count <= 60 else 6)
-        ax.invert_yaxis()
-        ax.set_xlim(0, 100)
-        ax.set_xlabel("IoU (%)")
-        defined = [v for v in ious if v is not None and not math.isnan(v)]
-        mean = 100 * sum(defined) / len(defined) if defined else math.nan
-        ax.set_title(f"{title} (mIoU {mean:.1f}%)")
-        if defined:
-            ax.axvline(mean, color="#c44e52", linestyle="--", linewidth=1)
-        for y, v in zip(positions, ious, strict=True):
-            if v is None or math.isnan(v):
-                ax.text(1, y, "n/a (absent)", va="center", fontsize=7, color="grey")
-        _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    fig = figure(figsize=(7.5, height))
+    ax = fig.subplots()
+    values = [0.0 if v is None or math.isnan(v) else 100 * v for v in ious]
+    positions = np.arange(count)
+    ax.barh(positions, values, color="#4c72b0")
+    ax.set_yticks(positions, labels=list(class_names), fontsize=8 if count <= 60 else 6)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("IoU (%)")
+    defined = [v for v in ious if v is not None and not math.isnan(v)]
+    mean = 100 * sum(defined) / len(defined) if defined else math.nan
+    ax.set_title(f"{title} (mIoU {mean:.1f}%)")
+    if defined:
+        ax.axvline(mean, color="#c44e52", linestyle="--", linewidth=1)
+    for y, v in zip(positions, ious, strict=True):
+        if v is None or math.isnan(v):
+            ax.text(1, y, "n/a (absent)", va="center", fontsize=7, color="grey")
+    _save_figure(fig, path)
 
 
 def plot_confusion(class_names: Sequence[str], confmat: np.ndarray, path: Path) -> None:
     """Row-normalised confusion matrix (rows: ground truth, columns: prediction) with class names."""
-    plt = require_matplotlib()
+    figure = require_matplotlib()
     confmat = np.asarray(confmat, dtype=np.float64)
     rows = confmat.sum(1, keepdims=True)
     normalised = np.divide(confmat, rows, out=np.zeros_like(confmat), where=rows > 0)
     count = len(class_names)
     side = min(40.0, max(4.5, 0.3 * count + 2))
-    fig, ax = plt.subplots(figsize=(side + 1.2, side))
-    try:
-        image = ax.imshow(normalised, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        font = 8 if count <= 30 else (6 if count <= 80 else 4)
-        ticks = np.arange(count)
-        ax.set_xticks(ticks, labels=list(class_names), rotation=90, fontsize=font)
-        ax.set_yticks(ticks, labels=list(class_names), fontsize=font)
-        ax.set_xlabel("prediction")
-        ax.set_ylabel("ground truth")
-        ax.set_title("confusion matrix (rows normalised)")
-        if count <= 20:
-            for t in range(count):
-                for p in range(count):
-                    if rows[t, 0] > 0 and normalised[t, p] >= 0.005:
-                        colour = "black" if normalised[t, p] > 0.5 else "white"
-                        ax.text(
-                            p,
-                            t,
-                            f"{normalised[t, p]:.2f}",
-                            ha="center",
-                            va="center",
-                            fontsize=6,
-                            color=colour,
-                        )
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-        _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    fig = figure(figsize=(side + 1.2, side))
+    ax = fig.subplots()
+    image = ax.imshow(normalised, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    font = 8 if count <= 30 else (6 if count <= 80 else 4)
+    ticks = np.arange(count)
+    ax.set_xticks(ticks, labels=list(class_names), rotation=90, fontsize=font)
+    ax.set_yticks(ticks, labels=list(class_names), fontsize=font)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title("confusion matrix (rows normalised)")
+    if count <= 20:
+        for t in range(count):
+            for p in range(count):
+                if rows[t, 0] > 0 and normalised[t, p] >= 0.005:
+                    colour = "black" if normalised[t, p] > 0.5 else "white"
+                    ax.text(
+                        p,
+                        t,
+                        f"{normalised[t, p]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color=colour,
+                    )
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    _save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- best / worst grid
