@@ -144,8 +144,10 @@ def test_a_bad_image_in_a_folder_does_not_stop_the_others(tmp_path, model_dir, c
     assert "b.jpg" in lines[0] and "truncated" in lines[0] and "c.png" in lines[1]
     assert lines[2] == "lseg: error: 2 of 4 inputs failed (listed above); the others were processed"
     assert sorted(p.name for p in out.iterdir()) == [
+        "a.json",
         "a.labels.png",
         "a.overlay.png",
+        "d.json",
         "d.labels.png",
         "d.overlay.png",
     ]
