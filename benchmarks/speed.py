@@ -271,6 +271,81 @@ def text_gflop(model: LSeg, labels: list[str]) -> float:
     return counter.get_total_flops() / 1e9
 
 
+# --------------------------------------------------------------------------- cost curves
+MEGAPIXELS = (0.3, 1, 3, 6, 12)
+LABEL_COUNTS = (10, 30, 100, 300, 1000)
+BASELINE_MAX_MEGAPIXELS = 3  # 150 labels x 6 MP: 3.6 GB of logits + 3.6 GB of probabilities
+
+
+def measure_curves(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Time and peak memory vs image megapixels (150 labels) and vs label count (480 x 640), for the
+    baseline and the best mode (bf16 on CPU, bf16 autocast on CUDA), the model seeing --size 480."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    base = LSeg.from_config(args.preset, pretrained=False).to(device).eval()
+    best = prepare_for_inference(copy.deepcopy(base), "bfloat16", device)
+    scene = SyntheticStreetScenes(1, size=(480, 640), seed=0)[0]["image"].permute(1, 2, 0).numpy()
+    words = ade20k_names() + [f"word {i}" for i in range(max(LABEL_COUNTS))]
+    points = []
+
+    def point(axis: str, value: float, image: np.ndarray, labels: list[str]) -> None:
+        for mode in ("baseline", "best"):
+            if mode == "baseline" and axis == "megapixels" and value > BASELINE_MAX_MEGAPIXELS:
+                continue
+            if mode == "baseline":
+                run = lambda: baseline_segment(base, [image], labels, 480)  # noqa: E731
+                model = base
+            else:
+                best.segment(image, labels=labels, size=480)  # label embeddings cached, warm
+                run = lambda: best.segment(image, labels=labels, size=480)  # noqa: E731
+                model = best
+            with PeakMemory(device, weights_mb(model)) as peak:
+                times, _ = timed(run, device, 1)
+            entry = {"axis": axis, "value": value, "mode": mode, "seconds": round(times[0], 3)}
+            points.append({**entry, "peak_mem_mb": round(peak.peak_mb, 1)})
+            print(json.dumps(points[-1]), flush=True)
+            release_memory()
+
+    for megapixels in MEGAPIXELS:
+        height = int(round((megapixels * 1e6 * 3 / 4) ** 0.5))
+        width = int(round(height * 4 / 3))
+        image = np.asarray(Image.fromarray(scene).resize((width, height), Image.Resampling.BILINEAR))
+        point("megapixels", megapixels, image, words[:150])
+    for count in LABEL_COUNTS:
+        point("labels", count, scene, words[:count])
+    return {"preset": args.preset, "model_size": 480, "device": device_name(device), "points": points}
+
+
+def plot_curves(curves: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for column, (axis, label) in enumerate(
+        (("megapixels", "image megapixels (150 labels)"), ("labels", "labels (480 x 640 image)"))
+    ):
+        for row, (key, unit) in enumerate((("seconds", "seconds per image"), ("peak_mem_mb", "peak MB"))):
+            ax = axes[row][column]
+            for mode, style in (("baseline", "o-"), ("best", "s-")):
+                xs = [p["value"] for p in curves["points"] if p["axis"] == axis and p["mode"] == mode]
+                ys = [p[key] for p in curves["points"] if p["axis"] == axis and p["mode"] == mode]
+                name = "original LSeg way (fp32)" if mode == "baseline" else "lseg bf16 (best)"
+                ax.plot(xs, ys, style, label=name)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel(unit)
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend()
+    figure.suptitle(f"{curves['preset']}, model input long side {curves['model_size']}, {curves['device']}")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
 # --------------------------------------------------------------------------- training steps
 def measure_training(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """SGD steps (batch `--train-batch-size`, labels = the first 150 ADE20K names) in fp32 and bf16."""
@@ -327,6 +402,7 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="also time training steps (fp32, bf16)")
     parser.add_argument("--train-batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--curves", help="only measure the cost curves; write this PNG (and .json beside)")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--out", help="append the results as one JSON line to this file")
     args = parser.parse_args()
@@ -335,6 +411,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.curves:
+        curves = measure_curves(args, device)
+        Path(args.curves).with_suffix(".json").write_text(json.dumps(curves, indent=2) + "\n")
+        plot_curves(curves, Path(args.curves))
+        return
     started = time.perf_counter()
     result: dict[str, Any] = {
         "preset": args.preset,
