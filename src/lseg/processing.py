@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from lseg.model.config import LSegConfig
 
 Size = tuple[int, int]
-# Resized logits held at once by `label_maps` (float32: 128 MB), whatever the image and label count.
-LABEL_CHUNK_ELEMENTS = 2**25
+# Resized logits held at once by `label_maps` (float32: 64 MB), whatever the image and label count.
+LABEL_CHUNK_ELEMENTS = 2**24
 
 
 def pad_image(images: Tensor, size: Sequence[int], value: float | Tensor) -> Tensor:
@@ -230,19 +230,19 @@ class LSegImageProcessor:
             for start in range(0, source.shape[1], chunk):
                 part = resize_logits(source[:, start : start + chunk], target)[0]
                 value, arg = part.max(dim=0)
+                arg = arg.to(torch.int32).add_(start)  # int32 while running: half the memory
                 if best is None:
                     best, label_map = value, arg
                     if return_confidence:
                         total = (part - best).exp_().sum(dim=0)
                     continue
                 better = value > best  # strict: ties keep the earlier label, as argmax
-                label_map = torch.where(better, arg + start, label_map)
+                label_map = torch.where(better, arg, label_map)
+                new_best = torch.maximum(best, value)
                 if return_confidence:
-                    new_best = torch.maximum(best, value)
-                    total = total * (best - new_best).exp_() + (part - new_best).exp_().sum(dim=0)
-                    best = new_best
-                else:
-                    best = torch.where(better, value, best)
-                del part, value, arg, better
-            results.append((label_map, total.reciprocal() if return_confidence else None))
+                    total.mul_((best - new_best).exp_()).add_((part - new_best).exp_().sum(dim=0))
+                best = new_best
+                del part, value, arg, better, new_best
+            label_map = label_map.long()
+            results.append((label_map, total.reciprocal_() if return_confidence else None))
         return results
