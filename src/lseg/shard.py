@@ -39,6 +39,18 @@ def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int]:
     return 0, 1
 
 
+def shard_device(device: Any, env: Mapping[str, str] | None = None) -> Any:
+    """A CUDA device without an index, under torchrun or srun: this process's GPU, cuda:LOCAL_RANK
+    (SLURM_LOCALID) modulo the GPUs it sees, so ranks on one node do not share GPU 0."""
+    import torch
+
+    env = os.environ if env is None else env
+    local = env.get("LOCAL_RANK", env.get("SLURM_LOCALID"))
+    if device.type != "cuda" or device.index is not None or local is None:
+        return device
+    return torch.device("cuda", int(local) % max(1, torch.cuda.device_count()))
+
+
 def take_shard(items: Sequence[T], rank: int, world: int) -> list[T]:
     """Items rank, rank + world, ...: disjoint across ranks, complete together, balanced within one."""
     return list(items[rank::world])

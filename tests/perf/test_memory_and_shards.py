@@ -76,6 +76,13 @@ def test_shards_from_env_are_disjoint_and_complete():
     assert shard_from_env({}) == (0, 1)
     assert shard_from_env({"RANK": "1", "WORLD_SIZE": "3"}) == (1, 3)
     assert shard_from_env({"SLURM_PROCID": "2", "SLURM_NTASKS": "4"}) == (2, 4)
+    import torch
+
+    from lseg.shard import shard_device
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert shard_device(cpu, {"LOCAL_RANK": "3"}) == cpu and shard_device(cuda, {}) == cuda
+    assert shard_device(torch.device("cuda", 1), {"LOCAL_RANK": "3"}).index == 1
     items = list(range(10))
     shards = [take_shard(items, rank, 3) for rank in range(3)]
     assert sorted(sum(shards, [])) == items and sum(len(s) for s in shards) == 10

@@ -47,8 +47,9 @@ def load_model_from_args(args: argparse.Namespace):
     from lseg import LSeg
     from lseg.device import resolve_device
     from lseg.precision import prepare_for_inference
+    from lseg.shard import shard_device
 
-    device = resolve_device(args.device)
+    device = shard_device(resolve_device(args.device))
     if args.checkpoint:
         model = LSeg.from_pretrained(args.checkpoint)
     elif args.preset:
