@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lseg.errors import LSegError
 from lseg.images import ImageInput
 from lseg.inference import InferenceProtocol, resolve_protocol, run_protocol, scaled_size
+from lseg.precision import model_precision
 from lseg.processing import resize_logits
 
 GRIDS = ("model", "image")
@@ -53,17 +54,20 @@ def extract_features(
     protocol: str = "single",
     size: int | None = None,
     feature_grid: str = "model",
+    dtype: str | torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One image -> (D x h x w float32 tensor normalised over D, geometry metadata).
 
     `model` is an `LSeg`. `size` is the long side at scale 1: it resizes the input for protocols
     without a base size (single, slide) and replaces the base size of the others (openscene,
     lseg-ms). `feature_grid` "model" returns half the scale-1 resolution (what `LSeg.encode_image`
-    gives for single), "image" half the original image resolution.
+    gives for single), "image" half the original image resolution. `dtype` is the forward pass's
+    precision (`lseg.precision`; default: the model's).
     """
     if feature_grid not in GRIDS:
         raise LSegError(f"unknown feature grid {feature_grid!r}; choose one of: {', '.join(GRIDS)}")
     spec, size = resolve_protocol(protocol, size)
+    compute = model_precision(model, dtype)
     was_training = model.training
     model.eval()
     try:
@@ -79,7 +83,7 @@ def extract_features(
                 spec,
                 out_size=target,
                 pad_value=model.pad_value,
-                amp=model.device.type == "cuda",
+                dtype=compute,
             )
             features = F.normalize(features.float(), dim=1)[0]
     finally:

@@ -16,7 +16,10 @@ and any label set. Protocols only decide how the image is resized, padded, windo
 * overlapping windows are averaged with a count map; outputs of flips and scales are *summed* (raw
   logits, as in the original LSeg evaluation), so divide by `InferenceProtocol.num_passes` for a mean
   (argmax is unaffected);
-* every public function runs under `torch.no_grad()` and returns float32.
+* every public function runs under `torch.no_grad()` and returns float32; `dtype` is what the forward
+  computes in (`lseg.precision.autocast`: native when the images already have it, autocast when the
+  images are float32 and `dtype` is narrower; None: the images' dtype).
+* windows are batched (`window_batch_size` per forward call).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lseg.errors import LSegError
+from lseg.precision import autocast
 
 Forward = Callable[[Tensor], Tensor]
 
@@ -193,10 +197,9 @@ def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
-def _call(forward: Forward, batch: Tensor, amp: bool, size: Sequence[int]) -> Tensor:
-    """`forward(batch)` in float32, resized to `size`."""
-    use_amp = amp and batch.device.type == "cuda"
-    with torch.autocast(device_type=batch.device.type, dtype=torch.bfloat16, enabled=use_amp):
+def _call(forward: Forward, batch: Tensor, dtype: torch.dtype | None, size: Sequence[int]) -> Tensor:
+    """`forward(batch)` computed in `dtype` (`lseg.precision.autocast`), returned in float32 at `size`."""
+    with autocast(batch.device, dtype, batch.dtype):
         out = forward(batch)
     if out.ndim != 4 or out.shape[0] != batch.shape[0]:
         raise ValueError(
@@ -213,7 +216,7 @@ def _accumulate(
     window: tuple[int, int],
     flip: bool,
     window_batch_size: int,
-    amp: bool,
+    dtype: torch.dtype | None,
     out_size: tuple[int, int] | None = None,
 ) -> Tensor:
     """Sum of outputs of all windows (and their flips) over an image already padded to cover them.
@@ -236,7 +239,7 @@ def _accumulate(
         chunk = jobs[start : start + window_batch_size]
         crops = [images[i, :, y : y + wh, x : x + ww] for i, y, x, _ in chunk]
         batch = torch.stack([c.flip(-1) if f else c for c, (*_, f) in zip(crops, chunk, strict=True)])
-        out = _call(forward, batch, amp, size)
+        out = _call(forward, batch, dtype, size)
         if total is None:
             full = out_size or tuple(images.shape[-2:])
             total = out.new_zeros(images.shape[0], out.shape[1], *full)
@@ -254,7 +257,7 @@ def predict_whole(
     flip: bool = False,
     out_size: tuple[int, int] | None = None,
     window_batch_size: int = 8,
-    amp: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Run the whole images (and their flips, summed) in chunks of `window_batch_size`.
 
@@ -262,7 +265,7 @@ def predict_whole(
     """
     _check_images(images)
     h, w = images.shape[-2:]
-    return _accumulate(forward, images, [0], [0], (h, w), flip, window_batch_size, amp, out_size)
+    return _accumulate(forward, images, [0], [0], (h, w), flip, window_batch_size, dtype, out_size)
 
 
 @torch.no_grad()
@@ -275,7 +278,7 @@ def predict_sliding(
     pad_value: float | Tensor,
     flip: bool = False,
     window_batch_size: int = 8,
-    amp: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Sliding-window prediction with overlapping outputs averaged by a count map.
 
@@ -292,7 +295,7 @@ def predict_sliding(
     ys = window_starts(full_h, crop_size, stride)
     xs = window_starts(full_w, crop_size, stride)
     padded = pad_image(images, (full_h, full_w), pad_value)
-    total = _accumulate(forward, padded, ys, xs, (crop_size, crop_size), flip, window_batch_size, amp)
+    total = _accumulate(forward, padded, ys, xs, (crop_size, crop_size), flip, window_batch_size, dtype)
     count = total.new_zeros(1, 1, full_h, full_w)
     for y in ys:
         for x in xs:
@@ -309,7 +312,7 @@ def run_protocol(
     *,
     pad_value: float | Tensor,
     window_batch_size: int = 8,
-    amp: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Run a protocol and return the sum over scales and flips at the input (or `out_size`) resolution.
 
@@ -331,7 +334,7 @@ def run_protocol(
                 flip=protocol.flip,
                 out_size=target,
                 window_batch_size=window_batch_size,
-                amp=amp,
+                dtype=dtype,
             )
         else:
             out = predict_sliding(
@@ -342,7 +345,7 @@ def run_protocol(
                 flip=protocol.flip,
                 pad_value=pad_value,
                 window_batch_size=window_batch_size,
-                amp=amp,
+                dtype=dtype,
             )
         out = _resize(out, target)
         total = out if total is None else total.add_(out)

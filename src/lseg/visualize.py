@@ -39,7 +39,10 @@ def blend(image: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
 def overlay(image: np.ndarray, label_map: np.ndarray, labels: list[str], alpha: float = 0.55) -> Image.Image:
     """Image blended with the label colours, plus a legend: colour, label, share of pixels."""
     colours = palette(len(labels))
-    blended = blend(image, colours[label_map], alpha)
+    blended = np.empty_like(image, dtype=np.uint8)
+    for top in range(0, image.shape[0], 256):  # in strips: bounded memory for large photos
+        rows = slice(top, top + 256)
+        blended[rows] = blend(image[rows], colours[label_map[rows]], alpha)
     counts = np.bincount(label_map.ravel(), minlength=len(labels))
     order = [i for i in np.argsort(-counts) if counts[i] > 0]
     font_size = max(12, min(28, image.shape[0] // 30))

@@ -52,7 +52,7 @@ def test_features_cli_writes_resumes_and_checks_settings(tmp_path, model_dir, ca
     streams = capsys.readouterr()
     assert "skipping 2 image(s)" in streams.err and "1 written, 2 skipped" in streams.out
 
-    assert main([*argv, "--dtype", "float32"]) == 1
+    assert main([*argv, "--save-dtype", "float32"]) == 1
     assert "dtype='float16'" in capsys.readouterr().err
 
 
@@ -61,7 +61,7 @@ def test_features_cli_pt_format_and_unreadable_image(tmp_path, model_dir, capsys
     (images / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "features"
     argv = ["features", str(images), "--checkpoint", str(model_dir), "--out", str(out)]
-    assert main([*argv, "--format", "pt", "--dtype", "float32"]) == 1
+    assert main([*argv, "--format", "pt", "--save-dtype", "float32"]) == 1
     assert "1 of 2 inputs failed: cannot read image" in capsys.readouterr().err
     tensor = torch.load(out / "img0.pt", weights_only=True)
     assert tensor.dtype == torch.float32 and tensor.shape == (32, 10, 12)

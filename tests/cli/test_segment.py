@@ -144,8 +144,10 @@ def test_a_bad_image_in_a_folder_does_not_stop_the_others(tmp_path, model_dir, c
     assert "b.jpg" in lines[0] and "truncated" in lines[0] and "c.png" in lines[1]
     assert lines[2] == "lseg: error: 2 of 4 inputs failed (listed above); the others were processed"
     assert sorted(p.name for p in out.iterdir()) == [
+        "a.json",
         "a.labels.png",
         "a.overlay.png",
+        "d.json",
         "d.labels.png",
         "d.overlay.png",
     ]
@@ -221,18 +223,18 @@ def test_batch_size_reaches_the_model_and_features_follow_the_protocol(
     for index in range(4):
         good_image(folder / f"{index}.png", size=(40, 56), seed=index)
     batches = []
-    forward = LSeg.forward
+    forward = LSeg.pixel_embeddings  # what segment's passes run (then the head, at stride 2)
 
     def spy(self, pixel_values, *args, **kwargs):
         batches.append(pixel_values.shape[0])
         return forward(self, pixel_values, *args, **kwargs)
 
-    monkeypatch.setattr(LSeg, "forward", spy)
+    monkeypatch.setattr(LSeg, "pixel_embeddings", spy)
     out = tmp_path / "out"
     argv = ["segment", folder, "--labels", "a, b", "--checkpoint", model_dir, "--out", out]
     assert run_cli(capsys, *argv, "--batch-size", "2")[0] == 0
     assert batches == [2, 2]
-    monkeypatch.setattr(LSeg, "forward", forward)
+    monkeypatch.setattr(LSeg, "pixel_embeddings", forward)
 
     assert run_cli(capsys, *argv, "--protocol", "lseg-ms", "--size", "32", "--save-features")[0] == 0
     model = LSeg.from_pretrained(model_dir).eval()

@@ -249,7 +249,7 @@ def test_any_timm_vit_segments_at_any_size(name, kwargs, readout, interpolation)
     }
     model = LSeg.from_config(config).eval()
     image = torch.randint(0, 255, (45, 83, 3), dtype=torch.uint8).numpy()
-    result = model.segment(image, labels=["a", "b", "c"], size=90)
+    result = model.segment(image, labels=["a", "b", "c"], size=90, return_scores=True)
     assert result.label_map.shape == (45, 83) and result.scores.shape == (3, 45, 83)
 
 

@@ -118,8 +118,8 @@ def test_segment_batches_same_size_images_with_identical_results(tiny_model):
     rng = np.random.default_rng(0)
     shapes = [(30, 40, 3), (30, 40, 3), (25, 33, 3)]
     images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in shapes]
-    one_by_one = tiny_model.segment(images, labels=["a", "b", "c"])
-    batched = tiny_model.segment(images, labels=["a", "b", "c"], batch_size=3)
+    one_by_one = tiny_model.segment(images, labels=["a", "b", "c"], return_scores=True)
+    batched = tiny_model.segment(images, labels=["a", "b", "c"], batch_size=3, return_scores=True)
     assert [r.label_map.shape for r in batched] == [(30, 40), (30, 40), (25, 33)]
     for a, b in zip(one_by_one, batched):
         assert np.allclose(a.scores, b.scores, atol=1e-5)
@@ -139,7 +139,7 @@ def test_bfloat16_model_segments_like_float32():
     batch = model.processor.preprocess(image, device=model.device, dtype=model.dtype)
     assert batch.pixel_values.dtype == torch.bfloat16
     assert model.encode_text(labels).dtype == torch.bfloat16
-    result = model.segment(image, labels=labels)
+    result = model.segment(image, labels=labels, return_scores=True)
     assert result.label_map.shape == (40, 56) and result.scores.dtype == np.float32
     assert (result.label_map == expected).mean() > 0.9
     assert model.encode_image(image).shape == (32, 20, 28)
@@ -149,7 +149,7 @@ def test_labels_may_be_a_comma_separated_string(tiny_model):
     import numpy as np
 
     image = np.zeros((20, 24, 3), dtype=np.uint8)
-    result = tiny_model.segment(image, labels="cat, dog ,grass")
+    result = tiny_model.segment(image, labels="cat, dog ,grass", return_scores=True)
     assert result.labels == ["cat", "dog", "grass"] and result.scores.shape == (3, 20, 24)
     assert torch.equal(tiny_model.encode_text("cat,dog"), tiny_model.encode_text(["cat", "dog"]))
 

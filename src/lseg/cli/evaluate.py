@@ -124,9 +124,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _load_model(args: argparse.Namespace, device: Any) -> Any:
     from lseg import LSeg
+    from lseg.precision import prepare_for_inference
 
     model = LSeg.from_pretrained(args.checkpoint) if args.checkpoint else LSeg.from_config(args.preset)
-    return model.to(device).eval()
+    return prepare_for_inference(model, args.dtype, device)
 
 
 def _progress_bar(console: Any, description: str) -> tuple[Any, Any]:

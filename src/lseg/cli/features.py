@@ -19,6 +19,9 @@ FORMATS = ("npy", "pt")
 DTYPES = ("float16", "float32")
 # Sidecar fields that must agree before an existing output is reused on resume.
 SETTINGS = ("protocol", "size", "feature_grid", "dtype", "format", "checkpoint", "preset")
+# Compared only when the sidecar has it (older sidecars do not).
+OPTIONAL_SETTINGS = ("compute_dtype",)
+SUMMARY = "features-summary.json"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Write one L2-normalised D x h x w feature array per image (NAME.npy or NAME.pt) and "
         "NAME.json with image size, feature size, feature stride, protocol, dtype and checkpoint. "
         "Images are processed one at a time; images whose array and json both exist are skipped, so an "
-        "interrupted run can simply be restarted.",
+        "interrupted run can simply be restarted. Under torchrun (or with RANK/WORLD_SIZE set) each process "
+        "takes a disjoint shard of the inputs; the last one to finish writes features-summary.json.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     parser.add_argument("--out", required=True, help="output folder")
@@ -56,14 +60,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="model (default): half the resolution the model saw (stride 2 there); image: half the "
         "original image resolution (stride 2 in original pixels, can be large)",
     )
-    parser.add_argument("--dtype", default="float16", choices=DTYPES, help="stored dtype (default float16)")
+    parser.add_argument(
+        "--save-dtype", default="float16", choices=DTYPES, help="stored dtype (default float16)"
+    )
     parser.add_argument("--format", default="npy", choices=FORMATS, help="npy (default) or pt (torch)")
     parser.add_argument(
         "--overwrite", action="store_true", help="recompute every image even if its outputs exist"
     )
-    from lseg.cli.common import add_model_arguments
+    parser.add_argument(
+        "--merge", action="store_true", help="only merge the inputs' NAME.json into features-summary.json"
+    )
+    from lseg.cli.common import add_compile_argument, add_model_arguments
 
     add_model_arguments(parser)
+    add_compile_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -97,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from lseg.features import extract_features, read_sidecar, save_features
     from lseg.files import check_output_folder, make_output_folder
     from lseg.images import check_model_size, find_images, load_image
+    from lseg.shard import merge_summary, shard_from_env, start_shard, take_shard
 
     check_model_size(args.size)
     if not args.checkpoint and not args.preset:
@@ -112,11 +123,16 @@ def run(args: argparse.Namespace) -> int:
             )
         seen.add(name)
     out = check_output_folder(args.out)
+    if args.merge:
+        print(f"lseg features: merged {merge_summary(out, names, SUMMARY, {'command': 'features'})}")
+        return 0
+    rank, world = shard_from_env()
     settings = {
         "protocol": args.protocol,
         "size": args.size,
         "feature_grid": args.feature_grid,
-        "dtype": args.dtype,
+        "dtype": args.save_dtype,
+        "compute_dtype": args.dtype,
         "format": args.format,
         "checkpoint": checkpoint_id(args.checkpoint),
         "preset": args.preset,
@@ -124,12 +140,14 @@ def run(args: argparse.Namespace) -> int:
 
     todo: list[tuple[Path, str]] = []
     skipped = 0
-    for path, name in zip(paths, names):
+    mine = take_shard(list(zip(paths, names)), rank, world)
+    for path, name in mine:
         sidecar = out / f"{name}.json"
         if not args.overwrite and sidecar.is_file() and (out / f"{name}.{args.format}").is_file():
             meta = read_sidecar(sidecar)
             if meta is not None:
-                differing = [k for k in SETTINGS if meta.get(k) != settings[k]]
+                checked = SETTINGS + tuple(k for k in OPTIONAL_SETTINGS if k in meta)
+                differing = [k for k in checked if meta.get(k) != settings[k]]
                 if differing:
                     key = differing[0]
                     raise LSegError(
@@ -140,14 +158,18 @@ def run(args: argparse.Namespace) -> int:
                 continue
         todo.append((path, name))
     console = Console(stderr=True)
+    if world > 1:
+        start_shard(out, rank, world)
+        console.print(f"rank {rank} of {world}: {len(mine)} image(s) in this shard")
     if skipped:
         console.print(f"skipping {skipped} image(s) whose features already exist in {out}")
     if not todo:
-        console.print(f"nothing to do: all {len(paths)} image(s) are done")
+        console.print(f"nothing to do: all {len(mine)} image(s) are done")
+        _finish(out, rank, world, names, settings, len(mine), 0)
         return 0
 
     model = load_model_from_args(args)
-    dtype = torch.float16 if args.dtype == "float16" else torch.float32
+    dtype = torch.float16 if args.save_dtype == "float16" else torch.float32
     failed: list[str] = []
 
     def load(path: Path) -> np.ndarray | LSegError:
@@ -205,5 +227,18 @@ def run(args: argparse.Namespace) -> int:
     Console().print(
         f"lseg features: {done} written, {skipped} skipped (already done), {len(failed)} failed -> {out}"
     )
+    _finish(out, rank, world, names, settings, len(mine), len(failed))
     raise_failures(failed, len(todo))
     return 0
+
+
+def _finish(
+    out: Path, rank: int, world: int, names: list[str], settings: dict, mine: int, failed: int
+) -> None:
+    """Mark this rank done; the rank that finds every rank done merges the summary."""
+    from lseg.shard import finish_shard, merge_summary
+
+    if world > 1 and out.is_dir():
+        record = {"rank": rank, "world_size": world, "images": mine, "failed": failed}
+        if finish_shard(out, rank, world, record):
+            merge_summary(out, names, SUMMARY, {"command": "features", "settings": settings})

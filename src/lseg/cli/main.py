@@ -12,7 +12,7 @@ from lseg.errors import LSegError
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 OUT_OF_MEMORY = "out of memory; use a smaller --size or --batch-size, or another --device"
-SUBCOMMANDS = ["quickstart", "segment", "evaluate", "features", "query", "convert", "train", "demo"]
+SUBCOMMANDS = ["quickstart", "segment", "evaluate", "features", "query", "convert", "export", "train", "demo"]
 
 
 def one_line(message: str) -> str:

@@ -26,6 +26,7 @@ from lseg.evaluate.labels import LabelSpace, build_label_space, load_synonyms
 from lseg.evaluate.runner import EvaluationReport, evaluate_dataset
 from lseg.evaluate.zeroshot import ZeroShotReport, benchmark_classes, score_episodes
 from lseg.inference import InferenceProtocol, get_protocol, resolve_protocol, run_protocol
+from lseg.precision import model_precision
 
 if TYPE_CHECKING:
     from lseg.data import ListFileDataset
@@ -138,6 +139,7 @@ def evaluate(
     max_images: int | None = None,
     rank_by: str = "miou",
     num_examples: int = 4,
+    dtype: str | torch.dtype | None = None,
     progress: Progress | None = None,
 ) -> EvaluationReport:
     """Score `model` on `dataset` (e.g. `load_dataset("camvid", root)`) at the masks' resolution.
@@ -148,7 +150,8 @@ def evaluate(
     the dataset's classes through MSeg_master.tsv (column of the dataset's registry name, or
     `taxonomy_column`). `protocol`, `size`, `crop_size` and `stride` go to
     `lseg.inference.resolve_protocol`; `prompt_template` replaces the model's templates for this run.
-    `device` defaults to the model's. Under torch.distributed each rank scores a shard; `progress(done,
+    `device` defaults to the model's; `dtype` is the forward passes' precision (`lseg.precision`:
+    float32, bfloat16, float16 or auto). Under torch.distributed each rank scores a shard; `progress(done,
     total)` counts images over all ranks.
     """
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
@@ -195,6 +198,7 @@ def evaluate(
             max_images=max_images,
             rank_by=rank_by,
             num_examples=num_examples,
+            dtype=dtype,
             progress=report_progress,
         )
     report.extra["prompt_templates"] = templates
@@ -216,6 +220,7 @@ def evaluate_zeroshot(
     batch_size: int = 1,
     num_workers: int = 0,
     max_episodes: int | None = None,
+    dtype: str | torch.dtype | None = None,
     progress: Progress | None = None,
 ) -> ZeroShotReport:
     """Zero-shot mIoU and FB-IoU of `model` on one fold of pascal-5i, coco-20i or fss-1000.
@@ -230,12 +235,14 @@ def evaluate_zeroshot(
     device = _model_device(model) if device is None else resolve_device(device)
     model = model.to(device).eval()
     spec = get_protocol("single")
-    amp = device.type == "cuda"
-    pad_value = model.processor.pad_value(device)
+    compute = model_precision(model, dtype, device)
+    pad_value = model.processor.pad_value(device, model.dtype)
 
     def predict(images: torch.Tensor, labels: list[str]) -> torch.Tensor:
         text = model.encode_text([labels[0], words.get(labels[1], labels[1])])
-        return run_protocol(lambda x: model(x, text).logits, images, spec, pad_value=pad_value, amp=amp)
+        return run_protocol(
+            lambda x: model(x, text).logits, images.to(model.dtype), spec, pad_value=pad_value, dtype=compute
+        )
 
     with _prompt_template(model, prompt_template) as templates:
         try:

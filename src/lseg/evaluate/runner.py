@@ -29,6 +29,7 @@ from lseg.errors import LSegError
 from lseg.evaluate.labels import IGNORE_INDEX, LabelSpace, dataset_label_space
 from lseg.evaluate.metrics import SegmentationMetrics, class_iou, confusion_matrix, metrics_from_confusion
 from lseg.inference import InferenceProtocol, resolve_protocol, run_protocol
+from lseg.precision import model_precision
 from lseg.processing import LSegImageProcessor
 
 RANK_BY = ("miou", "pixel_accuracy")
@@ -242,7 +243,7 @@ def evaluate_dataset(
     max_images: int | None = None,
     rank_by: str = "miou",
     num_examples: int = 4,
-    amp: bool | None = None,
+    dtype: str | torch.dtype | None = None,
     window_batch_size: int = 8,
     processor: LSegImageProcessor | None = None,
     ignore_index: int = IGNORE_INDEX,
@@ -265,7 +266,8 @@ def evaluate_dataset(
         max_images: evaluate only the first N images.
         rank_by: per-image score choosing best / worst images: "miou" or "pixel_accuracy".
         num_examples: how many best and how many worst images to keep.
-        amp: bf16 autocast (default: on CUDA).
+        dtype: precision of the forward passes (`lseg.precision`; default: the model's, bf16 autocast on
+            CUDA).
         processor: how images become model input (default ``model.processor``, from its config).
         progress: ``progress(done, total)`` after each batch (this rank's counts).
     """
@@ -288,7 +290,7 @@ def evaluate_dataset(
     else:
         spec = protocol
     device = torch.device(device)
-    amp = device.type == "cuda" if amp is None else amp
+    compute = model_precision(model, dtype, device)
     processor = processor or model.processor
     pad_value = processor.pad_value(device)
 
@@ -350,7 +352,7 @@ def evaluate_dataset(
                     images = torch.stack([s["image"].as_subclass(Tensor) for s in group])
                     masks = [s["mask"].as_subclass(Tensor) for s in group]
                     pixel_values = processor.preprocess(
-                        images.to(device, non_blocking=True), size
+                        images.to(device, non_blocking=True), size, dtype=getattr(model, "dtype", None)
                     ).pixel_values
                     tick = time.perf_counter()
                     logits = run_protocol(
@@ -359,7 +361,7 @@ def evaluate_dataset(
                         spec,
                         pad_value=pad_value,
                         window_batch_size=window_batch_size,
-                        amp=amp,
+                        dtype=compute,
                     )
                     resized = processor.resize_logits(logits, [m.shape[-2:] for m in masks])
                     preds = [

@@ -91,7 +91,13 @@ class LSegHead(nn.Module):
         """Logits at the embeddings' (stride 2) resolution: scaled cosines of `embed`'s output with
         N x D label embeddings, then the spatial regulariser if any (the model upsamples them)."""
         text = F.normalize(text.to(pixels.dtype), dim=-1)
-        logits = self.logit_scale * torch.einsum("bdhw,nd->bnhw", pixels, text)
+        if pixels.is_contiguous(memory_format=torch.channels_last) and pixels.shape[1] > 1:
+            # The same dot products as a 1x1 convolution: oneDNN runs it 2x (fp32) to 6x (bf16) faster
+            # than einsum on channels_last maps (`lseg.precision.prepare_for_inference`).
+            similarity = F.conv2d(pixels, text[:, :, None, None])
+        else:
+            similarity = torch.einsum("bdhw,nd->bnhw", pixels, text)
+        logits = self.logit_scale * similarity
         if self.regularizer is not None:
             logits = self.regularizer(logits)
         return logits

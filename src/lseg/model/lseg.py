@@ -29,7 +29,8 @@ from lseg.model.hub import push_folder
 from lseg.model.image_encoder import build_image_encoder
 from lseg.model.text_encoder import build_text_encoder
 from lseg.model.weights import load_state, resolve_dtype
-from lseg.processing import ImageBatch, LSegImageProcessor, pad_image
+from lseg.precision import model_precision
+from lseg.processing import ImageBatch, LSegImageProcessor, pad_image, padded_size
 
 
 @dataclass
@@ -37,8 +38,9 @@ class SegmentationResult:
     """One image's segmentation at its original resolution."""
 
     label_map: np.ndarray  # H x W int64, index into `labels`
-    scores: np.ndarray  # N x H x W float32 softmax probabilities
+    scores: np.ndarray | None  # N x H x W float32 softmax probabilities (`return_scores=True` only)
     labels: list[str]
+    confidence: np.ndarray | None = None  # H x W float32 top-1 probability (`return_confidence=True`)
 
     def shares(self) -> dict[str, float]:
         """Fraction of pixels assigned to each label."""
@@ -94,6 +96,10 @@ class LSeg(nn.Module):
         )
         # Black in the model's input space: the stride padding inside `pixel_embeddings`.
         self.register_buffer("pad_value", self.processor.pad_value(), persistent=False)
+        # Set by `lseg.precision.prepare_for_inference` / `compile_for_inference`.
+        self.inference_dtype: torch.dtype | None = None
+        self.input_multiple = self.image_encoder.pad_multiple
+        self._compiled_embed = None
 
     # ----------------------------------------------------------------- construction and weights
     @classmethod
@@ -208,14 +214,32 @@ class LSeg(nn.Module):
         too, so features and logits describe the same grid.
         """
         height, width = pixel_values.shape[-2:]
-        multiple = self.image_encoder.pad_multiple
-        padded = pad_image(
-            pixel_values,
-            (-(-height // multiple) * multiple, -(-width // multiple) * multiple),
-            self.pad_value,
-        )
-        embeddings = self.head.embed(self.decoder(self.image_encoder(padded)))
+        padded = pad_image(pixel_values, padded_size(height, width, self.input_multiple), self.pad_value)
+        embed = self._compiled_embed or self.embed_padded
+        embeddings = embed(padded)
         return embeddings[..., : (height + 1) // 2, : (width + 1) // 2]
+
+    def embed_padded(self, padded: torch.Tensor) -> torch.Tensor:
+        """Encoder -> decoder -> per-pixel embeddings of images already padded to `input_multiple`."""
+        return self.head.embed(self.decoder(self.image_encoder(padded)))
+
+    def compile_for_inference(self, bucket: int = 128, **options: Any) -> LSeg:
+        """`torch.compile` the encoder, decoder and embedding (`embed_padded`), in place.
+
+        Inputs are padded with black to multiples of `bucket` (and of the encoder's own multiple), so a
+        folder of mixed sizes at one `--size` compiles a handful of shapes, not one per image:
+        `padded_size` lists them. The extra black border changes a ViT's outputs slightly (attention
+        sees it), as the encoder's own padding already does. `options` go to `torch.compile`.
+        """
+        import math
+
+        if bucket < 1:
+            raise LSegError(f"bucket must be at least 1, got {bucket}")
+        self.input_multiple = math.lcm(bucket, self.image_encoder.pad_multiple)
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+        self._compiled_embed = torch.compile(self.embed_padded, dynamic=False, **options)
+        return self
 
     def classify(
         self, pixel_embeds: torch.Tensor, label_embeds: torch.Tensor, size: Sequence[int]
@@ -246,6 +270,10 @@ class LSeg(nn.Module):
         size: int | None = None,
         protocol: str = "single",
         batch_size: int = 1,
+        *,
+        dtype: str | torch.dtype | None = None,
+        return_scores: bool = False,
+        return_confidence: bool = False,
     ) -> SegmentationResult | list[SegmentationResult]:
         """Segment one image (or a list) with the given label words; results at original resolution.
 
@@ -254,6 +282,12 @@ class LSeg(nn.Module):
         `size` is the long side the model sees (at scale 1 for multi-scale protocols); `protocol` is
         single, slide, lseg-ms or openscene (`lseg.inference`). Up to `batch_size` consecutive images
         that the model sees at the same size share a forward pass (so batching never changes results).
+
+        `dtype` is the precision of the forward pass: "float32", "bfloat16", "float16" or None/"auto"
+        (`lseg.precision`: bfloat16 autocast on CUDA, float32 on CPU, or the weights' own half dtype).
+        Only the label map is computed by default, in bounded memory; `return_scores=True` adds the
+        N x H x W softmax probabilities (4 bytes x labels x pixels: 7.2 GB for 150 labels on a
+        4000 x 3000 photo) and `return_confidence=True` the H x W probability of the chosen label.
         """
         from lseg.inference import resolve_protocol, run_protocol
 
@@ -262,6 +296,7 @@ class LSeg(nn.Module):
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         labels = validate_labels(self.config.labels if labels is None else labels)
+        compute = model_precision(self, dtype)
         text = self.encode_text(labels)
         spec, size = resolve_protocol(protocol, size)
         processor = self.processor
@@ -273,18 +308,37 @@ class LSeg(nn.Module):
                     for item in items[start : start + batch_size]
                 ]
                 for group in _same_size_runs(batches):
+                    # Stride-2 logits: `run_protocol` upsamples them in float32 to the input size,
+                    # as `forward` would (the same op, bit for bit in float32; more exact in bf16).
                     logits = run_protocol(
-                        lambda pixel_values: self(pixel_values, text).logits,
+                        lambda pixel_values: self.head(self.pixel_embeddings(pixel_values), text),
                         torch.cat([b.pixel_values for b in group]),
                         spec,
                         pad_value=self.pad_value,
-                        amp=self.device.type == "cuda",
+                        dtype=compute,
                     )
                     originals = [b.original_sizes[0] for b in group]
-                    for label_map, scores in processor.postprocess(logits, originals, return_scores=True):
+                    if return_scores:
+                        for label_map, scores in processor.postprocess(logits, originals, return_scores=True):
+                            confidence = scores.amax(dim=0).cpu().numpy() if return_confidence else None
+                            results.append(
+                                SegmentationResult(
+                                    label_map.cpu().numpy(), scores.cpu().numpy(), labels, confidence
+                                )
+                            )
+                        continue
+                    for label_map, confidence in processor.label_maps(
+                        logits, originals, return_confidence=return_confidence
+                    ):
                         results.append(
-                            SegmentationResult(label_map.cpu().numpy(), scores.cpu().numpy(), labels)
+                            SegmentationResult(
+                                label_map.cpu().numpy(),
+                                None,
+                                labels,
+                                confidence.cpu().numpy() if confidence is not None else None,
+                            )
                         )
+                    del logits
         return results[0] if single else results
 
     @torch.inference_mode()
@@ -293,15 +347,19 @@ class LSeg(nn.Module):
         images: ImageInput | Sequence[ImageInput],
         size: int | None = None,
         protocol: str = "single",
+        *,
+        dtype: str | torch.dtype | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Dense per-pixel embeddings, D x ceil(H/2) x ceil(W/2) per image (normalised over D), where
         H x W is the size the model sees: the stride-2 grid of the logits `segment` takes the argmax of.
 
         A batch tensor B x 3 x H x W (uint8 or [0, 1] float) gives B x D x ceil(H/2) x ceil(W/2).
+        `dtype`: the forward pass's precision, as for `segment`; the result is float32.
         """
         from lseg.inference import resolve_protocol, run_protocol
 
         spec, size = resolve_protocol(protocol, size)
+        compute = model_precision(self, dtype)
         is_batch = isinstance(images, torch.Tensor) and images.ndim == 4
         items = [images] if is_batch or not isinstance(images, (list, tuple)) else list(images)
         outputs = []
@@ -315,7 +373,7 @@ class LSeg(nn.Module):
                     spec,
                     out_size=((height + 1) // 2, (width + 1) // 2),
                     pad_value=self.pad_value,
-                    amp=self.device.type == "cuda",
+                    dtype=compute,
                 )
                 outputs.append(F.normalize(features.float(), dim=1))
         if is_batch:
