@@ -265,3 +265,19 @@ def test_missing_path_that_could_be_a_repo_id_says_both(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LSegError, match="ck/nope is not a local file or folder, and .*Hugging Face Hub"):
         LSeg.from_pretrained("ck/nope")
+
+
+def test_loaded_models_are_built_without_a_second_copy_of_the_weights(tmp_path, tiny_model):
+    """Parameters start on the meta device and the checkpoint's tensors become them: nothing is left on
+    meta, every tensor equals the saved one (cast to the model's dtype), frozen parts stay frozen."""
+    folder = tiny_model.save_pretrained(tmp_path / "model")
+    loaded = LSeg.from_pretrained(folder)
+    tensors = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    assert all(t.device.type == "cpu" for t in tensors.values())
+    saved = tiny_model.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
+    assert torch.equal(loaded.pad_value, tiny_model.pad_value)
+    assert not any(p.requires_grad for p in loaded.text_encoder.parameters())
+    assert all(p.requires_grad for p in loaded.image_encoder.parameters())
+    half = LSeg.from_pretrained(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}

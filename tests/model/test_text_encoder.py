@@ -119,3 +119,19 @@ def test_minilm_encoder_is_pretrained_and_offline():
     cars = encoder.encode(["car", "automobile", "tree"])
     assert cars.shape == (3, 384)
     assert cars[0] @ cars[1] > cars[0] @ cars[2]  # a real model: synonyms are closer
+
+
+def test_labels_are_embedded_in_bounded_batches_with_the_same_result(tiny_model, monkeypatch):
+    encoder = tiny_model.text_encoder
+    labels = [f"word {i}" for i in range(20)]
+    encoder.clear_cache()
+    monkeypatch.setattr(encoder, "batch_size", 1000)
+    whole = encoder.encode(labels)  # one pass
+    monkeypatch.setattr(encoder, "batch_size", 8)
+    sizes = []
+    embed = encoder.embed_texts
+    monkeypatch.setattr(encoder, "embed_texts", lambda texts: sizes.append(len(texts)) or embed(texts))
+    encoder.clear_cache()
+    batched = encoder.encode(labels)
+    assert max(sizes) <= encoder.batch_size and sum(sizes) == 20 * len(encoder.prompt_templates)
+    assert torch.allclose(whole, batched, atol=1e-6)

@@ -90,17 +90,27 @@ def test_half_precision_paths_match_float32_within_tolerance(model, dtype, nativ
     assert (result.label_map == expected).mean() >= agreement
 
 
-def test_label_maps_equal_the_argmax_of_fully_resized_logits_in_bounded_chunks(model):
+@pytest.mark.parametrize("labels_per_chunk", [1, 2])  # 1: the large-image path, no argmax tensor
+@pytest.mark.parametrize("with_confidence", [True, False])
+def test_label_maps_equal_the_argmax_of_fully_resized_logits_in_bounded_chunks(
+    model, labels_per_chunk, with_confidence
+):
     processor = model.processor
     torch.manual_seed(1)
     low = torch.randn(2, 7, 23, 31) * 4
     low[0, 3] = low[0, 1]  # exact ties go to the first label, as argmax
     targets, sizes = [(97, 61), (40, 33)], [(23, 31), (20, 17)]
     full = processor.postprocess(low, targets, sizes, return_scores=True)
-    chunked = processor.label_maps(low, targets, sizes, return_confidence=True, max_elements=2 * 97 * 61)
+    budget = labels_per_chunk * 97 * 61
+    chunked = processor.label_maps(
+        low, targets, sizes, return_confidence=with_confidence, max_elements=budget
+    )
     for (label_map, scores), (fast_map, confidence) in zip(full, chunked):
-        assert torch.equal(label_map, fast_map)
-        assert torch.allclose(confidence, scores.amax(dim=0), atol=1e-6)
+        assert torch.equal(label_map, fast_map) and fast_map.dtype == torch.int64
+        if with_confidence:
+            assert torch.allclose(confidence, scores.amax(dim=0), atol=1e-6)
+        else:
+            assert confidence is None
     assert all(
         torch.equal(a, b) for a, b in zip(processor.postprocess(low, targets, sizes), [m for m, _ in full])
     )

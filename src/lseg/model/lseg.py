@@ -28,7 +28,7 @@ from lseg.model.head import LSegHead
 from lseg.model.hub import push_folder
 from lseg.model.image_encoder import build_image_encoder
 from lseg.model.text_encoder import build_text_encoder
-from lseg.model.weights import load_state, resolve_dtype
+from lseg.model.weights import empty_model, load_state, resolve_dtype
 from lseg.precision import model_precision
 from lseg.processing import ImageBatch, LSegImageProcessor, pad_image, padded_size
 
@@ -137,7 +137,7 @@ class LSeg(nn.Module):
         config, state, source = read_checkpoint(
             id_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
         )
-        model = load_state(cls(config, load_pretrained=False), state, source)
+        model = load_state(empty_model(lambda: cls(config, load_pretrained=False)), state, source)
         return model.to(target, cast)
 
     def save_pretrained(

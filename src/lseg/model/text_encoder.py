@@ -28,6 +28,7 @@ class TextEncoder(nn.Module):
     embed_dim: int
     context_length: int
     cache_size = 4096  # labels kept; a few MB at 512-d float32
+    batch_size = 8  # prompts per text-encoder pass: bounded activation memory for long label lists
 
     def __init__(self, prompt_templates: list[str]) -> None:
         super().__init__()
@@ -83,7 +84,9 @@ class TextEncoder(nn.Module):
                         stacklevel=2,
                     )
             prompts = [t.format(label) for label in missing for t in templates]
-            embeddings = F.normalize(self.embed_texts(prompts).float(), dim=-1)
+            # In batches: 1,000 ADE-style prompts at once would hold every token's activations.
+            batches = [prompts[i : i + self.batch_size] for i in range(0, len(prompts), self.batch_size)]
+            embeddings = F.normalize(torch.cat([self.embed_texts(b).float() for b in batches]), dim=-1)
             embeddings = embeddings.reshape(len(missing), len(templates), -1).mean(dim=1)
             for label, embedding in zip(missing, F.normalize(embeddings, dim=-1)):
                 found[label] = self._cache[(label, templates)] = embedding
