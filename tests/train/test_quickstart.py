@@ -43,7 +43,7 @@ def trained(monkeypatch, tiny_model):
 
 
 def quickstart_cli(out: str | Path, capsys) -> tuple[int, list[str]]:
-    code = main(["quickstart", "--out", str(out), "--minutes", "0.1"])
+    code = main(["quickstart", "--out", str(out), "--steps", "2"])
     return code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -104,3 +104,9 @@ def test_trainer_scratch_stays_out_of_the_users_folders(tmp_path, trained, capsy
     assert tmp_path.resolve() not in scratch.parents
     assert not scratch.exists()  # removed after training
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_training_is_budgeted_in_steps_not_time(tmp_path, trained, capsys):
+    """A step budget gives the same model on a busy and an idle machine; a time budget does not."""
+    assert quickstart_cli(tmp_path / "out", capsys) == (0, [])
+    assert trained[-1]["max_steps"] == 2 and "max_time" not in trained[-1]
