@@ -11,7 +11,7 @@ cannot disagree on any of these steps.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,18 @@ def resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(int(s) for s in size), mode="bilinear", align_corners=True)
+
+
+def _valid_logits(
+    logits: Tensor, target_sizes: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]] | None
+) -> Iterator[tuple[Tensor, Size]]:
+    """Per image, one at a time: its 1 x N x h x w float logits cropped to its valid size, and its
+    target size."""
+    if len(target_sizes) != logits.shape[0] or (sizes is not None and len(sizes) != logits.shape[0]):
+        raise ValueError(f"need one target size (and valid size) per image, got {len(target_sizes)}")
+    for index, target in enumerate(target_sizes):
+        height, width = sizes[index] if sizes is not None else logits.shape[-2:]
+        yield logits[index : index + 1, :, :height, :width].float(), (int(target[0]), int(target[1]))
 
 
 @dataclass
@@ -172,13 +184,9 @@ class LSegImageProcessor:
     ) -> list[Tensor]:
         """Per image: crop B x N x H x W logits to its valid `sizes` (default: all), resize to its
         `target_sizes` entry; float32 N x h x w tensors."""
-        if len(target_sizes) != logits.shape[0] or (sizes is not None and len(sizes) != logits.shape[0]):
-            raise ValueError(f"need one target size (and valid size) per image, got {len(target_sizes)}")
-        out = []
-        for index, target in enumerate(target_sizes):
-            height, width = sizes[index] if sizes is not None else logits.shape[-2:]
-            out.append(resize_logits(logits[index : index + 1, :, :height, :width].float(), target)[0])
-        return out
+        return [
+            resize_logits(source, target)[0] for source, target in _valid_logits(logits, target_sizes, sizes)
+        ]
 
     def postprocess(
         self,
@@ -218,13 +226,8 @@ class LSegImageProcessor:
         the first label, as `argmax`), without the N x H x W tensor (7.2 GB for 150 labels on a
         4000 x 3000 photo). The confidence is computed with a running log-sum-exp.
         """
-        if len(target_sizes) != logits.shape[0] or (sizes is not None and len(sizes) != logits.shape[0]):
-            raise ValueError(f"need one target size (and valid size) per image, got {len(target_sizes)}")
         results = []
-        for index, target in enumerate(target_sizes):
-            height, width = sizes[index] if sizes is not None else logits.shape[-2:]
-            source = logits[index : index + 1, :, :height, :width].float()
-            target = (int(target[0]), int(target[1]))
+        for source, target in _valid_logits(logits, target_sizes, sizes):
             chunk = max(1, max_elements // max(1, target[0] * target[1]))
             best = label_map = total = None
             for start in range(0, source.shape[1], chunk):

@@ -42,20 +42,25 @@ def add_compile_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def named_model(args: argparse.Namespace):
+    """The model `--checkpoint` or `--preset` names, on the CPU as stored."""
+    from lseg import LSeg
+
+    if args.checkpoint:
+        return LSeg.from_pretrained(args.checkpoint)
+    if args.preset:
+        return LSeg.from_config(args.preset)
+    raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
+
+
 def load_model_from_args(args: argparse.Namespace):
     """The model the arguments name, on `--device`, prepared for `--dtype` (and `--compile`)."""
-    from lseg import LSeg
     from lseg.device import resolve_device
     from lseg.precision import prepare_for_inference
     from lseg.shard import shard_device
 
     device = shard_device(resolve_device(args.device))
-    if args.checkpoint:
-        model = LSeg.from_pretrained(args.checkpoint)
-    elif args.preset:
-        model = LSeg.from_config(args.preset)
-    else:
-        raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
+    model = named_model(args)
     model = prepare_for_inference(model, getattr(args, "dtype", "auto"), device)
     if getattr(args, "compile", False):
         model.compile_for_inference()

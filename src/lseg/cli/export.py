@@ -31,9 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lseg import LSeg
+    from lseg.cli.common import named_model
     from lseg.export import export_onnx, require_onnx
-    from lseg.files import check_output_folder
+    from lseg.files import check_output_folder, make_output_folder
     from lseg.labels import parse_labels, validate_labels
 
     require_onnx()  # before loading a large model
@@ -42,14 +42,9 @@ def run(args: argparse.Namespace) -> int:
         raise LSegError(f"--out {out} is a folder; give a file name such as model.onnx")
     check_output_folder(out.parent)
     labels = parse_labels(args.labels, args.labels_file)
-    if args.checkpoint:
-        model = LSeg.from_pretrained(args.checkpoint)
-    elif args.preset:
-        model = LSeg.from_config(args.preset)
-    else:
-        raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
+    model = named_model(args)
     labels = validate_labels(labels if labels is not None else model.config.labels)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out.parent)
     written = export_onnx(model.eval(), labels, out, args.height, args.width)
     print(f"lseg export: {written} ({len(labels)} labels, input 1 x 3 x {args.height} x {args.width})")
     return 0
