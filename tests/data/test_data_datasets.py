@@ -1,4 +1,5 @@
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,3 +272,18 @@ def test_camvid_real_data(shared_data):
             assert sample["image"].shape == (3, 360, 480) and sample["mask"].shape == (360, 480)
             seen |= set(np.flatnonzero(np.bincount(sample["mask"].numpy().ravel())).tolist())
     assert seen == set(range(11)) | {255}
+
+
+def test_camvid_sequences_hold_out_whole_drives(shared_data):
+    root = shared_data / "camvid"
+    held_out = camvid(root, "train", sequences=["0006R0"])
+    rest = camvid(root, "train", sequences=["0001TP", "0016E5"])
+    assert (len(held_out), len(rest)) == (101, 266)
+    assert all(Path(image).name.startswith("0006R0") for image, _ in held_out.pairs)
+    assert not {p for p, _ in held_out.pairs} & {p for p, _ in rest.pairs}
+    with pytest.raises(
+        LSegError, match=r"no images of sequences \['Seq05VD'\]; it has 0001TP, 0006R0, 0016E5"
+    ):
+        camvid(root, "train", sequences=["Seq05VD"])
+    with pytest.raises(LSegError, match="quote ids in YAML"):
+        camvid(root, "train", sequences=[16e5])

@@ -8,6 +8,7 @@ from lseg.data import (
     bundled_names,
     label_id_map,
     map_names,
+    negative_words,
     parse_cell,
     to_universal_id_map,
     universal_names,
@@ -66,3 +67,21 @@ def test_label_id_map_scores_universal_model_on_camvid():
     assert table[universal_names().index("sidewalk_pavement")] == CAMVID_CLASSES.index("Pavement")
     with pytest.raises(LSegError, match="taxonomy class '(Sidewalk|Column_Pole)'.*aliases"):
         label_id_map(universal_names(), "camvid-11", CAMVID_CLASSES)
+
+
+def test_negative_words_never_name_what_a_labelled_pixel_may_show():
+    words = negative_words("camvid-11")
+    assert len(words) == len(set(words)) and "unlabeled" not in words
+    # CamVid's own classes map to sky, pole, building, road, person, car, ...: none of them, nor any
+    # class sharing their MSeg parent category (bus and truck are vehicles like car), is a negative.
+    for word in ("sky", "pole", "building", "road", "sidewalk pavement", "person", "car", "bus", "truck",
+                 "vegetation", "traffic light", "bridge", "terrain", "motorcyclist"):  # fmt: skip
+        assert word not in words
+    assert {"dog", "pizza", "wall", "window", "lamp"} <= set(words)  # no CamVid class in their parents
+    fewer = negative_words("camvid-11", exclude_parents=["", "wall", "window"])
+    assert {"wall", "window", "lamp", "sky"}.isdisjoint(fewer) and "dog" in fewer
+    assert set(fewer) < set(words)
+    with pytest.raises(LSegError, match="unknown MSeg parent categories \\['walls'\\]"):
+        negative_words("camvid-11", exclude_parents=["walls"])
+    with pytest.raises(LSegError, match="unknown taxonomy column"):
+        negative_words("kitti")

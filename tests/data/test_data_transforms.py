@@ -60,7 +60,7 @@ def test_train_transform_keeps_image_and_mask_aligned(seed):
     assert torch.allclose(image.permute(1, 2, 0)[labelled], expected, atol=0.1)
 
 
-def test_train_transform_pads_with_mean_and_ignore():
+def test_train_transform_pads_with_black_and_ignore():
     torch.manual_seed(0)
     transform = train_transform(crop_size=32, base_size=40, scale_range=(0.5, 0.5), hflip=False, **NORM)
     sample = block_sample()
@@ -68,7 +68,8 @@ def test_train_transform_pads_with_mean_and_ignore():
     out = transform(sample)
     padding = out["mask"] == 255
     assert padding.sum() == 32 * 32 - 15 * 20  # image scaled to 15x20 (long side 40 * 0.5)
-    assert (out["image"][:, padding] == 0).all()
+    black = (torch.zeros(3) - torch.tensor(MEAN)) / torch.tensor(STD)  # what inference pads with
+    assert torch.allclose(out["image"][:, padding], black[:, None])
     rows, cols = torch.nonzero(~padding, as_tuple=True)
     assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (15, 20)  # one unpadded rectangle
 
@@ -111,3 +112,7 @@ def test_collate_pads_to_batch_max():
     assert (batch["mask"][0, 20:] == 255).all()
     assert batch["dataset"] == ["t", "t"] and batch["path"] == ["p", "p"]
     assert (collate([a], ignore_index=7)["mask"] == 255).sum() == 100  # only the ignore block of the sample
+    black = torch.tensor([-1.0, -2.0, 0.5])
+    padded = collate([a, b], pad_value=black)["image"]
+    assert torch.equal(padded[0, :, 20:], black[:, None, None].expand(3, 20, 30))
+    assert torch.equal(padded[0, :, :20, :30], a["image"])

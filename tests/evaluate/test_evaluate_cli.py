@@ -158,6 +158,7 @@ def _one_line_error(capsys, *fragments: str) -> None:
         ("bad_template", ("--prompt-template",)),
         ("missing_listed_file", ("not found", "img2.png")),
         ("universal_folder", ("--taxonomy-column",)),
+        ("unknown_sequence", ("no images of sequences ['0006R0']", "it has img0.png, img1.png, img2.png")),
     ],
 )
 def test_user_errors_exit_1_with_one_line_and_leave_no_output(
@@ -182,6 +183,8 @@ def test_user_errors_exit_1_with_one_line_and_leave_no_output(
         extra = ["--labels-file", str(tmp_path / "labels.txt")]
     elif setup == "bad_template":
         extra = ["--prompt-template", "a photo"]
+    elif setup == "unknown_sequence":
+        extra = ["--sequences", "0006R0"]
     elif setup == "missing_listed_file":
         (camvid_root / "val" / "img2.png").unlink()
     elif setup == "universal_folder":
@@ -200,6 +203,25 @@ def test_user_errors_exit_1_with_one_line_and_leave_no_output(
     assert evaluate(model_dir, root, out, *extra) == 1
     _one_line_error(capsys, *fragments)
     assert not (tmp_path / "nested").exists()
+
+
+def test_sequences_score_only_those_drives(tmp_path, camvid_root, model_dir, capsys):
+    lines = (camvid_root / "val.txt").read_text().splitlines()
+    renamed = []
+    for line, drive in zip(lines, ("0001TP", "0006R0", "0006R0")):
+        image, label = line.split()
+        for path in (image, label):
+            (camvid_root / path).rename(camvid_root / path.replace("img", f"{drive}_img"))
+        renamed.append(line.replace("img", f"{drive}_img"))
+    (camvid_root / "val.txt").write_text("\n".join(renamed) + "\n")
+    assert evaluate(model_dir, camvid_root, tmp_path / "held", "--sequences", "0006R0") == 0
+    metrics = read_metrics(tmp_path / "held")
+    assert [Path(r["path"]).name for r in metrics["per_image"]] == ["0006R0_img1.png", "0006R0_img2.png"]
+    assert metrics["dataset"]["sequences"] == ["0006R0"]
+    capsys.readouterr()
+    assert main(["evaluate", "--preset", "tiny", "--dataset", "ade20k", "--data-root", str(camvid_root),
+                 "--out", str(tmp_path / "x"), "--sequences", "0006R0"]) == 1  # fmt: skip
+    _one_line_error(capsys, "--sequences selects CamVid drives")
 
 
 def test_checkpoint_without_text_encoder_is_rejected(tmp_path, camvid_root, model_dir, capsys):

@@ -336,3 +336,84 @@ def test_sigterm_saves_last_checkpoint_and_stops(tmp_path):
     assert saved["global_step"] == 2
     assert not (tmp_path / "model").exists()  # an interrupted run is resumed, not exported
     assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored
+
+
+def test_label_augmentation_draws_one_template_per_label_and_adds_negatives(tmp_path, monkeypatch):
+    templates = ["{}", "a photo of a {}.", "{} in a street scene"]
+    config = load_preset("tiny").to_dict()
+    config["text_encoder"]["prompt_templates"] = templates
+    module = LSegModule(
+        model=config, label_augmentation=True, negatives=5, negatives_column="camvid-11",
+        negatives_exclude_parents=["wall", "window"],
+    )  # fmt: skip
+    seen = []
+    original = module.model.classify
+
+    def spy(pixel_embeds, text, size):
+        seen.append(text.clone())
+        return original(pixel_embeds, text, size)
+
+    monkeypatch.setattr(module.model, "classify", spy)
+    datamodule = data(batch_size=4)
+    trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(module, datamodule=datamodule)
+    labels = datamodule.label_sets["synthetic"]
+    encode = module.model.encode_text
+    vocabulary = module.negative_vocabulary
+    assert "wall" not in vocabulary and "window" not in vocabulary and "car" not in vocabulary
+    assert "dog" in vocabulary and "pizza" in vocabulary
+    negatives = encode(vocabulary)
+    drawn = set()
+    for text in seen:
+        assert text.shape[0] == len(labels) + 5
+        for label, row in zip(labels, text):
+            matches = [i for i, t in enumerate(templates) if torch.allclose(row, encode([label], [t])[0])]
+            assert len(matches) == 1  # one template, not their average
+            drawn.add(matches[0])
+        for row in text[len(labels) :]:  # negatives: vocabulary words, never one of the labels
+            assert torch.isclose(negatives @ row, torch.tensor(1.0), atol=1e-5).any()
+    assert drawn == {0, 1, 2}
+    assert not torch.allclose(encode(labels), encode(labels, [templates[1]]))  # inference averages them
+
+
+def test_hard_pixel_fraction_averages_the_hardest_pixels(monkeypatch):
+    torch.manual_seed(0)
+    labels = ["sky", "road", "car"]
+    monkeypatch.setattr(LSegModule, "label_sets", property(lambda self: {"d": labels}))
+    batch = {
+        "image": torch.randn(2, 3, 32, 32),
+        "mask": torch.randint(0, 3, (2, 32, 32)),
+        "dataset": ["d", "d"],
+    }
+    batch["mask"][0, :8] = 255
+    plain, hard = (
+        LSegModule("tiny", pretrained=False),
+        LSegModule("tiny", pretrained=False, hard_pixel_fraction=0.25),
+    )
+    hard.load_state_dict(plain.state_dict())
+    logits = plain.model(batch["image"], plain.model.encode_text(labels)).logits
+    pixels = torch.nn.functional.cross_entropy(logits, batch["mask"], ignore_index=255, reduction="none")
+    pixels = pixels[batch["mask"] != 255]
+    torch.testing.assert_close(plain._loss(batch), pixels.mean())
+    torch.testing.assert_close(hard._loss(batch), pixels.topk(len(pixels) // 4).values.mean())
+    with pytest.raises(LSegError, match="hard_pixel_fraction"):
+        LSegModule("tiny", pretrained=False, hard_pixel_fraction=0)
+
+
+def test_channels_last_training_computes_the_same_loss(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(LSegModule, "label_sets", property(lambda self: {"d": ["sky", "road", "car"]}))
+    config = {
+        **load_preset("tiny").to_dict(),
+        "image_encoder": {"type": "cnn", "name": "resnet10t", "pretrained": False},
+    }
+    batch = {
+        "image": torch.randn(2, 3, 64, 64),
+        "mask": torch.randint(0, 3, (2, 64, 64)),
+        "dataset": ["d", "d"],
+    }
+    plain = LSegModule(config, pretrained=False)
+    fast = LSegModule(config, pretrained=False, channels_last=True)
+    fast.load_state_dict(plain.state_dict())
+    conv = next(m for m in fast.model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast._loss(batch), plain._loss(batch), rtol=1e-4, atol=1e-5)

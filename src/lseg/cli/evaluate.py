@@ -36,6 +36,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--split", help="split (default: val; for --dataset folder: none, i.e. ROOT/images and ROOT/masks)"
     )
+    parser.add_argument(
+        "--sequences",
+        nargs="+",
+        metavar="ID",
+        help="camvid only: score only these drives (file-name prefixes such as 0006R0), e.g. one held "
+        "out of training",
+    )
     parser.add_argument("--out", required=True, help="output folder for the reports")
     words = parser.add_mutually_exclusive_group()
     words.add_argument(
@@ -111,6 +118,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if not args.checkpoint and not args.preset:
         raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
     check_output_folder(args.out)
+    if args.sequences is not None and args.dataset != "camvid":
+        raise LSegError(f"--sequences selects CamVid drives; --dataset {args.dataset} has none")
     if args.dataset in ZEROSHOT_DATASETS:
         if args.label_space != "dataset":
             raise LSegError(
@@ -148,7 +157,7 @@ def _run_dataset(args: argparse.Namespace, device: Any) -> int:
     from lseg.evaluate import report as R
 
     split = args.split if args.split is not None else default_split(args.dataset)
-    dataset = load_dataset(args.dataset, args.data_root, split)
+    dataset = load_dataset(args.dataset, args.data_root, split, args.sequences)
     space = build_label_space(  # before loading the model: bad word files fail fast
         dataset.class_names,
         dataset=args.dataset,
@@ -184,7 +193,12 @@ def _run_dataset(args: argparse.Namespace, device: Any) -> int:
         **R.environment(report.device),
         "command": "evaluate",
         "checkpoint": R.checkpoint_info(args.checkpoint, args.preset),
-        "dataset": {"name": args.dataset, "root": str(Path(args.data_root).resolve()), "split": split},
+        "dataset": {
+            "name": args.dataset,
+            "root": str(Path(args.data_root).resolve()),
+            "split": split,
+            **({"sequences": args.sequences} if args.sequences else {}),
+        },
         "config": {
             "protocol": args.protocol,
             "size": args.size,

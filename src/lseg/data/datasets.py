@@ -227,14 +227,40 @@ def scan_pairs(images_dir: PathLike, masks_dir: PathLike) -> list[tuple[str, str
     return pairs
 
 
-def camvid(root: PathLike, split: str, transform: Transform | None = None, **kw: Any) -> ListFileDataset:
-    """CamVid, SegNet layout: 11 classes, id 11 (Unlabelled) -> ignore."""
+def camvid(
+    root: PathLike,
+    split: str,
+    transform: Transform | None = None,
+    sequences: Sequence[str] | None = None,
+    **kw: Any,
+) -> ListFileDataset:
+    """CamVid, SegNet layout: 11 classes, id 11 (Unlabelled) -> ignore.
+
+    `sequences` keeps only the images of those drives (file names start with the sequence id, e.g.
+    "0006R0"), to hold whole drives out of the training split for choosing a recipe.
+    """
     root = Path(root)
     _split_folder("camvid", split, {"train": "train", "val": "val", "test": "test"})
     _require("camvid", root, root / f"{split}.txt")
+    pairs = _read_list_file(root / f"{split}.txt")
+    if sequences is not None:
+        if isinstance(sequences, str) or not all(isinstance(s, str) for s in sequences):
+            raise LSegError(
+                f"camvid sequences must be a list of strings, got {sequences!r} (quote ids in YAML: "
+                "'0016E5' unquoted is the number 1600000.0)"
+            )
+        wanted = tuple(sequences)
+        pairs = [pair for pair in pairs if Path(pair[0]).name.startswith(wanted)]
+        if not wanted or not pairs:
+            found = sorted(
+                {Path(image).name.split("_")[0] for image, _ in _read_list_file(root / f"{split}.txt")}
+            )
+            raise LSegError(
+                f"camvid {split}: no images of sequences {list(wanted)}; it has {', '.join(found)}"
+            )
     return ListFileDataset(
         root,
-        root / f"{split}.txt",
+        pairs,
         CAMVID_CLASSES,
         transform=transform,
         name="camvid",

@@ -63,6 +63,31 @@ def universal_names() -> list[str]:
     return [row["universal"] for row in _rows() if row["universal"] != UNLABELED]
 
 
+def negative_words(dataset_column: str, exclude_parents: Sequence[str] = ()) -> list[str]:
+    """Universal class names (as words: "traffic light") to use as negatives for a dataset.
+
+    Training can add these to each step's label set, words for what no training pixel is labelled
+    as, so pixels move towards their class word and away from many others. A universal class is left
+    out if it shares a parent category with any class of ``dataset_column`` (for CamVid: every
+    vehicle, person, ground, vegetation, structural, roadside and building-parent class), or if its
+    parent category is in ``exclude_parents`` (``""`` is MSeg's unnamed group): what a labelled pixel
+    may show (CamVid labels windows and walls "Building") must never be pushed away from it.
+    """
+    _check_column(dataset_column)
+    known = {row["Parent Category"] for row in _rows()}
+    unknown = [p for p in exclude_parents if p not in known]
+    if unknown:
+        raise LSegError(f"unknown MSeg parent categories {unknown}; known: {', '.join(sorted(known))}")
+    claimed = [row for row in _rows() if parse_cell(row[dataset_column])]
+    parents = {row["Parent Category"] for row in claimed if row["Parent Category"]} | set(exclude_parents)
+    excluded = {row["universal"] for row in claimed} | {UNLABELED}
+    return [
+        row["universal"].replace("_", " ")
+        for row in _rows()
+        if row["universal"] not in excluded and row["Parent Category"] not in parents
+    ]
+
+
 def bundled_names(dataset_column: str) -> list[str]:
     """Class names (index = label id) of a dataset whose names file ships with lseg."""
     try:

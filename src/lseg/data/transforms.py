@@ -50,13 +50,14 @@ def train_transform(
     hflip: bool = True,
     color_jitter: bool = False,
 ) -> v2.Compose:
-    """Random scale, flip, (colour jitter), normalise, then pad and random-crop to ``crop_size``.
+    """Random scale, flip, (colour jitter), pad and random-crop to ``crop_size``, then normalise.
 
     `mean`/`std` are the model's (`model.processor.mean/std`, from its config): no default, so data
     and model cannot silently disagree.
 
-    Padding comes after normalisation so padded image pixels are exactly 0 (the mean colour) and
-    padded mask pixels are ``ignore_index``, i.e. padding never counts as a class.
+    Crops are padded before normalisation, with black pixels (what inference pads with, see
+    `LSegImageProcessor.pad_value`: a model trained on mean-coloured borders loses points on every
+    padded test image) and with ``ignore_index`` in the mask, so padding never counts as a class.
     """
     ops: list[v2.Transform] = [RandomLongSideResize(base_size, scale_range)]
     if hflip:
@@ -64,11 +65,11 @@ def train_transform(
     if color_jitter:
         ops.append(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05))
     ops += [
+        v2.RandomCrop(
+            crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}
+        ),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(mean), std=list(std)),
-        v2.RandomCrop(
-            crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index}
-        ),
     ]
     return v2.Compose(ops)
 
@@ -81,16 +82,21 @@ def eval_transform(size: int | None = None, *, mean: Sequence[float], std: Seque
     return v2.Compose(ops)
 
 
-def collate(batch: Sequence[Sample], ignore_index: int = IGNORE_INDEX) -> dict[str, Any]:
-    """Stack samples of different sizes: pad bottom/right to the batch max (image 0, mask ignore).
+def collate(
+    batch: Sequence[Sample], ignore_index: int = IGNORE_INDEX, pad_value: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Stack samples of different sizes: pad bottom/right to the batch max (mask: ignore).
 
-    Each sample's mask must have its image's size (as the transforms here guarantee).
-    Other keys (``dataset``, ``path``) are kept as lists.
+    Images are padded with `pad_value` (per channel, normalised; the model's black,
+    `model.processor.pad_value()`), or 0 if not given. Each sample's mask must have its image's size
+    (as the transforms here guarantee). Other keys (``dataset``, ``path``) are kept as lists.
     """
     height = max(s["image"].shape[-2] for s in batch)
     width = max(s["image"].shape[-1] for s in batch)
     first = batch[0]["image"]
     images = torch.zeros((len(batch), first.shape[0], height, width), dtype=first.dtype)
+    if pad_value is not None:
+        images[:] = pad_value.reshape(1, -1, 1, 1).to(first.dtype)
     out: dict[str, Any] = {"image": images}
     if "mask" in batch[0]:
         out["mask"] = torch.full((len(batch), height, width), ignore_index, dtype=torch.int64)

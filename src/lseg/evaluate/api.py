@@ -41,11 +41,20 @@ def default_split(dataset: str) -> str | None:
     return None if dataset == "folder" else "val"
 
 
-def load_dataset(name: str, root: str | Path, split: str | None = None) -> ListFileDataset:
+def load_dataset(
+    name: str, root: str | Path, split: str | None = None, sequences: list[str] | None = None
+) -> ListFileDataset:
     """A registry dataset to evaluate (MSeg ones in their own taxonomy, no transform), every listed
-    image and label file checked up front so a missing one fails before any inference."""
+    image and label file checked up front so a missing one fails before any inference.
+
+    `sequences` (CamVid only) keeps those drives, e.g. a drive held out of training.
+    """
     split = default_split(name) if split is None else split
     extra = {"taxonomy": "dataset"} if name.startswith("mseg-") else {}
+    if sequences is not None:
+        if name != "camvid":
+            raise LSegError(f"sequences select CamVid drives; dataset '{name}' has none")
+        extra["sequences"] = sequences
     dataset = build_dataset(name, root, split, **extra)
     missing = [
         str(dataset.root / file)

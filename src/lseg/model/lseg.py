@@ -199,12 +199,15 @@ class LSeg(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.pad_value.dtype
 
-    def encode_text(self, labels: str | Sequence[str]) -> torch.Tensor:
+    def encode_text(
+        self, labels: str | Sequence[str], templates: Sequence[str] | None = None
+    ) -> torch.Tensor:
         """N x D label embeddings, L2-normalised (cached; the text encoder is frozen).
 
-        `labels` is a list of strings or one comma-separated string ("cat, dog").
+        `labels` is a list of strings or one comma-separated string ("cat, dog"). Each label is asked
+        through the config's `prompt_templates` (embeddings averaged), or through `templates` if given.
         """
-        return self.text_encoder.encode(labels).to(self.device, self.dtype)
+        return self.text_encoder.encode(labels, templates).to(self.device, self.dtype)
 
     def pixel_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised B x D x ceil(H/2) x ceil(W/2) embeddings of normalised B x 3 x H x W images.

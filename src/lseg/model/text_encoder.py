@@ -22,6 +22,13 @@ from lseg.model.config import TextEncoderConfig
 from lseg.model.hub import hub_access
 
 
+def _check_templates(templates: Iterable[str]) -> list[str]:
+    templates = list(templates)
+    if not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
+        raise LSegError("every prompt template must contain '{}' where the label goes")
+    return templates
+
+
 class TextEncoder(nn.Module):
     """Base class: frozen, always in eval mode, no gradients, LRU-cached label embeddings."""
 
@@ -32,9 +39,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, prompt_templates: list[str]) -> None:
         super().__init__()
-        if not prompt_templates or any("{}" not in t for t in prompt_templates):
-            raise LSegError("every prompt template must contain '{}' where the label goes")
-        self.prompt_templates = list(prompt_templates)
+        self.prompt_templates = _check_templates(prompt_templates)
         self._cache: OrderedDict[tuple[str, tuple[str, ...]], torch.Tensor] = OrderedDict()
 
     def freeze(self) -> None:
@@ -61,13 +66,15 @@ class TextEncoder(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def encode(self, labels: str | Iterable[str]) -> torch.Tensor:
+    def encode(self, labels: str | Iterable[str], templates: Iterable[str] | None = None) -> torch.Tensor:
         """N x D label embeddings (templates averaged), L2-normalised; cached per label.
 
-        A label truncated by the tokenizer is warned about once, when it is embedded (not per call).
+        `templates` replaces the encoder's `prompt_templates` for this call (training asks each label
+        through one template drawn at random). A label truncated by the tokenizer is warned about
+        once, when it is embedded (not per call).
         """
         labels = validate_labels(labels)
-        templates = tuple(self.prompt_templates)
+        templates = tuple(self.prompt_templates if templates is None else _check_templates(templates))
         found = {}
         for label in labels:
             if (label, templates) in self._cache:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -17,6 +18,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from lseg.data import SyntheticStreetScenes, build_dataset, collate, eval_transform, train_transform
 from lseg.errors import LSegError
+from lseg.processing import LSegImageProcessor
 
 
 @dataclass
@@ -143,8 +145,8 @@ class LSegDataModule(L.LightningDataModule):
         self.label_sets: dict[str, list[str]] = {}
         self.val_key: str | None = None
 
-    def _normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """The model's mean/std (its processor's), so data and model can never disagree."""
+    def _processor(self) -> LSegImageProcessor:
+        """The model's processor (mean/std, black padding), so data and model can never disagree."""
         module = self.trainer.lightning_module if self.trainer is not None else None
         processor = getattr(getattr(module, "model", None), "processor", None)
         if processor is None:
@@ -152,10 +154,12 @@ class LSegDataModule(L.LightningDataModule):
                 "the data module normalises images with the model's mean/std: attach it to a Trainer "
                 "with an LSegModule (trainer.fit(module, datamodule=data)) before setup"
             )
-        return processor.mean, processor.std
+        return processor
 
     def setup(self, stage: str | None = None) -> None:
-        mean, std = self._normalisation()
+        processor = self._processor()
+        mean, std = processor.mean, processor.std
+        self._collate = partial(collate, pad_value=processor.pad_value())
         augment = train_transform(
             crop_size=self.crop_size,
             base_size=self.base_size,
@@ -185,7 +189,7 @@ class LSegDataModule(L.LightningDataModule):
             sampler=EpochSampler(len(self.train_dataset), self.seed, epoch=self._current_epoch),
             drop_last=True,
             num_workers=self.num_workers,
-            collate_fn=collate,
+            collate_fn=self._collate,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
@@ -201,6 +205,6 @@ class LSegDataModule(L.LightningDataModule):
             self.val_dataset,
             batch_size=max(1, self.batch_size // 2),
             num_workers=self.num_workers,
-            collate_fn=collate,
+            collate_fn=self._collate,
             pin_memory=torch.cuda.is_available(),
         )
