@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,9 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=3000)
     parser.add_argument("--width", type=int, default=4000)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--save-label-map", help="copy the label map PNG here (compare two versions' outputs with cmp)"
+    )
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +65,8 @@ def main() -> None:
         from PIL import Image
 
         label_map = Image.open(Path(tmp) / "out" / "photo.labels.png")
+        if args.save_label_map:
+            shutil.copyfile(Path(tmp) / "out" / "photo.labels.png", args.save_label_map)
         print(
             json.dumps(
                 {
@@ -69,7 +75,8 @@ def main() -> None:
                     "labels": 150,
                     "size": args.size,
                     "dtype": args.dtype,
-                    "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+                    "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # MiB (ru_maxrss is in KiB)
+                    "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
                     "seconds": round(seconds, 1),
                     "label_map": [label_map.height, label_map.width],
                     "scores_would_need_gb": round(150 * args.height * args.width * 4 / 1e9, 1),

@@ -254,3 +254,22 @@ def test_hostile_file_names_cannot_inject_terminal_codes(tmp_path, model_dir, ca
         capsys, "segment", name, "--labels", "a", "--checkpoint", model_dir, "--out", tmp_path / "o"
     )
     assert code == 1 and "\x1b" not in error and error.count("\n") == 0 and "evil" in error
+
+
+def test_the_text_encoder_is_released_once_the_labels_are_embedded(tmp_path, images, model_dir, monkeypatch):
+    """A run knows its labels: the text weights are freed before any image is segmented (memory)."""
+    from lseg import LSeg
+
+    released = []
+    real_release = LSeg.release_text_encoder
+
+    def spy(self, labels):
+        released.append(list(labels))
+        return real_release(self, labels)
+
+    monkeypatch.setattr(LSeg, "release_text_encoder", spy)
+    argv = ["segment", str(images), "--labels", "cat, plant", "--checkpoint", model_dir, "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert released == [["cat", "plant"]]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0  # nothing left to do: no model loaded
+    assert released == [["cat", "plant"]]

@@ -281,3 +281,43 @@ def test_loaded_models_are_built_without_a_second_copy_of_the_weights(tmp_path, 
     assert all(p.requires_grad for p in loaded.image_encoder.parameters())
     half = LSeg.from_pretrained(folder, dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+def test_safetensors_are_read_tensor_by_tensor_and_cast_as_read(tmp_path, tiny_model, monkeypatch):
+    """`from_pretrained(dtype=...)` casts each tensor as it is read (no float32 copy of all the weights),
+    read with pread where safetensors has it (a memory map's pages would stay resident until closed)."""
+    import lseg.model.weights as weights
+
+    folder = tiny_model.save_pretrained(tmp_path / "model")
+    opened = []
+    real_open = weights.safe_open
+
+    def spy_open(path, framework, **options):
+        opened.append(options)
+        return real_open(path, framework, **options)
+
+    monkeypatch.setattr(weights, "safe_open", spy_open)
+    state = weights.read_safetensors(folder / "model.safetensors", torch.bfloat16)
+    assert opened[0].get("backend") == "pread"
+    assert {v.dtype for v in state.values()} == {torch.bfloat16, torch.int64}
+    saved = tiny_model.state_dict()
+    assert all(torch.equal(v, saved[k].to(v.dtype)) for k, v in state.items())
+    model = LSeg.from_pretrained(folder, dtype="bfloat16")
+    assert {t.dtype for t in model.state_dict().values()} == {torch.bfloat16, torch.int64}
+    assert all(torch.equal(v, saved[k].to(v.dtype)) for k, v in model.state_dict().items())
+
+
+def test_safetensors_without_pread_are_read_memory_mapped(tmp_path, tiny_model, monkeypatch):
+    import lseg.model.weights as weights
+
+    folder = tiny_model.save_pretrained(tmp_path / "model")
+    real_open = weights.safe_open
+
+    def old_open(path, framework, **options):  # safetensors < 0.8 has no `backend`
+        if options:
+            raise TypeError("safe_open() got an unexpected keyword argument 'backend'")
+        return real_open(path, framework)
+
+    monkeypatch.setattr(weights, "safe_open", old_open)
+    loaded = LSeg.from_pretrained(folder)
+    assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -223,3 +223,19 @@ def test_forward_takes_tensors_only_and_exports(tiny_model):
     output = exported.module()(images, text)
     assert isinstance(output, LSegOutput)
     torch.testing.assert_close(output.logits, tiny_model(images, text).logits)
+
+
+def test_release_text_encoder_segments_as_before_and_refuses_other_labels(tmp_path):
+    model = LSeg.from_config("tiny").eval()
+    images = [torch.randint(0, 255, (3, 40, 56), dtype=torch.uint8) for _ in range(2)]
+    labels = ["cat", "dog", "other"]
+    before = [r.label_map for r in model.segment(images, labels)]
+    model.text_encoder.clear_cache()
+    model.release_text_encoder(labels)
+    assert {p.device.type for p in model.text_encoder.parameters()} == {"meta"}
+    assert all((r.label_map == b).all() for r, b in zip(model.segment(images, labels), before))
+    with pytest.raises(LSegError, match="released"):
+        model.segment(images[0], ["cat", "tree"])
+    with pytest.raises(LSegError, match="cannot save a model whose text encoder was released"):
+        model.save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model").exists()

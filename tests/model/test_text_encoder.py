@@ -135,3 +135,17 @@ def test_labels_are_embedded_in_bounded_batches_with_the_same_result(tiny_model,
     batched = encoder.encode(labels)
     assert max(sizes) <= encoder.batch_size and sum(sizes) == 20 * len(encoder.prompt_templates)
     assert torch.allclose(whole, batched, atol=1e-6)
+
+
+def test_release_frees_the_weights_and_keeps_the_given_labels(monkeypatch):
+    encoder = tiny_encoder()
+    expected = encoder.encode(["cat", "dog", "bird"])
+    encoder.clear_cache()
+    monkeypatch.setattr(encoder, "cache_size", 2)  # more labels than the cache holds: none is evicted
+    assert torch.equal(encoder.release(["cat", "dog", "bird"]), expected)
+    assert {p.device.type for p in encoder.parameters()} == {"meta"}
+    assert torch.equal(encoder.encode(["bird", "cat"]), expected[[2, 0]])  # any subset, any order
+    with pytest.raises(LSegError, match="weights were released.*cannot embed 'fish'"):
+        encoder.encode(["cat", "fish"])
+    encoder.to("cpu", torch.bfloat16)  # moving the model afterwards leaves the released encoder alone
+    assert torch.equal(encoder.encode(["dog"]), expected[[1]])

@@ -105,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"rank {rank} of {world}: {len(mine)} image(s) in this shard")
     if len(todo) < len(mine):
         console.print(f"skipping {len(mine) - len(todo)} image(s) already segmented in {out}")
-    if todo and model is None:
-        model = load_model_from_args(args)
+    if todo:
+        if model is None:
+            model = load_model_from_args(args)
+        model.release_text_encoder(labels)  # one label list per run: the text weights are not needed after
     rows, failures = [], []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("segmenting", total=len(todo))

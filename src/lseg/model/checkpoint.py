@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from safetensors.torch import save as serialize
 
 from lseg.errors import LSegError
@@ -25,7 +24,7 @@ from lseg.files import check_output_folder, make_output_folder, read_text, write
 from lseg.model.config import LSegConfig, json_type_name
 from lseg.model.hub import hub_access
 from lseg.model.original import convert_state_dict
-from lseg.model.weights import hyper_parameters, read_lightning_checkpoint
+from lseg.model.weights import hyper_parameters, read_lightning_checkpoint, read_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -90,23 +89,24 @@ def read_config(path: Path) -> LSegConfig:
     return LSegConfig.from_dict(payload)
 
 
-def _read_safetensors(weights_path: Path) -> Loaded:
-    """A weights file with the config.json beside it, read on the CPU."""
+def _read_safetensors(weights_path: Path, dtype: torch.dtype | None = None) -> Loaded:
+    """A weights file with the config.json beside it, read on the CPU (floating tensors cast to `dtype`
+    as they are read)."""
     config_path = weights_path.parent / CONFIG_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise LSegError(f"{weights_path.parent} is not an LSeg model folder: {path.name} is missing")
     config = read_config(config_path)
     try:
-        state = load_file(str(weights_path))
+        state = read_safetensors(weights_path, dtype)
     except (SafetensorError, OSError) as error:
         raise LSegError(f"cannot read weights {weights_path}: {error}") from error
     return config, state, str(weights_path)
 
 
-def _read_checkpoint_file(path: Path) -> Loaded:
+def _read_checkpoint_file(path: Path, dtype: torch.dtype | None) -> Loaded:
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        return _read_safetensors(path, dtype)
     checkpoint = read_lightning_checkpoint(path)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not state:
@@ -148,21 +148,24 @@ def read_checkpoint(
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Loaded:
     """Config and state dict of a model folder, a weights or .ckpt file, or a hub repo id.
 
-    The hub options apply to repo ids only; downloads go through the Hugging Face cache.
+    The hub options apply to repo ids only; downloads go through the Hugging Face cache. `dtype`: the
+    floating tensors of safetensors files are cast to it one by one as they are read (a .ckpt is
+    read whole by torch.load; `load_state` casts it).
     """
     path = Path(source)
     if path.is_dir():
-        return _read_safetensors(path / WEIGHTS_NAME)
+        return _read_safetensors(path / WEIGHTS_NAME, dtype)
     if path.is_file():
-        return _read_checkpoint_file(path)
+        return _read_checkpoint_file(path, dtype)
     if _is_repo_id(str(source)):
         weights = _download(
             str(source), revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
         )
-        return _read_safetensors(weights)
+        return _read_safetensors(weights, dtype)
     raise LSegError(
         f"checkpoint not found: {source} is not a local file or folder (give a model folder, a .ckpt or "
         ".safetensors file, or a Hugging Face Hub repo id owner/name)"

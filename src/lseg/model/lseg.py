@@ -131,14 +131,22 @@ class LSeg(nn.Module):
 
         Hub repos are read through the Hugging Face cache: `revision` (branch, tag or commit),
         `cache_dir`, `local_files_only` and `token` are passed to it. The model is returned on `device`
-        (auto, cpu, cuda, cuda:N), its floating weights cast to `dtype` (e.g. torch.bfloat16) if given.
+        (auto, cpu, cuda, cuda:N), its floating weights cast to `dtype` (e.g. torch.bfloat16) if given,
+        tensor by tensor as they are read: the weights are never all in memory in float32.
         """
         target, cast = resolve_device(device), resolve_dtype(dtype)  # fail before reading any weights
         config, state, source = read_checkpoint(
-            id_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+            id_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            dtype=cast,
         )
-        model = load_state(empty_model(lambda: cls(config, load_pretrained=False)), state, source)
-        return model.to(target, cast)
+        model = empty_model(lambda: cls(config, load_pretrained=False))
+        if cast is not None:
+            model.to(cast)  # parameters on the meta device: free; `load_state` casts what it puts in
+        return load_state(model, state, source).to(target)
 
     def save_pretrained(
         self,
@@ -155,6 +163,8 @@ class LSeg(nn.Module):
         and so is a README.md that lseg did not write or that was edited since (a warning says so).
         An existing file at `directory` is refused (LSegError).
         """
+        if self.text_encoder.released:
+            raise LSegError("cannot save a model whose text encoder was released (release_text_encoder)")
         folder = save_model(directory, self.config, self.state_dict())
         save_card(folder, self.config, metrics, card_data)
         return folder
@@ -208,6 +218,16 @@ class LSeg(nn.Module):
         through the config's `prompt_templates` (embeddings averaged), or through `templates` if given.
         """
         return self.text_encoder.encode(labels, templates).to(self.device, self.dtype)
+
+    def release_text_encoder(self, labels: str | Sequence[str]) -> torch.Tensor:
+        """Embed `labels` (as `encode_text`) and free the text encoder's weights, in place.
+
+        The model then segments with these labels (any subset, in any order) and no others (LSegError):
+        for one-shot runs that know their labels, such as `lseg segment`, where the text tower's weights
+        (CLIP ViT-B/32: 250 MB in float32) would otherwise sit beside the image passes. Saving the
+        model afterwards is not possible; load it again for other labels.
+        """
+        return self.text_encoder.release(labels).to(self.device, self.dtype)
 
     def pixel_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised B x D x ceil(H/2) x ceil(W/2) embeddings of normalised B x 3 x H x W images.

@@ -41,6 +41,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.prompt_templates = _check_templates(prompt_templates)
         self._cache: OrderedDict[tuple[str, tuple[str, ...]], torch.Tensor] = OrderedDict()
+        self.released = False  # `release`: weights freed, only cached labels can be encoded
 
     def freeze(self) -> None:
         for parameter in self.parameters():
@@ -55,7 +56,27 @@ class TextEncoder(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # new weights invalidate the cache
         self.clear_cache()
+        self.released = False
         super()._load_from_state_dict(*args, **kwargs)
+
+    def release(self, labels: str | Iterable[str]) -> torch.Tensor:
+        """Embed `labels` (as `encode`) and free the weights: afterwards only these labels (and any
+        others already cached) can be encoded, in any order or subset; others raise LSegError.
+
+        For one-shot runs that know all their labels up front (`lseg segment`): CLIP ViT-B/32's text
+        tower is 250 MB in float32 that the image passes do not need. The weights go to the meta
+        device; moving or casting the model afterwards leaves this encoder as it is.
+        """
+        labels = validate_labels(labels)
+        self.cache_size = max(self.cache_size, len(set(labels)))  # none of them may be evicted
+        embeddings = self.encode(labels)
+        self.model.to("meta")
+        self.released = True
+        return embeddings
+
+    def _apply(self, fn, recurse: bool = True) -> TextEncoder:
+        # Released: nothing left to move or cast (a meta tensor cannot be copied to a device).
+        return self if self.released else super()._apply(fn, recurse)
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Raw (un-normalised) embeddings of full prompt strings."""
@@ -81,6 +102,12 @@ class TextEncoder(nn.Module):
                 self._cache.move_to_end((label, templates))
                 found[label] = self._cache[(label, templates)]
         missing = [label for label in labels if label not in found]
+        if missing and self.released:
+            shown = ", ".join(repr(label) for label in missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise LSegError(
+                f"the text encoder's weights were released after embedding other labels; cannot embed "
+                f"{shown} (load the model again)"
+            )
         if missing:
             for label in missing:
                 if any(self.exceeds_context(t.format(label)) for t in templates):

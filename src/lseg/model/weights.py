@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from lseg.errors import LSegError
@@ -43,6 +44,27 @@ def read_lightning_checkpoint(path: Path) -> dict[str, Any]:
         text = str(error).strip()
         detail = text.splitlines()[0] if text else "the file is empty or truncated"
         raise LSegError(f"cannot read checkpoint {path}: {detail}") from error
+
+
+def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read one at a time into memory of this process, floating ones
+    cast to `dtype` (if given) as they are read: a float32 copy of the weights never exists whole.
+
+    Read with `pread` where safetensors offers it (0.8+): a memory-mapped file's pages stay resident
+    until the file is closed, beside the cast copies, and the tensors of a released part of the model
+    (`LSeg.release_text_encoder`) would not give their memory back while the others map the file.
+    SafetensorError and OSError are the caller's to report.
+    """
+    try:
+        handle = safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:  # safetensors < 0.8: memory-mapped only
+        handle = safe_open(str(path), framework="pt")
+    state = {}
+    with handle as file:
+        for key in file.keys():  # noqa: SIM118 (safe_open is not iterable)
+            tensor = file.get_tensor(key)
+            state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return state
 
 
 def hyper_parameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
