@@ -219,6 +219,19 @@ def test_export_and_checkpoint_load_as_models(tmp_path):
     assert {r.metric_type for r in card.eval_results} == set(training["metrics"])
 
 
+def test_export_without_a_monitor_writes_the_final_weights(tmp_path):
+    module = LSegModule(model="tiny")
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=None)
+    trainer(tmp_path, max_epochs=2, limit_train_batches=2, callbacks=[checkpoint, ExportPretrained()]).fit(
+        module, datamodule=data()
+    )
+    exported = LSeg.from_pretrained(tmp_path / "model")
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], value), name
+    training = ModelCard.load(tmp_path / "model" / "README.md").data.lseg["results"]["train"]
+    assert training["training"]["checkpoint"] == "final" and training["training"]["epoch"] == 1
+
+
 def test_export_reports_the_scores_of_the_exported_weights():
     """Best checkpoint: the validation run that reached its score; none: the last run; resumed: the score."""
     from types import SimpleNamespace

@@ -91,8 +91,12 @@ class ExportPretrained(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if any(isinstance(c, SignalCheckpoint) and c.received for c in trainer.callbacks):
             return  # interrupted: the run is not finished, resume it instead
-        checkpoint = next(
-            (c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.best_model_path),
+        checkpoint = next(  # without a monitor there is no "best": the final weights are exported
+            (
+                c
+                for c in trainer.checkpoint_callbacks
+                if isinstance(c, ModelCheckpoint) and c.monitor and c.best_model_path
+            ),
             None,
         )
         if checkpoint is not None:
