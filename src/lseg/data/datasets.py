@@ -242,7 +242,7 @@ def camvid(
     root = Path(root)
     _split_folder("camvid", split, {"train": "train", "val": "val", "test": "test"})
     _require("camvid", root, root / f"{split}.txt")
-    pairs = _read_list_file(root / f"{split}.txt")
+    pairs = listed = _read_list_file(root / f"{split}.txt")
     if sequences is not None:
         if isinstance(sequences, str) or not all(isinstance(s, str) for s in sequences):
             raise LSegError(
@@ -252,9 +252,7 @@ def camvid(
         wanted = tuple(sequences)
         pairs = [pair for pair in pairs if Path(pair[0]).name.startswith(wanted)]
         if not wanted or not pairs:
-            found = sorted(
-                {Path(image).name.split("_")[0] for image, _ in _read_list_file(root / f"{split}.txt")}
-            )
+            found = sorted({Path(image).name.split("_")[0] for image, _ in listed})
             raise LSegError(
                 f"camvid {split}: no images of sequences {list(wanted)}; it has {', '.join(found)}"
             )
