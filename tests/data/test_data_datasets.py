@@ -85,6 +85,15 @@ def test_id_map_dict_and_table(tiny):
         short[0]
 
 
+def test_pixel_counts_read_training_ids_without_the_transform(tiny):
+    root, _ = tiny
+    crop = lambda s: {**s, "mask": s["mask"][:1, :1]}  # noqa: E731 - a transform the counts must not see
+    dataset = ListFileDataset(root, root / "list.txt", NAMES, transform=crop)
+    assert dataset.pixel_counts().tolist() == [12, 12, 60]
+    remapped = ListFileDataset(root, root / "list.txt", ["x", "y"], id_map={2: 0, 0: 255})
+    assert remapped.pixel_counts().tolist() == [60, 12]
+
+
 def test_transform_is_applied(tiny):
     root, _ = tiny
     ds = ListFileDataset(root, root / "list.txt", NAMES, transform=lambda s: {**s, "extra": 1})

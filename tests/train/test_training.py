@@ -19,7 +19,7 @@ from lseg.data import SyntheticStreetScenes
 from lseg.model import load_preset
 from lseg.train.callbacks import ExportPretrained
 from lseg.train.datamodule import LSegDataModule
-from lseg.train.module import LSegModule, NonFiniteLossError
+from lseg.train.module import LSegModule, NonFiniteLossError, class_balanced_weights
 
 SIZE = [64, 80]
 
@@ -410,6 +410,71 @@ def test_hard_pixel_fraction_averages_the_hardest_pixels(monkeypatch):
     torch.testing.assert_close(hard._loss(batch), pixels.topk(len(pixels) // 4).values.mean())
     with pytest.raises(LSegError, match="hard_pixel_fraction"):
         LSegModule("tiny", pretrained=False, hard_pixel_fraction=0)
+
+
+def test_class_balanced_weights_favour_rare_classes_and_keep_the_loss_scale():
+    counts = torch.tensor([900, 100, 0])
+    inverse = class_balanced_weights(counts, 1.0)
+    torch.testing.assert_close(inverse[:2], torch.tensor([1 / 1.8, 1 / 0.2]))  # 1 / (frequency * 2 seen)
+    root = class_balanced_weights(counts, 0.5)
+    torch.testing.assert_close(root[1] / root[0], torch.tensor(3.0))  # sqrt(900 / 100)
+    for weights in (inverse, root):
+        mean_pixel_weight = (counts[:2] / 1000 * weights[:2]).sum()
+        torch.testing.assert_close(mean_pixel_weight, torch.tensor(1.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(class_balanced_weights(counts, 0.0)[:2], torch.ones(2))
+
+
+def test_class_balance_weighs_each_pixel_by_its_training_class_frequency(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    module = LSegModule("tiny", pretrained=False, class_balance=1.0)
+    datamodule = data()
+    fit = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    fit.fit(module, datamodule=datamodule)
+    counts = SyntheticStreetScenes(16, size=tuple(SIZE), seed=0).pixel_counts()
+    assert counts.sum() == 16 * SIZE[0] * SIZE[1]
+    weights = module.class_weights["synthetic"]
+    torch.testing.assert_close(weights, class_balanced_weights(counts, 1.0))
+    assert weights[counts.argmin()] > 1 > weights[counts.argmax()]
+
+    labels = datamodule.label_sets["synthetic"]
+    monkeypatch.setattr(LSegModule, "label_sets", property(lambda self: {"synthetic": labels}))
+    batch = {
+        "image": torch.randn(2, 3, 32, 32),
+        "mask": torch.randint(0, len(labels), (2, 32, 32)),
+        "dataset": ["synthetic", "synthetic"],
+    }
+    batch["mask"][0, :8] = 255
+    module.eval()
+    logits = module.model(batch["image"], module.model.encode_text(labels)).logits
+    pixels = torch.nn.functional.cross_entropy(logits, batch["mask"], ignore_index=255, reduction="none")
+    valid = batch["mask"] != 255
+    expected = (pixels * weights[batch["mask"].clamp(max=len(labels) - 1)])[valid].mean()
+    torch.testing.assert_close(module._loss(batch), expected)
+    with pytest.raises(LSegError, match="class_balance"):
+        LSegModule("tiny", pretrained=False, class_balance=-1)
+
+
+def test_anchor_alignment_pulls_labelled_pixels_onto_their_class_word(monkeypatch):
+    torch.manual_seed(0)
+    labels = ["sky", "road", "car"]
+    monkeypatch.setattr(LSegModule, "label_sets", property(lambda self: {"d": labels}))
+    batch = {
+        "image": torch.randn(2, 3, 30, 34),
+        "mask": torch.randint(0, 3, (2, 30, 34)),
+        "dataset": ["d", "d"],
+    }
+    batch["mask"][0, :8] = 255
+    plain = LSegModule("tiny", pretrained=False)
+    aligned = LSegModule("tiny", pretrained=False, anchor_alignment=0.5)
+    aligned.load_state_dict(plain.state_dict())
+    output = plain.model(batch["image"], plain.model.encode_text(labels))
+    cosines = torch.einsum("bdhw,nd->bnhw", output.pixel_embeds, output.label_embeds)  # 15 x 17 grid
+    grid = batch["mask"][:, ::2, ::2]
+    labelled = grid != 255
+    distance = 1 - cosines.gather(1, grid.clamp(max=2)[:, None])[:, 0][labelled].mean()
+    torch.testing.assert_close(aligned._loss(batch), plain._loss(batch) + 0.5 * distance)
+    with pytest.raises(LSegError, match="anchor_alignment"):
+        LSegModule("tiny", pretrained=False, anchor_alignment=-1)
 
 
 def test_channels_last_training_computes_the_same_loss(monkeypatch):

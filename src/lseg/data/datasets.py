@@ -173,6 +173,16 @@ class ListFileDataset(Dataset):
         }
         return self.transform(sample) if self.transform is not None else sample
 
+    def pixel_counts(self) -> torch.Tensor:
+        """Labelled pixels per class over every label file (int64, one per class; ignore not counted),
+        read without the transform: class frequencies for loss weighting."""
+        counts = torch.zeros(len(self.class_names), dtype=torch.int64)
+        for _, label in self.pairs:
+            path = self.root / label
+            mask = self._to_train_ids(_load_label(path), path)
+            counts += torch.bincount(mask[mask != self.ignore_index], minlength=len(counts))
+        return counts
+
     def _to_train_ids(self, raw: torch.Tensor, label_path: Path) -> torch.Tensor:
         mask = raw
         if self._table is not None:

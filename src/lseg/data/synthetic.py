@@ -287,3 +287,12 @@ class SyntheticStreetScenes(Dataset):
             "path": f"synthetic/{self.seed}/{index:06d}.png",
         }
         return self.transform(sample) if self.transform is not None else sample
+
+    def pixel_counts(self) -> torch.Tensor:
+        """Pixels per class over every scene (int64, one per class), untransformed."""
+        counts = torch.zeros(len(self.class_names), dtype=torch.int64)
+        for index in range(self.num_images):
+            _, label = render_scene(np.random.default_rng([self.seed, index]), *self.size)
+            ids = torch.from_numpy(label).long()
+            counts += torch.bincount(ids[ids != self.ignore_index], minlength=len(counts))
+        return counts

@@ -143,6 +143,7 @@ class LSegDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.seed = seed
         self.label_sets: dict[str, list[str]] = {}
+        self.train_datasets: dict[str, Dataset] = {}
         self.val_key: str | None = None
 
     def _processor(self) -> LSegImageProcessor:
@@ -173,6 +174,7 @@ class LSegDataModule(L.LightningDataModule):
             dataset, labels = build(spec, augment)
             key = spec.name if len(self.train_specs) == 1 else f"{index}:{spec.name}"
             self.label_sets[key] = labels
+            self.train_datasets[key] = dataset
             datasets.append(LabelledDataset(dataset, key))
         self.train_dataset = SeededSamples(ConcatDataset(datasets))
         self.val_dataset = None
@@ -181,6 +183,13 @@ class LSegDataModule(L.LightningDataModule):
             self.val_key = f"val:{self.val_spec.name}"
             self.label_sets[self.val_key] = labels
             self.val_dataset = LabelledDataset(dataset, self.val_key)
+
+    def pixel_counts(self, key: str) -> torch.Tensor:
+        """Labelled pixels per class of the training dataset `key` (for class-balanced losses)."""
+        dataset = self.train_datasets[key]
+        if not callable(getattr(dataset, "pixel_counts", None)):
+            raise LSegError(f"training dataset '{key}' cannot count its labels' pixels (class balancing)")
+        return dataset.pixel_counts()
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

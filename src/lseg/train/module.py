@@ -21,6 +21,16 @@ class NonFiniteLossError(LSegError):
     """Training diverged: the loss became NaN or infinite."""
 
 
+def class_balanced_weights(pixel_counts: torch.Tensor, power: float) -> torch.Tensor:
+    """Per-class loss weights proportional to frequency**-power, scaled so that the pixel-weighted mean
+    is 1 (the loss keeps its scale, so the learning rate keeps its meaning). A class with no pixels
+    gets the weight of one pixel; it never appears as a target, so its weight never counts."""
+    total = pixel_counts.sum().clamp(min=1).double()
+    frequency = pixel_counts.double() / total
+    weights = frequency.clamp(min=1 / total).pow(-power)
+    return (weights / (frequency * weights).sum()).float()
+
+
 class LSegModule(L.LightningModule):
     """Trains an LSeg model; the frozen text encoder embeds every dataset's label words.
 
@@ -33,8 +43,15 @@ class LSegModule(L.LightningModule):
     the model's `prompt_templates` drawn per step; `negatives` adds that many words per step from the
     MSeg universal names that cannot name a labelled pixel (`lseg.data.negative_words` of
     `negatives_column`, minus `negatives_exclude_parents`). `hard_pixel_fraction` < 1 averages the
-    loss over only the hardest pixels, which favours thin and rare classes. `channels_last` keeps
-    convolution weights and inputs in that memory layout (faster on CPU and on tensor cores).
+    loss over only the hardest pixels, which favours thin and rare classes. `class_balance` > 0 weighs
+    each class's pixels by its training-pixel frequency to the power `-class_balance` (0.5: inverse
+    square root, 1: inverse frequency), scaled so that an average pixel still weighs 1.
+    `anchor_alignment` adds that multiple of the mean 1 - cosine between each labelled pixel's
+    embedding and its class word's: cross-entropy only separates the training words from each other,
+    which can leave pixels far from every word, where an unseen synonym of their class scores no
+    higher than other words; pulled onto their word, they score high with its neighbours.
+    `channels_last` keeps convolution weights and inputs in that memory layout (faster on CPU and on
+    tensor cores).
     """
 
     def __init__(
@@ -56,6 +73,8 @@ class LSegModule(L.LightningModule):
         negatives_column: str | None = None,
         negatives_exclude_parents: list[str] | None = None,
         hard_pixel_fraction: float = 1.0,
+        class_balance: float = 0.0,
+        anchor_alignment: float = 0.0,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -63,6 +82,10 @@ class LSegModule(L.LightningModule):
             raise LSegError(f"optimizer must be 'sgd' or 'adamw', got '{optimizer}'")
         if not 0 < hard_pixel_fraction <= 1:
             raise LSegError(f"hard_pixel_fraction must be in (0, 1], got {hard_pixel_fraction}")
+        if class_balance < 0 or anchor_alignment < 0:
+            raise LSegError(
+                f"class_balance and anchor_alignment must be >= 0, got {class_balance}, {anchor_alignment}"
+            )
         if negatives < 0 or (negatives and negatives_column is None):
             raise LSegError(
                 "negatives needs a count >= 0 and negatives_column (the training classes' MSeg column)"
@@ -78,8 +101,19 @@ class LSegModule(L.LightningModule):
             self.model.set_grad_checkpointing(True)
         if channels_last:  # oneDNN's fast convolution layout: a CPU training step of resnet18d takes ~0.6x
             self.model.to(memory_format=torch.channels_last)
+        self.class_weights: dict[str, torch.Tensor] = {}
         self.val_metrics: SegmentationMetrics | None = None
         self._preview: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def setup(self, stage: str) -> None:
+        """Class weights of every training dataset, from its labels' pixel counts (`class_balance`)."""
+        if stage != "fit" or not self.hparams.class_balance:
+            return
+        datamodule = self.trainer.datamodule
+        for key in datamodule.train_datasets:
+            self.class_weights[key] = class_balanced_weights(
+                datamodule.pixel_counts(key), self.hparams.class_balance
+            )
 
     # ----------------------------------------------------------------- data plumbing
     @property
@@ -120,16 +154,38 @@ class LSegModule(L.LightningModule):
         samples of different datasets use their own label sets."""
         images, masks = self._images(batch), batch["mask"]
         pixels = self.model.pixel_embeddings(images)
-        losses = []
+        losses, distances = [], []
         for key in dict.fromkeys(batch["dataset"]):
             rows = [i for i, k in enumerate(batch["dataset"]) if k == key]
-            logits = self.model.classify(pixels[rows], self._training_text(key), images.shape[-2:])
-            loss = F.cross_entropy(logits.float(), masks[rows], ignore_index=IGNORE_INDEX, reduction="none")
+            text = self._training_text(key)
+            logits = self.model.classify(pixels[rows], text, images.shape[-2:])
+            weight = self.class_weights.get(key)
+            loss = F.cross_entropy(
+                logits.float(),
+                masks[rows],
+                weight=None if weight is None else weight.to(logits.device),
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            )
             losses.append(loss[masks[rows] != IGNORE_INDEX])
+            if self.hparams.anchor_alignment:
+                distances.append(self._anchor_distances(pixels[rows], masks[rows], text))
         losses = torch.cat(losses)
         if self.hparams.hard_pixel_fraction < 1 and len(losses):
             losses = losses.topk(max(1, int(len(losses) * self.hparams.hard_pixel_fraction))).values
-        return losses.mean() if len(losses) else pixels.sum() * 0
+        loss = losses.mean() if len(losses) else pixels.sum() * 0
+        if distances and len(distances := torch.cat(distances)):
+            loss = loss + self.hparams.anchor_alignment * distances.mean()
+        return loss
+
+    @staticmethod
+    def _anchor_distances(pixels: torch.Tensor, masks: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """1 - cosine between each labelled pixel's embedding (stride-2 grid) and its class's label
+        embedding (the first rows of `text`; negatives follow them)."""
+        grid = masks[:, ::2, ::2]
+        labelled = grid != IGNORE_INDEX
+        words = F.normalize(text.to(pixels.dtype), dim=-1)[grid[labelled]]
+        return 1 - (pixels.permute(0, 2, 3, 1)[labelled] * words).sum(-1)
 
     # ----------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
