@@ -86,6 +86,25 @@ def test_regularizer_blocks_keep_shape_and_share_weights():
     assert sum(p.numel() for p in model.head.regularizer.parameters()) == 10  # one 3x3 conv + bias
 
 
+@pytest.mark.parametrize("regularizer", [None, "bottleneck"])
+def test_training_logits_from_the_decoder_map_equal_the_embedding_path(regularizer):
+    """`classify_decoded` folds the projection into the text side; it must give forward's logits."""
+    torch.manual_seed(0)
+    model = LSeg.from_config({**_tiny_dict(), "regularizer": regularizer})
+    with torch.no_grad():  # a projection bias and an off-centre decoder map exercise every term
+        model.head.project.bias.normal_()
+    images = torch.randn(2, 3, 45, 62)  # odd sizes: the stride-2 grid is cropped to 23 x 31
+    text = model.encode_text(["cat", "dog", "other", "sky"])
+    output = model(images, text)
+    logits, cosines = model.classify_decoded(model.decoded_features(images), text, images.shape[-2:])
+    torch.testing.assert_close(logits, output.logits, atol=1e-4, rtol=1e-4)
+    expected = torch.einsum("bdhw,nd->bnhw", output.pixel_embeds, output.label_embeds)
+    torch.testing.assert_close(cosines, expected, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cosines = model.classify_decoded(model.decoded_features(images), text, images.shape[-2:])[1]
+    assert cosines.dtype == torch.float32 and (cosines - expected).abs().max() < 0.05
+
+
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(LSegError, match="valid presets: .*tiny"):
         LSeg.from_config("nope")

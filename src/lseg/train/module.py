@@ -150,15 +150,18 @@ class LSegModule(L.LightningModule):
         return batch["image"]
 
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """CE over valid pixels (the hardest `hard_pixel_fraction` of them, online hard-example mining);
-        samples of different datasets use their own label sets."""
+        """CE over labelled pixels (the hardest `hard_pixel_fraction` of them, online hard-example
+        mining), plus `anchor_alignment`; samples of different datasets use their own label sets.
+
+        Logits come from the decoder's map through `classify_decoded`, never through the D-channel
+        embedding map, and ignored pixels (CE 0) stay in the sums, which spares a boolean index."""
         images, masks = self._images(batch), batch["mask"]
-        pixels = self.model.pixel_embeddings(images)
-        losses, distances = [], []
+        decoded = self.model.decoded_features(images)
+        losses, distances, labelled = [], [], 0
         for key in dict.fromkeys(batch["dataset"]):
             rows = [i for i, k in enumerate(batch["dataset"]) if k == key]
             text = self._training_text(key)
-            logits = self.model.classify(pixels[rows], text, images.shape[-2:])
+            logits, cosines = self.model.classify_decoded(decoded[rows], text, images.shape[-2:])
             weight = self.class_weights.get(key)
             loss = F.cross_entropy(
                 logits.float(),
@@ -167,25 +170,27 @@ class LSegModule(L.LightningModule):
                 ignore_index=IGNORE_INDEX,
                 reduction="none",
             )
-            losses.append(loss[masks[rows] != IGNORE_INDEX])
+            losses.append(loss.flatten())
+            labelled = labelled + (masks[rows] != IGNORE_INDEX).sum()
             if self.hparams.anchor_alignment:
-                distances.append(self._anchor_distances(pixels[rows], masks[rows], text))
+                distances.append(self._anchor_distances(cosines, masks[rows]))
         losses = torch.cat(losses)
-        if self.hparams.hard_pixel_fraction < 1 and len(losses):
-            losses = losses.topk(max(1, int(len(losses) * self.hparams.hard_pixel_fraction))).values
-        loss = losses.mean() if len(losses) else pixels.sum() * 0
+        if self.hparams.hard_pixel_fraction < 1:  # ignored pixels (CE 0) are never harder than labelled ones
+            hardest = max(1, int(labelled * self.hparams.hard_pixel_fraction))
+            loss = losses.topk(hardest).values.mean()
+        else:
+            loss = losses.sum() / labelled.clamp(min=1)
         if distances and len(distances := torch.cat(distances)):
             loss = loss + self.hparams.anchor_alignment * distances.mean()
         return loss
 
     @staticmethod
-    def _anchor_distances(pixels: torch.Tensor, masks: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def _anchor_distances(cosines: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """1 - cosine between each labelled pixel's embedding (stride-2 grid) and its class's label
-        embedding (the first rows of `text`; negatives follow them)."""
+        embedding (the first channels of `cosines`; negatives follow them)."""
         grid = masks[:, ::2, ::2]
         labelled = grid != IGNORE_INDEX
-        words = F.normalize(text.to(pixels.dtype), dim=-1)[grid[labelled]]
-        return 1 - (pixels.permute(0, 2, 3, 1)[labelled] * words).sum(-1)
+        return 1 - cosines.permute(0, 2, 3, 1)[labelled].gather(1, grid[labelled][:, None])[:, 0]
 
     # ----------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
