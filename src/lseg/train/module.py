@@ -160,6 +160,8 @@ class LSegModule(L.LightningModule):
         losses, distances, labelled = [], [], 0
         for key in dict.fromkeys(batch["dataset"]):
             rows = [i for i, k in enumerate(batch["dataset"]) if k == key]
+            if len(rows) == len(images):  # one dataset: a view, not an indexed copy (and its backward)
+                rows = slice(None)
             text = self._training_text(key)
             logits, cosines = self.model.classify_decoded(decoded[rows], text, images.shape[-2:])
             weight = self.class_weights.get(key)
