@@ -362,7 +362,8 @@ def measure_training(args: argparse.Namespace, device: torch.device) -> dict[str
         def step(model=model, optimizer=optimizer, images=images, masks=masks, text=text, dtype=dtype):
             enabled = dtype != torch.float32
             with torch.autocast(device.type, dtype=dtype, enabled=enabled):
-                logits = model(images, text).logits
+                decoded = model.decoded_features(images)  # `lseg train`'s path: no embedding map
+                logits = model.classify_decoded(decoded, text, images.shape[-2:])[0]
             loss = F.cross_entropy(logits.float(), masks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -388,16 +388,23 @@ def test_label_augmentation_draws_one_template_per_label_and_adds_negatives(tmp_
     assert not torch.allclose(encode(labels), encode(labels, [templates[1]]))  # inference averages them
 
 
-def test_hard_pixel_fraction_averages_the_hardest_pixels(monkeypatch):
+def partly_ignored_batch(monkeypatch, labels: list[str], size=(32, 32), key: str = "d") -> dict:
+    """Two random images with random masks over `labels`, the top 8 rows of the first ignored; the
+    module sees `labels` as dataset `key`'s label set."""
     torch.manual_seed(0)
-    labels = ["sky", "road", "car"]
-    monkeypatch.setattr(LSegModule, "label_sets", property(lambda self: {"d": labels}))
+    monkeypatch.setattr(LSegModule, "label_sets", property(lambda self: {key: labels}))
     batch = {
-        "image": torch.randn(2, 3, 32, 32),
-        "mask": torch.randint(0, 3, (2, 32, 32)),
-        "dataset": ["d", "d"],
+        "image": torch.randn(2, 3, *size),
+        "mask": torch.randint(0, len(labels), (2, *size)),
+        "dataset": [key, key],
     }
     batch["mask"][0, :8] = 255
+    return batch
+
+
+def test_hard_pixel_fraction_averages_the_hardest_pixels(monkeypatch):
+    labels = ["sky", "road", "car"]
+    batch = partly_ignored_batch(monkeypatch, labels)
     plain, hard = (
         LSegModule("tiny", pretrained=False),
         LSegModule("tiny", pretrained=False, hard_pixel_fraction=0.25),
@@ -437,13 +444,7 @@ def test_class_balance_weighs_each_pixel_by_its_training_class_frequency(tmp_pat
     assert weights[counts.argmin()] > 1 > weights[counts.argmax()]
 
     labels = datamodule.label_sets["synthetic"]
-    monkeypatch.setattr(LSegModule, "label_sets", property(lambda self: {"synthetic": labels}))
-    batch = {
-        "image": torch.randn(2, 3, 32, 32),
-        "mask": torch.randint(0, len(labels), (2, 32, 32)),
-        "dataset": ["synthetic", "synthetic"],
-    }
-    batch["mask"][0, :8] = 255
+    batch = partly_ignored_batch(monkeypatch, labels, key="synthetic")
     module.eval()
     logits = module.model(batch["image"], module.model.encode_text(labels)).logits
     pixels = torch.nn.functional.cross_entropy(logits, batch["mask"], ignore_index=255, reduction="none")
@@ -455,15 +456,8 @@ def test_class_balance_weighs_each_pixel_by_its_training_class_frequency(tmp_pat
 
 
 def test_anchor_alignment_pulls_labelled_pixels_onto_their_class_word(monkeypatch):
-    torch.manual_seed(0)
     labels = ["sky", "road", "car"]
-    monkeypatch.setattr(LSegModule, "label_sets", property(lambda self: {"d": labels}))
-    batch = {
-        "image": torch.randn(2, 3, 30, 34),
-        "mask": torch.randint(0, 3, (2, 30, 34)),
-        "dataset": ["d", "d"],
-    }
-    batch["mask"][0, :8] = 255
+    batch = partly_ignored_batch(monkeypatch, labels, size=(30, 34))
     plain = LSegModule("tiny", pretrained=False)
     aligned = LSegModule("tiny", pretrained=False, anchor_alignment=0.5)
     aligned.load_state_dict(plain.state_dict())
