@@ -48,8 +48,8 @@ class LSegModule(L.LightningModule):
     square root, 1: inverse frequency), scaled so that an average pixel still weighs 1.
     `anchor_alignment` adds that multiple of the mean 1 - cosine between each labelled pixel's
     embedding and its class word's: cross-entropy only separates the training words from each other,
-    which can leave pixels far from every word, where an unseen synonym of their class scores no
-    higher than other words; pulled onto their word, they score high with its neighbours.
+    and a pixel on its word would score highest with that word's nearest synonym (on CamVid it kept
+    the training-word score and lowered the unseen-synonym score; docs/results.md).
     `channels_last` keeps convolution weights and inputs in that memory layout (faster on CPU and on
     tensor cores).
     """
