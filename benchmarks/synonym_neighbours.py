@@ -11,12 +11,13 @@ Class names and training words are the CamVid ones unless --classes / --words na
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lseg import LSeg
+from lseg import LSeg, LSegError
 from lseg.data import CAMVID_CLASSES, read_names
 from lseg.evaluate.labels import read_synonyms
 
@@ -46,4 +47,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LSegError as error:  # a missing model or a bad synonym file: one line, not a traceback
+        sys.exit(f"error: {error}")

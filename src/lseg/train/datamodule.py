@@ -184,13 +184,6 @@ class LSegDataModule(L.LightningDataModule):
             self.label_sets[self.val_key] = labels
             self.val_dataset = LabelledDataset(dataset, self.val_key)
 
-    def pixel_counts(self, key: str) -> torch.Tensor:
-        """Labelled pixels per class of the training dataset `key` (for class-balanced losses)."""
-        dataset = self.train_datasets[key]
-        if not callable(getattr(dataset, "pixel_counts", None)):
-            raise LSegError(f"training dataset '{key}' cannot count its labels' pixels (class balancing)")
-        return dataset.pixel_counts()
-
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self.train_dataset,

@@ -106,14 +106,13 @@ class LSegModule(L.LightningModule):
         self._preview: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def setup(self, stage: str) -> None:
-        """Class weights of every training dataset, from its labels' pixel counts (`class_balance`)."""
+        """Class weights of every training dataset, from its labels' pixel counts (`class_balance`),
+        computed once and placed on the training device (Lightning sets `self.device` for setup)."""
         if stage != "fit" or not self.hparams.class_balance:
             return
-        datamodule = self.trainer.datamodule
-        for key in datamodule.train_datasets:
-            self.class_weights[key] = class_balanced_weights(
-                datamodule.pixel_counts(key), self.hparams.class_balance
-            )
+        for key, dataset in self.trainer.datamodule.train_datasets.items():
+            weights = class_balanced_weights(dataset.pixel_counts(), self.hparams.class_balance)
+            self.class_weights[key] = weights.to(self.device)
 
     # ----------------------------------------------------------------- data plumbing
     @property
@@ -164,11 +163,10 @@ class LSegModule(L.LightningModule):
                 rows = slice(None)
             text = self._training_text(key)
             logits, cosines = self.model.classify_decoded(decoded[rows], text, images.shape[-2:])
-            weight = self.class_weights.get(key)
             loss = F.cross_entropy(
                 logits.float(),
                 masks[rows],
-                weight=None if weight is None else weight.to(logits.device),
+                weight=self.class_weights.get(key),
                 ignore_index=IGNORE_INDEX,
                 reduction="none",
             )
