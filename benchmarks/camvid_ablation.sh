@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Recipe ablation on CamVid without touching val: train on drives 0001TP + 0016E5, score the held-out
 # drive 0006R0 with the training words and with the development synonyms (configs/labels/
-# camvid_synonyms_dev.txt), at the original label resolution. Each run: 400 steps (~5.5 min on 2 cores).
+# camvid_synonyms_dev.txt), at the original label resolution. Each run: 400 steps, about 4 minutes on
+# 2 cores in bf16.
 #   bash benchmarks/camvid_ablation.sh SEED VARIANT [VARIANT ...]
 # VARIANT is a '+'-joined list of override files in benchmarks/camvid_ablation/ ('base' for none),
-# e.g.: bash benchmarks/camvid_ablation.sh 0 base halfres ohem ohem+prompts ohem+prompts+negatives
+# e.g.: bash benchmarks/camvid_ablation.sh 0 base fp32 halfres unbalanced+ohem
 set -euo pipefail
 seed="$1"; shift
 data="${CAMVID_ROOT:-../shared/data/camvid}"

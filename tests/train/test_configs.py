@@ -27,3 +27,16 @@ def test_config_parses(config, capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "model:" in printed and "data:" in printed and "checkpoint:" in printed
+
+
+ABLATIONS = sorted((REPO_ROOT / "benchmarks" / "camvid_ablation").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("override", ABLATIONS, ids=lambda c: c.stem)
+def test_camvid_ablation_override_parses_on_the_recipe(override, capsys):
+    """benchmarks/camvid_ablation.sh stacks these on the recipe; a typo would only show after training."""
+    configs = [REPO_ROOT / "configs" / "camvid.yaml", REPO_ROOT / "configs" / "camvid_holdout.yaml", override]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *(arg for c in configs for arg in ("--config", str(c))), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "model:" in capsys.readouterr().out

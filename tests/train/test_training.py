@@ -59,7 +59,8 @@ def _quiet():
         yield
 
 
-def test_a_few_steps_lower_the_loss(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # the CPU CamVid recipe trains in bf16
+def test_a_few_steps_lower_the_loss(tmp_path, precision):
     L.seed_everything(0)
     module = LSegModule(model="tiny", optimizer="adamw", lr=0.002, head_lr_multiplier=1.0)
     datamodule = data()
@@ -69,7 +70,9 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     module.eval()
     with torch.no_grad():
         before = module._loss(batch).item()
-    trainer(tmp_path, max_epochs=6, enable_checkpointing=False).fit(module, datamodule=datamodule)
+    trainer(tmp_path, max_epochs=6, enable_checkpointing=False, precision=precision).fit(
+        module, datamodule=datamodule
+    )
     module.eval()
     with torch.no_grad():
         after = module._loss(batch).item()
