@@ -3,7 +3,8 @@
 #   bash benchmarks/camvid_eval.sh [MODEL_DIR] [OUT_DIR] [SIZE]
 # SIZE is the long side the model was trained for (480 for configs/camvid.yaml: full resolution):
 # `single` runs at SIZE, `slide` at SIZE in windows of the recipe's 256 training crop, `lseg-ms` (the
-# paper's scales 0.5-1.75 and flip) uses SIZE as its base size and its crop. Metrics are always computed at the original 360 x 480 label resolution.
+# paper's scales 0.5-1.75 and flip) uses SIZE as its base size and its crop. Metrics are always
+# computed at the original 360 x 480 label resolution.
 set -euo pipefail
 model="${1:-runs/camvid/model}"
 out="${2:-runs/camvid/eval}"

@@ -12,7 +12,9 @@ the CLI and the demo) asks here which dtype to compute in and how:
 * `prepare_for_inference(model, dtype, device)`: what the CLI and the demo do once after loading: on
   CPU the weights are cast to `dtype` (native bf16 kernels; CPU autocast re-casts the weights at every
   call), on CUDA they stay float32 for autocast; convolutional parts go channels_last and the
-  decoder's BatchNorms are folded into their convolutions.
+  decoder's BatchNorms are folded into their convolutions;
+* `cpu_has_native_bfloat16()`: whether bfloat16 is a speed-up on this CPU (training warns when a
+  `bf16-mixed` run would have oneDNN emulate it).
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ def resolve_precision(
             "(cast it with model.float() first)"
         )
     return resolved
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). Without either, oneDNN
+    emulates bfloat16, and `bf16-mixed` training can be slower than float32."""
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up defensively
+    return any(getattr(torch.cpu, name, lambda: False)() for name in names)
 
 
 def autocast(

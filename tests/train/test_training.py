@@ -79,6 +79,18 @@ def test_a_few_steps_lower_the_loss(tmp_path, precision):
     assert after < 0.8 * before
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_training_on_a_cpu_without_native_bfloat16_warns(tmp_path, monkeypatch, native):
+    monkeypatch.setattr("lseg.train.module.cpu_has_native_bfloat16", lambda: native)
+    module = LSegModule(model="tiny", optimizer="adamw", lr=0.002)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=1, enable_checkpointing=False, precision="bf16-mixed").fit(
+            module, datamodule=data()
+        )
+    assert any("32-true" in str(w.message) for w in caught) == (not native)
+
+
 class Interrupt(L.Callback):
     """Stops the run after its first epoch, as a preempted job would be."""
 

@@ -7,12 +7,14 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from timm.optim import param_groups_weight_decay
 
 from lseg.data import IGNORE_INDEX, negative_words
 from lseg.errors import LSegError
 from lseg.evaluate.metrics import SegmentationMetrics
 from lseg.model import LSeg, LSegConfig, load_preset
+from lseg.precision import cpu_has_native_bfloat16
 
 REFERENCE_BATCH = 16  # base learning rates are quoted for this global batch size
 
@@ -107,8 +109,17 @@ class LSegModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Class weights of every training dataset, from its labels' pixel counts (`class_balance`),
-        computed once and placed on the training device (Lightning sets `self.device` for setup)."""
-        if stage != "fit" or not self.hparams.class_balance:
+        computed once and placed on the training device (Lightning sets `self.device` for setup).
+        Warns when bf16 training runs on a CPU that would emulate bfloat16 (the CamVid recipe's default)."""
+        if stage != "fit":
+            return
+        bf16 = str(self.trainer.precision).startswith("bf16")
+        if bf16 and self.device.type == "cpu" and not cpu_has_native_bfloat16():
+            rank_zero_warn(
+                "this CPU has neither AVX512-BF16 nor AMX: bf16-mixed training may run slower than "
+                "float32 here; --trainer.precision 32-true avoids that"
+            )
+        if not self.hparams.class_balance:
             return
         for key, dataset in self.trainer.datamodule.train_datasets.items():
             weights = class_balanced_weights(dataset.pixel_counts(), self.hparams.class_balance)
