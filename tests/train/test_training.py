@@ -470,6 +470,24 @@ def test_class_balance_weighs_each_pixel_by_its_training_class_frequency(tmp_pat
         LSegModule("tiny", pretrained=False, class_balance=-1)
 
 
+def test_class_balance_with_negatives_weighs_only_the_labelled_classes(monkeypatch):
+    """Negative words add logits but no targets: each pixel still weighs its own class's weight."""
+    labels = ["sky", "road", "car"]
+    batch = partly_ignored_batch(monkeypatch, labels)
+    module = LSegModule(
+        "tiny", pretrained=False, class_balance=0.5, negatives=4, negatives_column="camvid-11"
+    )
+    weights = torch.tensor([0.5, 1.0, 2.0])
+    module.class_weights["d"] = weights
+    text = module._training_text("d")
+    assert len(text) == len(labels) + 4
+    logits = module.model(batch["image"], text).logits
+    pixels = torch.nn.functional.cross_entropy(logits, batch["mask"], ignore_index=255, reduction="none")
+    valid = batch["mask"] != 255
+    expected = (pixels * weights[batch["mask"].clamp(max=len(labels) - 1)])[valid].mean()
+    torch.testing.assert_close(module._loss(batch), expected)
+
+
 def test_anchor_alignment_pulls_labelled_pixels_onto_their_class_word(monkeypatch):
     labels = ["sky", "road", "car"]
     batch = partly_ignored_batch(monkeypatch, labels, size=(30, 34))

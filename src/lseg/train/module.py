@@ -174,10 +174,13 @@ class LSegModule(L.LightningModule):
                 rows = slice(None)
             text = self._training_text(key)
             logits, cosines = self.model.classify_decoded(decoded[rows], text, images.shape[-2:])
+            weight = self.class_weights.get(key)
+            if weight is not None and len(weight) < len(text):  # negatives are never a target
+                weight = F.pad(weight, (0, len(text) - len(weight)), value=1.0)
             loss = F.cross_entropy(
                 logits.float(),
                 masks[rows],
-                weight=self.class_weights.get(key),
+                weight=weight,
                 ignore_index=IGNORE_INDEX,
                 reduction="none",
             )
