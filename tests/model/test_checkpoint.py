@@ -183,6 +183,10 @@ def test_non_utf8_config_is_a_clear_error(tmp_path, tiny_model):
         (lambda c: {**c, "image_encoder": {**c["image_encoder"], "hooks": [0, "a"]}}, "image_encoder.hooks"),
         (lambda c: {**c, "image_encoder": {**c["image_encoder"], "kwargs": [1]}}, "image_encoder.kwargs"),
         (
+            lambda c: {**c, "image_encoder": {**c["image_encoder"], "pretrained_source": "s3"}},
+            "image_encoder.pretrained_source must be one of hub, package",
+        ),
+        (
             lambda c: {**c, "image_encoder": {**c["image_encoder"], "colour": 1}},
             "unknown.*image_encoder.colour",
         ),

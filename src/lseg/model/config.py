@@ -23,6 +23,7 @@ class ImageEncoderConfig:
     type: str = "vit"  # vit | cnn | hybrid
     name: str = "vit_large_patch16_384"
     pretrained: bool = True
+    pretrained_source: str = "hub"  # hub | package: weights a pip package ships (lseg.model.packaged_weights)
     hooks: list[int] | None = None  # ViT blocks tapped for the four maps (hybrid: the last two)
     channels: list[int] | None = None  # reassembled channels per stride (ViT only)
     readout: str = "project"  # ignore | add | project: how the class token enters patch tokens
@@ -100,6 +101,7 @@ IMAGE_RULES: dict[str, Rule] = {
     "type": (lambda v: v in ("vit", "cnn", "hybrid"), "one of vit, cnn, hybrid"),
     "name": (lambda v: isinstance(v, str) and bool(v), "a timm model name"),
     "pretrained": (lambda v: isinstance(v, bool), "true or false"),
+    "pretrained_source": (lambda v: v in ("hub", "package"), "one of hub, package"),
     "hooks": (
         lambda v: v is None or (isinstance(v, list) and all(_is_int(h, 0) for h in v)),
         "null or a list of block indices (integers >= 0)",

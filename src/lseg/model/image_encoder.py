@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from lseg.errors import LSegError
 from lseg.model.config import ImageEncoderConfig
 from lseg.model.hub import hub_access
+from lseg.model.packaged_weights import load_packaged_weights
 
 STRIDES = (4, 8, 16, 32)
 TIMM_POS_EMBED_RESIZE = ("bicubic", True)  # how timm resizes position embeddings for other image sizes
@@ -145,7 +146,11 @@ def _timm_create(cfg: ImageEncoderConfig, pretrained: bool, **kwargs) -> nn.Modu
 
 
 def create_timm_model(cfg: ImageEncoderConfig, **kwargs) -> nn.Module:
-    """timm.create_model with clear errors for unknown names, bad kwargs and unavailable weights."""
+    """timm.create_model with clear errors for unknown names, bad kwargs and unavailable weights.
+
+    Pretrained weights come from the Hugging Face Hub, or with `pretrained_source: package` from a
+    pip package that ships them (offline).
+    """
     if not timm.is_model(cfg.name):
         close = ", ".join(timm.list_models(f"*{cfg.name.split('_')[0]}*")[:12])
         raise LSegError(
@@ -153,6 +158,10 @@ def create_timm_model(cfg: ImageEncoderConfig, **kwargs) -> nn.Module:
         )
     if not cfg.pretrained:
         return _timm_create(cfg, False, **kwargs)
+    if cfg.pretrained_source == "package":
+        model = _timm_create(cfg, False, **kwargs)
+        load_packaged_weights(model, cfg.name)
+        return model
     with hub_access(f"pretrained timm weights for '{cfg.name}'"):
         return _timm_create(cfg, True, **kwargs)
 
