@@ -59,8 +59,17 @@ def test_colormap_range():
 
 
 def test_heatmaps_are_resized_like_logits():
-    """align_corners=True, as the model upsamples its logits: the heatmap lines up with label maps."""
+    """A heat map of the stride-2 grid goes to the image's size the way logits become label maps:
+    the network's upsampling to the size the model saw, then the processor's resize."""
     from lseg.features import resize_map
+    from lseg.model.head import upsample_logits
+    from lseg.processing import LSegImageProcessor
 
-    resized = resize_map(np.array([[0.0, 1.0]], dtype=np.float32), (1, 5))
-    np.testing.assert_allclose(resized, [[0.0, 0.25, 0.5, 0.75, 1.0]], atol=1e-6)
+    grid = torch.randn(4, 9, 13, generator=torch.Generator().manual_seed(0))
+    model_size, image_size = (17, 25), (70, 101)
+    heat = np.stack([resize_map(values.numpy(), image_size, model_size) for values in grid])
+    label_map = LSegImageProcessor((0.5,) * 3, (0.5,) * 3).postprocess(
+        upsample_logits(grid[None], model_size), [image_size]
+    )[0]
+    assert heat.shape == (4, *image_size)
+    np.testing.assert_array_equal(heat.argmax(0), label_map.numpy())

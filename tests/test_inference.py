@@ -67,8 +67,8 @@ def test_flip_averaging_is_a_no_op_for_a_flip_equivariant_model():
     images = torch.randn(1, 3, 45, 61)
     plain = InferenceProtocol("t", base_size=64, crop_size=32, stride=20, scales=(0.75, 1.0))
     flipped = InferenceProtocol("t", base_size=64, crop_size=32, stride=20, scales=(0.75, 1.0), flip=True)
-    out_plain = run_protocol(model, images, plain, pad_value=0.0) / plain.num_passes
-    out_flipped = run_protocol(model, images, flipped, pad_value=0.0) / flipped.num_passes
+    out_plain = run_protocol(model, images, plain, pad_value=0.0)
+    out_flipped = run_protocol(model, images, flipped, pad_value=0.0)
     torch.testing.assert_close(out_flipped, out_plain, rtol=1e-5, atol=1e-5)
 
 
@@ -111,8 +111,8 @@ def test_lseg_ms_visits_expected_scales_and_windows(height, width, expected, win
     assert out.shape == (1, 2, height, width)
     assert forward.images_seen == 2 * windows  # every window also flipped
     assert all(s[-2:] == (480, 480) and s[0] <= 4 for s in forward.shapes)
-    # Count-map averaging makes each pass contribute exactly 1: 6 scales x 2 flips.
-    torch.testing.assert_close(out, torch.full_like(out, 12.0))
+    # Count-map averaging makes each pass contribute exactly 1; the 6 scales x 2 flips are averaged.
+    torch.testing.assert_close(out, torch.ones_like(out))
 
 
 @pytest.mark.parametrize("name", sorted(PROTOCOLS))
@@ -122,7 +122,7 @@ def test_output_has_original_size_even_for_low_resolution_forward(name):
     protocol = get_protocol(name, base_size=96) if name != "single" else get_protocol(name)
     out = run_protocol(forward, images, protocol, pad_value=0.0)
     assert out.shape == (2, 5, 37, 53)
-    torch.testing.assert_close(out, torch.full_like(out, float(protocol.num_passes)))
+    torch.testing.assert_close(out, torch.ones_like(out))  # the mean of the passes, never their sum
     assert run_protocol(forward, images, protocol, out_size=(10, 12), pad_value=0.0).shape == (2, 5, 10, 12)
 
 
@@ -210,7 +210,7 @@ def test_padding_never_leaks_a_non_black_border(name):
     model = PaddedMeanFilter(black)
     images = black.expand(1, 3, 45, 70).clone()
     protocol = get_protocol(name, base_size=60, crop_size=48, stride=32)
-    out = run_protocol(model, images, protocol, pad_value=black) / protocol.num_passes
+    out = run_protocol(model, images, protocol, pad_value=black)
     torch.testing.assert_close(out, images)
 
 

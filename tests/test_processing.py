@@ -98,3 +98,37 @@ def test_bad_statistics_are_user_errors():
         LSegImageProcessor((0.5, 0.5), (0.5, 0.5, 0.5))
     with pytest.raises(LSegError, match="std > 0"):
         LSegImageProcessor((0.5,) * 3, (0.5, 0.0, 0.5))
+
+
+@pytest.mark.parametrize("return_confidence", [False, True])
+def test_label_maps_create_every_tensor_on_the_logits_device(return_confidence):
+    """Regression: one label per chunk (photos over ~8.4 MP) created the running label map on the CPU,
+    so `segment` on CUDA failed at the second label. Meta tensors show the device without a GPU."""
+    logits = torch.empty(1, 3, 8, 8, device="meta")
+    processor = LSegImageProcessor(*IMAGENET)
+    for max_elements in (1, 2**24):  # one label at a time, and all labels at once
+        ((label_map, confidence),) = processor.label_maps(
+            logits, [(40, 40)], return_confidence=return_confidence, max_elements=max_elements
+        )
+        assert label_map.device.type == "meta" and label_map.shape == (40, 40)
+        assert label_map.dtype == torch.int64
+        assert (confidence is None) != return_confidence
+        assert confidence is None or confidence.device.type == "meta"
+
+
+def test_postprocess_resizes_with_the_images_half_pixel_convention():
+    """A one-pixel line near the right edge of a 2048-wide image comes back centred on its column.
+
+    Images go down with half-pixel centres; logits must come back the same way: align_corners=True on
+    the way up put the line 1.6 pixels to the right (about half a model pixel)."""
+    width, column = 2048, 2040
+    image = np.zeros((64, width, 3), dtype=np.uint8)
+    image[:, column] = 255
+    processor = LSegImageProcessor(*IMAGENET)
+    batch = processor.preprocess(image, size=480)
+    brightness = processor.denormalize(batch.pixel_values).mean(dim=1, keepdim=True)
+    logits = torch.cat([torch.zeros_like(brightness), brightness], dim=1)  # label 1: "line"
+    (resized,) = processor.resize_logits(logits, batch.original_sizes, batch.sizes)
+    line = resized[1].mean(dim=0)  # the line's response along the row, at the original width
+    centre = float((line * torch.arange(width)).sum() / line.sum())
+    assert abs(centre - column) < 0.25  # align_corners=True: 2041.6

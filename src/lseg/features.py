@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lseg.errors import LSegError
 from lseg.images import ImageInput
 from lseg.inference import InferenceProtocol, resolve_protocol, run_protocol, scaled_size
+from lseg.model.head import upsample_logits
 from lseg.precision import model_precision
 from lseg.processing import resize_logits
 
@@ -180,9 +181,10 @@ def colormap(values: np.ndarray, vmin: float | None = None, vmax: float | None =
     return colours.round().astype(np.uint8)
 
 
-def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of an h x w float map to `size` (H, W), the way logits are resized
-    (`lseg.processing.resize_logits`, align_corners=True): a heatmap of the stride-2 grid lines up
-    with the label maps `segment` draws from the same grid."""
+def resize_map(values: np.ndarray, size: tuple[int, int], model_size: tuple[int, int]) -> np.ndarray:
+    """An h x w map of the stride-2 grid (features, similarities) at `size` (H, W), the way logits
+    become label maps: upsampled to `model_size` (the size the model saw) as the network does
+    (`upsample_logits`), then resized to `size` (`resize_logits`), so a heat map lines up with the
+    label map `segment` draws from the same grid."""
     tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None, None]
-    return resize_logits(tensor, size)[0, 0].numpy()
+    return resize_logits(upsample_logits(tensor, model_size), size)[0, 0].numpy()

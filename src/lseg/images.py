@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -138,14 +139,38 @@ def find_images(inputs: list[str | Path]) -> list[Path]:
     return expand_paths(inputs, IMAGE_SUFFIXES, "image")
 
 
+def long_side_size(height: int, width: int, size: int | None) -> tuple[int, int]:
+    """(H, W) of an image whose long side is resized to `size` (None: unchanged), aspect kept."""
+    if size is None:
+        return int(height), int(width)
+    scale = size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_bilinear(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resampling of B x C x h x w maps (images, logits, features) to `size` between two
+    resolutions of one picture: half-pixel centres (align_corners=False, as PIL, torchvision and
+    OpenCV), antialiased when shrinking.
+
+    The one convention for every resize between an image's own resolution and the model's (images
+    down, logits and heat maps back up, protocol scales), so pixel i of one grid and its image lands on
+    the same place in the other. Half-precision maps are resampled in float32 (antialiasing has no
+    bfloat16 CPU kernel) and cast back.
+    """
+    size = (int(size[0]), int(size[1]))
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    shrinking = size[0] < maps.shape[-2] or size[1] < maps.shape[-1]
+    source = maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
+    resized = F.interpolate(source, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+    return resized.to(maps.dtype)
+
+
 def resize_long_side(images: torch.Tensor, size: int | None) -> torch.Tensor:
-    """Float B x 3 x H x W in [0, 1] with the long side resized to `size` (bilinear, antialiased down)."""
+    """Float B x 3 x H x W in [0, 1] with the long side resized to `size` (`resize_bilinear`)."""
     if size is None:
         return images
-    height, width = images.shape[-2:]
-    scale = size / max(height, width)
-    if scale == 1:
+    new_size = long_side_size(*images.shape[-2:], size)
+    if new_size == tuple(images.shape[-2:]):
         return images
-    new_size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    resized = F.interpolate(images, size=new_size, mode="bilinear", align_corners=False, antialias=scale < 1)
-    return resized.clamp(0, 1)
+    return resize_bilinear(images, new_size).clamp(0, 1)

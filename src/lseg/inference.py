@@ -4,18 +4,22 @@ Everything here works on a `forward(images) -> Tensor[B, C, h', w']` callable (p
 features) and a batch of *normalised* images, so the same code serves logits and features, any model
 and any label set. Protocols only decide how the image is resized, padded, windowed and flipped:
 
-* the forward may return a lower resolution than its input (e.g. dense features at H/2); its output is
-  resized bilinearly (``align_corners=True``) to the window it came from before being accumulated
-  (whole-image passes go straight to the requested output size, so a single pass at its native
-  resolution is returned untouched);
+* the forward may return a lower resolution than its input (e.g. stride-2 logits or features); its
+  output is upsampled to the window it came from as the network itself does
+  (`lseg.model.head.upsample_logits`, ``align_corners=True``), so a whole-image pass equals
+  `LSeg.forward` (whole-image passes go straight to the requested output size, so a single pass at its
+  native resolution is returned untouched);
+* changing resolution between the image and a protocol's scales (images down or up, outputs back)
+  uses the half-pixel convention of every image resize (`lseg.images.resize_bilinear`);
 * padding uses the `pad_value` the caller passes, one value per channel: the processor's black
   (`LSegImageProcessor.pad_value`), so the model sees black borders whatever its mean/std;
 * sliding windows follow mmsegmentation's `slide_inference`: in an image at least as large as the
   crop the last window is shifted back inside the image; only smaller images are padded (to the
   crop). The original LSeg evaluation let the last window run past the edge and padded it instead;
-* overlapping windows are averaged with a count map; outputs of flips and scales are *summed* (raw
-  logits, as in the original LSeg evaluation), so divide by `InferenceProtocol.num_passes` for a mean
-  (argmax is unaffected);
+* overlapping windows are averaged with a count map; `run_protocol` returns the *mean* over flips and
+  scales (the original LSeg evaluation summed them: the same argmax, but a softmax of the sum would
+  divide the model's temperature by the number of passes), so confidences, scores and features of
+  every protocol are on the scale of one pass;
 * every public function runs under `torch.no_grad()` and returns float32; `dtype` is what the forward
   computes in (`lseg.precision.autocast`: native when the images already have it, autocast when the
   images are float32 and `dtype` is narrower; None: the images' dtype).
@@ -30,10 +34,11 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lseg.errors import LSegError
+from lseg.images import resize_bilinear
+from lseg.model.head import upsample_logits
 from lseg.precision import autocast
 
 Forward = Callable[[Tensor], Tensor]
@@ -51,7 +56,7 @@ class InferenceProtocol:
             crop are padded on the bottom/right (the caller's pad value) and the output cropped back.
         stride: step between windows; required with `crop_size`.
         scales: multipliers of `base_size`; the long side at scale s is ``ceil(base_size * s)``.
-        flip: also run the horizontally flipped input and add its (flipped back) output.
+        flip: also run the horizontally flipped input and average its (flipped back) output in.
     """
 
     name: str
@@ -77,7 +82,7 @@ class InferenceProtocol:
 
     @property
     def num_passes(self) -> int:
-        """Number of summed outputs per pixel: one per scale, doubled with flip."""
+        """Number of outputs `run_protocol` averages per pixel: one per scale, doubled with flip."""
         return len(self.scales) * (2 if self.flip else 1)
 
 
@@ -85,10 +90,11 @@ PROTOCOLS: Mapping[str, InferenceProtocol] = MappingProxyType(
     {
         "single": InferenceProtocol("single"),
         "slide": InferenceProtocol("slide", crop_size=480, stride=320),
-        # Original LSeg test-time augmentation (PyTorch-Encoding MultiEvalModule, stride = 2/3 crop,
-        # summed logits). One deliberate change: the last window is shifted back inside the image
-        # instead of running past its edge into padding (see the module docstring). Padding is black in
-        # pixel space, as the original's `pad_image` (-mean/std: -1.0 for mean = std = 0.5).
+        # Original LSeg test-time augmentation (PyTorch-Encoding MultiEvalModule, stride = 2/3 crop).
+        # Deliberate changes (see the module docstring): the last window is shifted back inside the
+        # image instead of running past its edge into padding, passes are averaged instead of summed
+        # (same argmax), and scales are resampled with half-pixel centres. Padding is black in pixel
+        # space, as the original's `pad_image` (-mean/std: -1.0 for mean = std = 0.5).
         "lseg-ms": InferenceProtocol(
             "lseg-ms",
             base_size=520,
@@ -191,12 +197,6 @@ def _check_images(images: Tensor) -> None:
         raise ValueError(f"expected a [B, 3, H, W] image batch, got shape {tuple(images.shape)}")
 
 
-def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
-
-
 def _call(forward: Forward, batch: Tensor, dtype: torch.dtype | None, size: Sequence[int]) -> Tensor:
     """`forward(batch)` computed in `dtype` (`lseg.precision.autocast`), returned in float32 at `size`."""
     with autocast(batch.device, dtype, batch.dtype):
@@ -205,7 +205,7 @@ def _call(forward: Forward, batch: Tensor, dtype: torch.dtype | None, size: Sequ
         raise ValueError(
             f"forward must return [B, C, h, w] for a batch of {batch.shape[0]}, got {tuple(out.shape)}"
         )
-    return _resize(out.float(), size)
+    return upsample_logits(out.float(), size)
 
 
 def _accumulate(
@@ -314,11 +314,12 @@ def run_protocol(
     window_batch_size: int = 8,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Run a protocol and return the sum over scales and flips at the input (or `out_size`) resolution.
+    """Run a protocol and return the mean over its scales and flips (`InferenceProtocol.num_passes`) at
+    the input (or `out_size`) resolution: the one place where passes are combined.
 
     `pad_value` fills what sliding windows need beyond a small image: pass the processor's black
     (`model.pad_value` or `LSegImageProcessor.pad_value()`), one value per channel. Each scale's output
-    is resized bilinearly (align_corners=True) to the target size before summing. See `plan_protocol`
+    is resized to the target size (`lseg.images.resize_bilinear`) before averaging. See `plan_protocol`
     for the sizes and windows visited.
     """
     _check_images(images)
@@ -326,7 +327,7 @@ def run_protocol(
     target = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
     total: Tensor | None = None
     for scale_pass in plan_protocol(protocol, h, w):
-        scaled = _resize(images, scale_pass.size)
+        scaled = resize_bilinear(images, scale_pass.size)
         if protocol.crop_size is None:
             out = predict_whole(
                 forward,
@@ -347,7 +348,7 @@ def run_protocol(
                 window_batch_size=window_batch_size,
                 dtype=dtype,
             )
-        out = _resize(out, target)
+        out = resize_bilinear(out, target)
         total = out if total is None else total.add_(out)
     assert total is not None
-    return total
+    return total.div_(protocol.num_passes) if protocol.num_passes > 1 else total

@@ -1,7 +1,8 @@
 """Label words: reading them ("a, b, c" or a labels file) and checking them, for every entry point.
 
 Library, CLI and demo take labels through `parse_labels` / `validate_labels`, so a label list is refused
-with the same one-line message wherever it comes from.
+with the same one-line message wherever it comes from; dataset class names become the words asked
+through `class_words`, so training, evaluation, zero-shot, the model card and the demo ask the same.
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ MAX_LABEL_CHARS = 200  # a label is a word or a short phrase; CLIP reads at most
 def _label_key(label: str) -> str:
     """Labels equal under this key tokenize identically (CLIP lower-cases and collapses whitespace)."""
     return " ".join(label.split()).casefold()
+
+
+def class_words(names: Iterable[str]) -> list[str]:
+    """The words the model is asked for each dataset class name: "traffic_light" -> "traffic light".
+
+    Dataset names join words with underscores (MSeg, ADE20K, FSS-1000); the text encoder must read
+    them as the words a user would type. Training, evaluation in the dataset's label space, zero-shot
+    benchmarks, the MSeg universal names, the model card's labels and the demo all ask through this one
+    function, so a class is never asked with one text in training and another in evaluation.
+    """
+    return [" ".join(name.replace("_", " ").split()) for name in names]
 
 
 def validate_labels(labels: str | Iterable[str]) -> list[str]:

@@ -17,11 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lseg.errors import LSegError
-from lseg.images import ImageInput, load_image, resize_long_side
+from lseg.images import ImageInput, load_image, resize_bilinear, resize_long_side
 from lseg.precision import to_device
 
 if TYPE_CHECKING:
@@ -56,10 +55,10 @@ def padded_size(height: int, width: int, multiple: int) -> Size:
 
 
 def resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear (align_corners=True, as the model's own upsampling) resize of B x C x h x w maps."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=tuple(int(s) for s in size), mode="bilinear", align_corners=True)
+    """B x C x h x w logits at the model's input size -> `size` (usually the image's or its label
+    mask's): `lseg.images.resize_bilinear`, the half-pixel convention the image was resized down with,
+    so each logit goes back to where its pixel came from."""
+    return resize_bilinear(logits, size)
 
 
 def _valid_logits(
@@ -239,7 +238,7 @@ class LSegImageProcessor:
                     arg = arg.to(torch.int32).add_(start)  # int32 while running: half the memory
                 if best is None:
                     best = value
-                    label_map = torch.full(target, start, dtype=torch.int32) if arg is None else arg
+                    label_map = value.new_full(target, start, dtype=torch.int32) if arg is None else arg
                     if return_confidence:
                         total = (part - best).exp_().sum(dim=0)
                     continue

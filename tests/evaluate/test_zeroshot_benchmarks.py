@@ -154,7 +154,16 @@ def test_fss_ground_truth_scores_one(fss_root):
         fg = (torch.round((images[:, 0] * 0.5 + 0.5) * 255) == STEP).float()
         return torch.stack([1 - fg, fg], dim=1)
 
-    result = score_episodes(predict, "fss", fss_root, image_size=SIZE, max_episodes=5, batch_size=2)
+    asked = []
+    result = score_episodes(
+        lambda images, labels: asked.append(labels) or predict(images, labels),
+        "fss",
+        fss_root,
+        image_size=SIZE,
+        max_episodes=5,
+        batch_size=2,
+    )
+    assert asked[0] == ["others", "abe's flyingfish"]  # the class name as words, as training asks
     assert result.episodes == 5
     assert result.miou == pytest.approx(1.0) and result.fb_iou == pytest.approx(1.0)
 

@@ -325,3 +325,23 @@ def test_safetensors_without_pread_are_read_memory_mapped(tmp_path, tiny_model, 
     monkeypatch.setattr(weights, "safe_open", old_open)
     loaded = LSeg.from_pretrained(folder)
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_every_constructor_returns_eval_mode_and_forward_keeps_the_running_statistics(tmp_path, tiny_model):
+    """Regression: `from_pretrained` returned a training-mode model, so the README's tensor API ran
+    the decoder's BatchNorm on batch statistics and overwrote the running ones."""
+    folder = tiny_model.save_pretrained(tmp_path / "model")
+    for model in (
+        LSeg.from_pretrained(folder),
+        LSeg.from_pretrained(folder / "model.safetensors"),
+        LSeg.from_config("tiny", pretrained=False),
+    ):
+        assert not any(module.training for module in model.modules())
+    model = LSeg.from_pretrained(folder)
+    running = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    assert running, "the tiny decoder has BatchNorm layers"
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    text = model.encode_text(["cat", "dog"])
+    logits = model(images, text).logits
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in running.items())
+    torch.testing.assert_close(logits, tiny_model(images, text).logits)

@@ -10,6 +10,7 @@ import warnings
 from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -291,9 +292,11 @@ def test_data_is_normalised_with_the_models_mean_and_std():
     module = LSegModule({**load_preset("tiny").to_dict(), **imagenet}, pretrained=False)
     datamodule = attached(data(), module)
     datamodule.setup("fit")
+    normalize = datamodule.train_datasets["synthetic"].transform.transforms[-1]
+    assert (normalize.mean, normalize.std) == (imagenet["mean"], imagenet["std"])
+    # Validation samples stay untransformed: the model's processor normalises them, as in evaluation.
     raw = SyntheticStreetScenes(4, size=tuple(SIZE), seed=1)[0]["image"].as_subclass(torch.Tensor)
-    expected = module.model.processor.normalize(raw[None])[0]
-    assert torch.allclose(datamodule.val_dataset[0]["image"].as_subclass(torch.Tensor), expected, atol=1e-6)
+    assert torch.equal(datamodule.val_dataset[0]["image"].as_subclass(torch.Tensor), raw)
 
 
 def test_data_without_a_model_fails_loudly():
@@ -522,3 +525,46 @@ def test_channels_last_training_computes_the_same_loss(monkeypatch):
     conv = next(m for m in fast.model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast._loss(batch), plain._loss(batch), rtol=1e-4, atol=1e-5)
+
+
+def write_folder_dataset(root, sizes, names) -> None:
+    """ROOT/images/val, ROOT/masks/val, ROOT/names.txt: random images and masks (some pixels ignored)."""
+    from PIL import Image
+
+    for folder in ("images/val", "masks/val"):
+        (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index, (height, width) in enumerate(sizes):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        mask = rng.integers(0, len(names), (height, width), dtype=np.uint8)
+        mask[: height // 5] = 255
+        Image.fromarray(image).save(root / "images/val" / f"{index}.png")
+        Image.fromarray(mask).save(root / "masks/val" / f"{index}.png")
+    (root / "names.txt").write_text("\n".join(names) + "\n")
+
+
+def test_validation_scores_what_lseg_evaluate_scores(tmp_path):
+    """Regression: validation scored masks resized to the model's size and padded mixed-size images
+    into one batch (a ViT's attention saw the others' padding), so val/miou was not the metric
+    `lseg evaluate --protocol single` reports for the same weights, and asked other words."""
+    from lseg.data import build_dataset
+    from lseg.evaluate.runner import evaluate_dataset
+
+    root = tmp_path / "data"
+    write_folder_dataset(
+        root, [(40, 56), (56, 40), (40, 56), (30, 44), (48, 64)], ["sky", "traffic_light", "road"]
+    )
+    L.seed_everything(0)
+    module = LSegModule("tiny", pretrained=False)
+    datamodule = LSegDataModule(  # validation batches of 3 mixed-size images
+        train=[{"name": "synthetic", "options": {"num_images": 4, "size": SIZE}}],
+        val={"name": "folder", "root": str(root), "split": "val"},
+        batch_size=6,
+        num_workers=0,
+        val_size=48,
+    )
+    validated = trainer(tmp_path).validate(module, datamodule=datamodule, verbose=False)[0]
+    report = evaluate_dataset(module.model, build_dataset("folder", root, "val"), protocol="single", size=48)
+    assert report.labels == datamodule.label_sets[datamodule.val_key] == ["sky", "traffic light", "road"]
+    assert validated["val/miou"] == pytest.approx(report.metrics["miou"], abs=1e-6)
+    assert validated["val/pixel_accuracy"] == pytest.approx(report.metrics["pixel_accuracy"], abs=1e-6)

@@ -59,6 +59,7 @@ def predict(
     Raises LSegError with a one-line, user-facing message for any bad input.
     """
     from lseg.features import colormap, resize_map, similarity_maps
+    from lseg.images import long_side_size
     from lseg.inference import PROTOCOLS
     from lseg.labels import parse_labels
     from lseg.visualize import blend, overlay
@@ -79,11 +80,12 @@ def predict(
     maps: list[tuple[np.ndarray, str]] = []
     if heatmaps:
         thumbnail = _thumbnail(array)
+        seen = long_side_size(*array.shape[:2], size)  # the size the model saw
         features = model.encode_image(array, size=size, protocol=protocol)
         similarity = similarity_maps(features.float().cpu().numpy(), model.encode_text(labels).float().cpu())
         low, high = float(similarity.min()), float(similarity.max())
         for label, values in zip(labels, similarity):
-            heat = colormap(resize_map(values, thumbnail.shape[:2]), low, high)
+            heat = colormap(resize_map(values, thumbnail.shape[:2], seen), low, high)
             maps.append((blend(thumbnail, heat, 0.6), label))
     seconds = time.perf_counter() - started
     shares = sorted(result.shares().items(), key=lambda item: -item[1])

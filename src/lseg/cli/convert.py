@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(out, args.overwrite)
     console = Console()
     with console.status(f"loading {args.source}"):
-        model = LSeg.from_pretrained(args.source).eval()
+        model = LSeg.from_pretrained(args.source)
     with console.status(f"writing {out}"):
         model.save_pretrained(out)
         count = verify_saved(model, out) if args.verify else None

@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 where = f"({col}, {row}) feature px"
             table.add_row(path.name, text, f"{similarity.max():.3f}", f"{similarity.mean():.3f}", where)
-            full = resize_map(similarity, tuple(image_size)) if image_size else similarity
+            seen = tuple(meta.get("model_size") or image_size or ())  # the size the model saw
+            full = resize_map(similarity, tuple(image_size), seen) if image_size else similarity
             heat = colormap(full, args.vmin, args.vmax)
             save_png(heat, out / f"{path.stem}.{name}.png")
             if image is not None:

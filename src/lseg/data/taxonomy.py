@@ -17,6 +17,7 @@ from importlib import resources
 import torch
 
 from lseg.errors import LSegError
+from lseg.labels import class_words
 
 # The label id of pixels that count for no class (unlabelled, augmentation and batch padding): the one
 # definition for datasets, training and evaluation (import it from lseg.data). It lives here because
@@ -81,11 +82,11 @@ def negative_words(dataset_column: str, exclude_parents: Sequence[str] = ()) -> 
     claimed = [row for row in _rows() if parse_cell(row[dataset_column])]
     parents = {row["Parent Category"] for row in claimed if row["Parent Category"]} | set(exclude_parents)
     excluded = {row["universal"] for row in claimed} | {UNLABELED}
-    return [
-        row["universal"].replace("_", " ")
+    return class_words(
+        row["universal"]
         for row in _rows()
         if row["universal"] not in excluded and row["Parent Category"] not in parents
-    ]
+    )
 
 
 def bundled_names(dataset_column: str) -> list[str]:

@@ -2,7 +2,8 @@
 
 Three ways to choose the text of each class (dataset label space):
 
-* the dataset's class names (default);
+* the dataset's class names as words (default; `lseg.labels.class_words`: "traffic_light" is asked
+  as "traffic light", as in training);
 * a labels file: one label per line, line ``i`` = the text for class ``i`` (exactly one line per class);
 * a synonyms file: ``ClassName: word`` (or ``ClassName<TAB>word``) lines that replace the text of the
   classes they name; the other classes keep their names.
@@ -23,7 +24,7 @@ import torch
 from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
 from lseg.files import read_text
-from lseg.labels import validate_labels
+from lseg.labels import class_words, validate_labels
 
 LABEL_SPACES = ("dataset", "universal")
 
@@ -108,8 +109,8 @@ def load_synonyms(synonyms: Mapping[str, str] | str | Path, class_names: Sequenc
 def apply_synonyms(
     class_names: Sequence[str], synonyms: Mapping[str, str], words: Sequence[str] | None = None
 ) -> list[str]:
-    """Text of each class: its synonym if one is given, else its word (default: its name)."""
-    words = class_names if words is None else words
+    """Text of each class: its synonym if one is given, else its word (default: its name as words)."""
+    words = class_words(class_names) if words is None else words
     return [synonyms.get(name, word) for name, word in zip(class_names, words, strict=True)]
 
 
@@ -117,7 +118,7 @@ def universal_prompt_names() -> list[str]:
     """MSeg universal class names as words: ``sidewalk_pavement`` -> ``sidewalk pavement``."""
     from lseg.data.taxonomy import universal_names
 
-    return [name.replace("_", " ") for name in universal_names()]
+    return class_words(universal_names())
 
 
 def taxonomy_column(dataset: str, column: str | None = None) -> tuple[str, dict[str, str] | None]:
@@ -159,8 +160,8 @@ class LabelSpace:
 
 
 def dataset_label_space(class_names: Sequence[str], labels: Sequence[str] | None = None) -> LabelSpace:
-    """Labels are the dataset's classes (optionally with other words)."""
-    labels = list(class_names) if labels is None else list(labels)
+    """Labels are the dataset's classes, asked as their words (`class_words`) unless `labels` are given."""
+    labels = class_words(class_names) if labels is None else list(labels)
     if len(labels) != len(class_names):
         raise LSegError(f"{len(labels)} labels given for {len(class_names)} classes")
     return LabelSpace("dataset", labels)
@@ -218,7 +219,7 @@ def build_label_space(
         default = universal_prompt_names()
     else:
         named = list(class_names)
-        default = named
+        default = class_words(named)
     if labels_file is not None:
         labels = read_labels_file(labels_file, named)
     elif synonyms is not None:

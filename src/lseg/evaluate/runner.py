@@ -173,7 +173,9 @@ def _samples(loader: DataLoader) -> Iterator[list[dict[str, Any]]]:
         yield batch
 
 
-def _same_size_groups(batch: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+def same_size_groups(batch: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive samples whose images have one size: one forward pass each, never padded together
+    (a ViT's attention would see the other images' padding)."""
     group: list[dict[str, Any]] = []
     for sample in batch:
         if group and tuple(sample["image"].shape) != tuple(group[0]["image"].shape):
@@ -184,8 +186,43 @@ def _same_size_groups(batch: list[dict[str, Any]]) -> Iterator[list[dict[str, An
         yield group
 
 
-def predict_classes(logits: Tensor, space: LabelSpace, num_classes: int, num_passes: int = 1) -> Tensor:
-    """B x N x H x W logits -> B x H x W dataset class ids.
+def mask_logits(
+    forward: Callable[[Tensor], Tensor],
+    samples: Sequence[dict[str, Any]],
+    processor: LSegImageProcessor,
+    protocol: InferenceProtocol,
+    size: int | None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    model_dtype: torch.dtype | None = None,
+    window_batch_size: int = 8,
+) -> list[Tensor]:
+    """Float32 N x h x w logits of same-size dataset samples (uint8 3 x H x W images), each at its
+    label mask's resolution.
+
+    Images become model input through `processor` (long side `size`, the model's mean/std, as
+    `segment` does), `protocol`'s passes are averaged (`run_protocol`), and the logits are resized back
+    to each mask. `lseg evaluate` and validation during training both score through this, so the two
+    report the same numbers for the same weights. `dtype` is the forward's precision (None: the
+    ambient autocast, as under Lightning), `model_dtype` the dtype of the model's input.
+    """
+    images = torch.stack([sample["image"].as_subclass(Tensor) for sample in samples])
+    pixel_values = processor.preprocess(images.to(device, non_blocking=True), size, dtype=model_dtype)
+    logits = run_protocol(
+        forward,
+        pixel_values.pixel_values,
+        protocol,
+        pad_value=processor.pad_value(device),
+        window_batch_size=window_batch_size,
+        dtype=dtype,
+    )
+    return processor.resize_logits(logits, [sample["mask"].shape[-2:] for sample in samples])
+
+
+def predict_classes(logits: Tensor, space: LabelSpace, num_classes: int) -> Tensor:
+    """B x N x H x W logits (one pass's scale: `run_protocol` averages passes) -> B x H x W dataset
+    class ids.
 
     Dataset label space: argmax. Universal label space: softmax over the universal labels, the
     probabilities of the universal classes mapped to each dataset class summed (MSeg's universal ->
@@ -195,7 +232,7 @@ def predict_classes(logits: Tensor, space: LabelSpace, num_classes: int, num_pas
         return logits.argmax(1)
     to_class = space.to_class.to(logits.device)
     keep = torch.nonzero(to_class != IGNORE_INDEX).squeeze(1)
-    probs = (logits / num_passes).softmax(1)
+    probs = logits.softmax(1)
     mapped = probs.new_zeros(probs.shape[0], num_classes, *probs.shape[-2:])
     mapped.index_add_(1, to_class[keep], probs[:, keep])
     return mapped.argmax(1)
@@ -292,7 +329,6 @@ def evaluate_dataset(
     device = torch.device(device)
     compute = model_precision(model, dtype, device)
     processor = processor or model.processor
-    pad_value = processor.pad_value(device)
 
     if max_images is not None:
         if max_images < 1:
@@ -348,25 +384,21 @@ def evaluate_dataset(
             position = 0
             indices = sampler.indices if sampler is not None else list(range(len(dataset)))
             for batch in _samples(loader):
-                for group in _same_size_groups(batch):
-                    images = torch.stack([s["image"].as_subclass(Tensor) for s in group])
+                for group in same_size_groups(batch):
                     masks = [s["mask"].as_subclass(Tensor) for s in group]
-                    pixel_values = processor.preprocess(
-                        images.to(device, non_blocking=True), size, dtype=getattr(model, "dtype", None)
-                    ).pixel_values
                     tick = time.perf_counter()
-                    logits = run_protocol(
+                    resized = mask_logits(
                         forward,
-                        pixel_values,
+                        group,
+                        processor,
                         spec,
-                        pad_value=pad_value,
-                        window_batch_size=window_batch_size,
+                        size,
+                        device=device,
                         dtype=compute,
+                        model_dtype=getattr(model, "dtype", None),
+                        window_batch_size=window_batch_size,
                     )
-                    resized = processor.resize_logits(logits, [m.shape[-2:] for m in masks])
-                    preds = [
-                        predict_classes(r[None], space, num_classes, spec.num_passes)[0] for r in resized
-                    ]
+                    preds = [predict_classes(r[None], space, num_classes)[0] for r in resized]
                     sync()
                     model_seconds += time.perf_counter() - tick
                     for sample, mask, pred in zip(group, masks, preds, strict=True):

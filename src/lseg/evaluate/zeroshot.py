@@ -48,8 +48,9 @@ from lseg.errors import LSegError
 from lseg.evaluate.metrics import confusion_matrix, fb_iou
 from lseg.files import write_text_atomic
 from lseg.images import load_image, open_image
+from lseg.labels import class_words
 from lseg.model.config import CLIP_MEAN_STD
-from lseg.processing import LSegImageProcessor
+from lseg.processing import LSegImageProcessor, resize_logits
 
 BENCHMARKS = ("pascal", "coco", "fss")
 _ALIASES = {
@@ -401,13 +402,10 @@ def score_episodes(
     done = 0
     with torch.no_grad():
         for images, masks, names in loader:
-            logits = predict_fn(images.to(device), [background, names[0]])
+            logits = predict_fn(images.to(device), [background, *class_words(names[:1])])
             if logits.ndim != 4 or logits.shape[:2] != (len(names), 2):
                 raise ValueError(f"predict_fn must return [B, 2, h, w] logits, got {tuple(logits.shape)}")
-            if logits.shape[-2:] != masks.shape[-2:]:
-                logits = F.interpolate(
-                    logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=True
-                )
+            logits = resize_logits(logits.float(), masks.shape[-2:])
             k = class_index[names[0]]
             confmats[k] += confusion_matrix(logits.argmax(1).cpu(), masks, 2, IGNORE_INDEX)
             episodes_per_class[k] += len(names)

@@ -13,6 +13,18 @@ from lseg.model.config import MAX_LOGIT_SCALE
 ACTIVATIONS = {"relu": nn.ReLU, "lrelu": nn.LeakyReLU, "tanh": nn.Tanh}
 
 
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """The network's own bilinear upsampling of its stride-2 output to the input size.
+
+    align_corners=True, as in the original LSeg's output head: trained weights (and the original
+    checkpoints' logits) depend on it, so it is part of the model. Every resize between the model's
+    input size and an image's own size uses half-pixel centres instead (`lseg.images.resize_bilinear`).
+    """
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(int(s) for s in size), mode="bilinear", align_corners=True)
+
+
 class LabelwiseConv(nn.Module):
     """One 3x3 conv shared by every label channel: smooths each label's logit map the same way."""
 

@@ -24,13 +24,13 @@ from lseg.model.card import save_card
 from lseg.model.checkpoint import read_checkpoint, save_model
 from lseg.model.config import LSegConfig, load_preset
 from lseg.model.dpt import DPTDecoder
-from lseg.model.head import LSegHead
+from lseg.model.head import LSegHead, upsample_logits
 from lseg.model.hub import push_folder
 from lseg.model.image_encoder import build_image_encoder
 from lseg.model.text_encoder import build_text_encoder
 from lseg.model.weights import empty_model, load_state, resolve_dtype
 from lseg.precision import model_precision
-from lseg.processing import ImageBatch, LSegImageProcessor, pad_image, padded_size, resize_logits
+from lseg.processing import ImageBatch, LSegImageProcessor, pad_image, padded_size
 
 
 @dataclass
@@ -106,13 +106,15 @@ class LSeg(nn.Module):
     def from_config(cls, config: str | dict[str, Any] | LSegConfig, pretrained: bool = True) -> LSeg:
         """Build from a preset name ("tiny", "vit_b16", "vit_l16", ...), a dict or an LSegConfig.
 
-        `pretrained=False` builds random weights without any download (tests, benchmarks).
+        `pretrained=False` builds random weights without any download (tests, benchmarks). The model
+        is returned in eval mode, ready for inference as with `from_pretrained`; `.train()` before
+        fine-tuning (Lightning does so itself).
         """
         if isinstance(config, str):
             config = load_preset(config)
         elif isinstance(config, dict):
             config = LSegConfig.from_dict(config)
-        return cls(config, load_pretrained=pretrained)
+        return cls(config, load_pretrained=pretrained).eval()
 
     @classmethod
     def from_pretrained(
@@ -133,6 +135,9 @@ class LSeg(nn.Module):
         `cache_dir`, `local_files_only` and `token` are passed to it. The model is returned on `device`
         (auto, cpu, cuda, cuda:N), its floating weights cast to `dtype` (e.g. torch.bfloat16) if given,
         tensor by tensor as they are read: the weights are never all in memory in float32.
+
+        The model is returned in eval mode (as Hugging Face's `from_pretrained`): the tensor API then
+        uses the decoder's running BatchNorm statistics instead of overwriting them with each batch's.
         """
         target, cast = resolve_device(device), resolve_dtype(dtype)  # fail before reading any weights
         config, state, source = read_checkpoint(
@@ -146,7 +151,7 @@ class LSeg(nn.Module):
         model = empty_model(lambda: cls(config, load_pretrained=False))
         if cast is not None:
             model.to(cast)  # parameters on the meta device: free; `load_state` casts what it puts in
-        return load_state(model, state, source).to(target)
+        return load_state(model, state, source).to(target).eval()
 
     def save_pretrained(
         self,
@@ -274,7 +279,7 @@ class LSeg(nn.Module):
         self, pixel_embeds: torch.Tensor, label_embeds: torch.Tensor, size: Sequence[int]
     ) -> torch.Tensor:
         """B x N x H x W logits at `size` (the input's) of `pixel_embeddings` against N x D labels."""
-        return resize_logits(self.head(pixel_embeds, label_embeds), size)
+        return upsample_logits(self.head(pixel_embeds, label_embeds), size)
 
     def classify_decoded(
         self, decoded: torch.Tensor, label_embeds: torch.Tensor, size: Sequence[int]
@@ -282,7 +287,7 @@ class LSeg(nn.Module):
         """`classify` of `decoded_features` (the same logits, without the embedding map) and the
         stride-2 cosines they came from."""
         cosines = self.head.cosines(decoded, label_embeds)
-        return resize_logits(self.head.logits(cosines), size), cosines
+        return upsample_logits(self.head.logits(cosines), size), cosines
 
     def forward(self, pixel_values: torch.Tensor, label_embeds: torch.Tensor) -> LSegOutput:
         """Logits and embeddings of normalised B x 3 x H x W images against N x D label embeddings."""

@@ -16,8 +16,9 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from lseg.data import SyntheticStreetScenes, build_dataset, collate, eval_transform, train_transform
+from lseg.data import SyntheticStreetScenes, build_dataset, collate, train_transform
 from lseg.errors import LSegError
+from lseg.labels import class_words
 from lseg.processing import LSegImageProcessor
 
 
@@ -46,8 +47,7 @@ def build(spec: DatasetSpec | dict[str, Any], transform) -> tuple[Dataset, list[
         if spec.root is None:
             raise LSegError(f"dataset '{spec.name}' needs a root folder")
         dataset = build_dataset(spec.name, spec.root, spec.split, transform=transform, **spec.options)
-    # Class names such as MSeg's "traffic_light" are asked as words ("traffic light"), as in evaluation.
-    labels = list(spec.labels) if spec.labels else [n.replace("_", " ") for n in dataset.class_names]
+    labels = list(spec.labels) if spec.labels else class_words(dataset.class_names)  # as evaluation asks
     if len(labels) != len(dataset.class_names):
         raise LSegError(
             f"dataset '{spec.name}' has {len(dataset.class_names)} classes, {len(labels)} labels were given"
@@ -126,7 +126,7 @@ class LSegDataModule(L.LightningDataModule):
         base_size: int = 520,
         scale_range: tuple[float, float] = (0.5, 2.0),
         color_jitter: bool = False,
-        val_size: int | None = None,
+        val_size: int | None = None,  # long side validation images are resized to (None: their own)
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -178,8 +178,8 @@ class LSegDataModule(L.LightningDataModule):
             datasets.append(LabelledDataset(dataset, key))
         self.train_dataset = SeededSamples(ConcatDataset(datasets))
         self.val_dataset = None
-        if self.val_spec is not None:
-            dataset, labels = build(self.val_spec, eval_transform(self.val_size, mean=mean, std=std))
+        if self.val_spec is not None:  # untransformed, as `lseg evaluate` reads it: scored at the masks' size
+            dataset, labels = build(self.val_spec, None)
             self.val_key = f"val:{self.val_spec.name}"
             self.label_sets[self.val_key] = labels
             self.val_dataset = LabelledDataset(dataset, self.val_key)
@@ -201,12 +201,14 @@ class LSegDataModule(L.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader | list:
+        """Lists of untransformed samples: `LSegModule.validation_step` scores them as `lseg evaluate`
+        does (`lseg.evaluate.runner.mask_logits`, long side `val_size`)."""
         if self.val_dataset is None:
             return []
         return DataLoader(
             self.val_dataset,
             batch_size=max(1, self.batch_size // 2),
             num_workers=self.num_workers,
-            collate_fn=self._collate,
+            collate_fn=list,
             pin_memory=torch.cuda.is_available(),
         )

@@ -13,6 +13,8 @@ from timm.optim import param_groups_weight_decay
 from lseg.data import IGNORE_INDEX, negative_words
 from lseg.errors import LSegError
 from lseg.evaluate.metrics import SegmentationMetrics
+from lseg.evaluate.runner import mask_logits, same_size_groups
+from lseg.inference import PROTOCOLS
 from lseg.model import LSeg, LSegConfig, load_preset
 from lseg.precision import cpu_has_native_bfloat16
 
@@ -223,14 +225,30 @@ class LSegModule(L.LightningModule):
         self.val_metrics = SegmentationMetrics(len(self.label_sets[key]), IGNORE_INDEX).to(self.device)
         self._preview = []
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self.model(self._images(batch), self._text(batch["dataset"][0])).logits
-        loss = F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX)
-        prediction = logits.argmax(dim=1)
-        self.val_metrics.update(prediction, batch["mask"])
-        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["image"]))
-        if len(self._preview) < self.hparams.num_preview_images:
-            self._preview.append((batch["image"][0].cpu(), batch["mask"][0].cpu(), prediction[0].cpu()))
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        """Score untransformed samples exactly as `lseg evaluate --protocol single --size val_size`:
+        same-size images per forward pass, logits resized to each original mask (`mask_logits`)."""
+        text = self._text(batch[0]["dataset"])
+        size = self.trainer.datamodule.val_size
+        for group in same_size_groups(batch):
+            logits = mask_logits(
+                lambda pixel_values: self.model(pixel_values, text).logits,
+                group,
+                self.model.processor,
+                PROTOCOLS["single"],
+                size,
+                device=self.device,
+                model_dtype=self.model.dtype,
+            )
+            for sample, image_logits in zip(group, logits, strict=True):
+                mask = sample["mask"].as_subclass(torch.Tensor).to(self.device)
+                loss = F.cross_entropy(image_logits[None], mask[None], ignore_index=IGNORE_INDEX)
+                prediction = image_logits.argmax(dim=0)
+                self.val_metrics.update(prediction, mask)
+                self.log("val/loss", loss, sync_dist=True, batch_size=1)
+                if len(self._preview) < self.hparams.num_preview_images:
+                    image = sample["image"].as_subclass(torch.Tensor).float().cpu() / 255
+                    self._preview.append((image, mask.cpu(), prediction.cpu()))
 
     def on_validation_epoch_end(self) -> None:
         scores = self.val_metrics.compute()
@@ -255,7 +273,7 @@ class LSegModule(L.LightningModule):
             rows.append(
                 torch.cat(
                     [
-                        self.model.processor.denormalize(image[None])[0],
+                        image,
                         colours[mask].permute(2, 0, 1),
                         colours[prediction].permute(2, 0, 1),
                     ],
