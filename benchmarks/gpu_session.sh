@@ -22,11 +22,12 @@ with torch.no_grad():
 agree = (full.argmax(1) == half.argmax(1)).float().mean().item()
 print(f"bf16 vs fp32 argmax agreement: {agree:.4f}")
 PY
-# 2. speed (docs/performance.md): every mode against the original LSeg's way in the same process.
+# 2. speed (docs/performance.md): every mode against the original LSeg's execution re-implemented on
+#    lseg's modules, in the same process (the original network itself is not run here).
 #    Goals: vit_l16 batch 8 >= 400 images/s, batch 1 <= 10 ms, training (bf16, batch 4) >= 64 images/s.
-python benchmarks/speed.py --device cuda --preset vit_l16 --height 480 --width 480 --batch-size 8 \
+python benchmarks/speed.py --device cuda --case vit_l16-480x480 --batch-size 8 \
     --repeats 20 --train --json "$out/speed_vitl16_b8.json"
-python benchmarks/speed.py --device cuda --preset vit_l16 --height 480 --width 480 --batch-size 1 \
+python benchmarks/speed.py --device cuda --case vit_l16-480x480 --batch-size 1 \
     --repeats 50 --modes baseline fp16 bf16 bf16-compile --json "$out/speed_vitl16_b1.json"
 python benchmarks/speed.py --device cuda --preset vit_b16 --repeats 20 --json "$out/speed_vitb16.json"
 python benchmarks/speed.py --device cuda --preset vit_b16 --curves "$out/cost_curves_cuda.png"

@@ -1,15 +1,21 @@
-"""Inference speed of LSeg's execution modes, each against the original LSeg's way, in the same process.
+"""Inference speed of LSeg's execution modes against the original LSeg's execution, in the same process.
 
-    python benchmarks/speed.py --device cpu --quick --json runs/speed_cpu.json
-    python benchmarks/speed.py --device cuda --preset vit_l16 --height 480 --width 480 --batch-size 8
-    python benchmarks/speed.py --device cuda --preset vit_l16 --train     # + training steps
+    python benchmarks/speed.py --device cpu --quick --json runs/speed_cpu.json   # vit_b16, 480 x 640
+    python benchmarks/speed.py --device cpu --case vit_l16-480x480 --modes baseline fp32 bf16
+    python benchmarks/speed.py --device cuda --case vit_l16-480x480 --batch-size 8 --train
 
-The baseline re-implements how the original LSeg code runs a forward pass, on our modules: float32,
-the label prompts re-encoded by the text encoder at every forward, logits at full resolution, then
-softmax and argmax. Every other mode runs `LSeg.segment` (or ONNX Runtime) and is reported as
-images/s, peak memory, the ratio of its images/s to the baseline's measured in this run, and the share
-of pixels whose label agrees with the float32 `segment` label map. Weights are random (seed 0; speed
-does not depend on them), the image is a synthetic street scene; nothing is downloaded.
+The baseline ("baseline" mode, `ratio_vs_baseline`) is not the original network: it re-implements how
+the original LSeg code runs a forward pass, on this package's modules: float32, the label prompts
+re-encoded by the text encoder at every forward, logits at full resolution, then softmax and argmax.
+Every other mode runs `LSeg.segment` (or ONNX Runtime) and is reported as images/s, peak memory, the
+ratio of its images/s to the baseline's measured in this run, and the share of pixels whose label
+agrees with the float32 `segment` label map. Weights are random (seed 0; speed does not depend on
+them), the image is a synthetic street scene; nothing is downloaded.
+
+`--case vit_l16-480x480` is the original network's own setting (ViT-L/16, 480 x 480). For it, the
+report also holds the time of the original network itself (isl-org/lang-seg's modules), measured by
+the reviewer of issue 21 on a 2-core CPU, not in this run, and `ratio_vs_original_network` for runs
+in that setting (CPU, 150 labels, batch 1, 480 x 480).
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the mode's weights plus the peak rise
 of the process's resident memory (RSS, sampled every 2 ms) over its level before the mode's calls.
@@ -31,6 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +54,46 @@ from lseg.precision import prepare_for_inference
 CPU_MODES = ("baseline", "fp32", "fp32-opt", "bf16", "bf16-compile", "onnx")
 CUDA_MODES = ("baseline", "fp32", "tf32", "fp16", "bf16", "bf16-compile")
 QUICK_MODES = ("baseline", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class OriginalNetworkTime:
+    """Seconds per image of the original network itself, measured outside this script."""
+
+    seconds_per_image: tuple[float, float]  # range over the runs
+    setting: str
+    labels: int = 150
+    batch_size: int = 1
+    device_type: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Case:
+    """A named benchmark setting: the preset and the model input size."""
+
+    preset: str
+    height: int
+    width: int
+    original_network: OriginalNetworkTime | None = None
+
+    def runs_as(self, args: argparse.Namespace) -> bool:
+        """Whether the command line kept this case's preset and size."""
+        return (args.preset, args.height, args.width) == (self.preset, self.height, self.width)
+
+
+CASES = {
+    "vit_b16-480x640": Case("vit_b16", 480, 640),  # the README's CPU table
+    "vit_l16-480x480": Case(
+        "vit_l16",
+        480,
+        480,
+        OriginalNetworkTime(
+            (14.3, 15.0),
+            "isl-org/lang-seg's modules, ViT-L/16, 480 x 480, the 150 ADE20K labels, float32, batch 1, "
+            "torch 2.14.1, 2 CPU cores; measured by the reviewer of issue 21, not in this run",
+        ),
+    ),
+}
 
 
 # --------------------------------------------------------------------------- measuring
@@ -332,7 +379,7 @@ def plot_curves(curves: dict[str, Any], path: Path) -> None:
             for mode, style in (("baseline", "o-"), ("best", "s-")):
                 xs = [p["value"] for p in curves["points"] if p["axis"] == axis and p["mode"] == mode]
                 ys = [p[key] for p in curves["points"] if p["axis"] == axis and p["mode"] == mode]
-                name = "original LSeg way (fp32)" if mode == "baseline" else "lseg bf16 (best)"
+                name = "original's way re-implemented (fp32)" if mode == "baseline" else "lseg bf16 (best)"
                 ax.plot(xs, ys, style, label=name)
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -384,13 +431,42 @@ def measure_training(args: argparse.Namespace, device: torch.device) -> dict[str
     return results
 
 
+def original_network_report(
+    case: Case, args: argparse.Namespace, device: torch.device, modes: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The original network's time for `case`; when this run is in its setting, each mode in `modes`
+    gets its speed-up against it (a ratio across runs: noisier than `ratio_vs_baseline`)."""
+    reference = case.original_network
+    if reference is None:
+        return {}
+    comparable = (
+        device.type == reference.device_type
+        and args.labels == reference.labels
+        and args.batch_size == reference.batch_size
+        and case.runs_as(args)
+    )
+    seconds = statistics.mean(reference.seconds_per_image)
+    for entry in modes.values():
+        entry["ratio_vs_original_network"] = round(seconds * entry["images_per_s"], 2) if comparable else None
+    return {
+        "original_network": {
+            "seconds_per_image": list(reference.seconds_per_image),
+            "setting": reference.setting,
+            "comparable_with_this_run": comparable,
+        }
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="vit_b16")
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument(
+        "--case", choices=sorted(CASES), default="vit_b16-480x640", help="preset and model input size"
+    )
+    parser.add_argument("--preset", help="instead of the case's preset")
+    parser.add_argument("--height", type=int, help="instead of the case's height")
+    parser.add_argument("--width", type=int, help="instead of the case's width")
     parser.add_argument("--labels", type=int, default=150, help="number of labels (ADE20K names up to 150)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per segment call")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -407,6 +483,10 @@ def main() -> None:
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--out", help="append the results as one JSON line to this file")
     args = parser.parse_args()
+    case = CASES[args.case]
+    args.preset = args.preset or case.preset
+    args.height = args.height or case.height
+    args.width = args.width or case.width
     if args.quick:
         args.repeats, args.baseline_repeats = min(args.repeats, 2), 1
     if args.threads:
@@ -419,14 +499,17 @@ def main() -> None:
         return
     started = time.perf_counter()
     result: dict[str, Any] = {
+        "case": args.case if case.runs_as(args) else "custom",
         "preset": args.preset,
         "size": [args.height, args.width],
         "labels": args.labels,
         "batch_size": args.batch_size,
         "device": device_name(device),
         "torch": torch.__version__,
+        "baseline": "the original LSeg's execution re-implemented on this package's modules, this run",
         **measure_modes(args, device),
     }
+    result.update(original_network_report(case, args, device, result["modes"]))
     if args.train:
         result["training"] = measure_training(args, device)
     result["total_s"] = round(time.perf_counter() - started, 1)

@@ -25,6 +25,8 @@ def test_exif_rotation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     image.save(tmp_path / "rotated.jpg", exif=exif)
     assert load_image(tmp_path / "rotated.jpg").shape == (10, 4, 3)
+    assert load_image(Image.open(tmp_path / "rotated.jpg")).shape == (10, 4, 3)
+    assert load_image(tmp_path / "rotated.jpg", exif_orientation=False).shape == (4, 10, 3)  # as stored
 
 
 def test_arrays_and_tensors():

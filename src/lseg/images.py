@@ -65,11 +65,16 @@ def open_image(path: str | Path, what: str = "image") -> Image.Image:
         raise LSegError(f"cannot read {what} {path}: {error}") from None
 
 
-def pil_to_rgb(image: Image.Image) -> np.ndarray:
-    """EXIF-rotated RGB uint8; 16-bit images are rescaled, alpha is composited on white."""
+def pil_to_rgb(image: Image.Image, *, exif_orientation: bool = True) -> np.ndarray:
+    """RGB uint8; 16-bit images are rescaled, alpha is composited on white.
+
+    `exif_orientation`: turn the pixels as the EXIF tag says (a photo as its camera meant it shown).
+    False keeps the stored pixels: a dataset's masks were drawn on those (HSNet and LSeg read them so).
+    """
     if 0 in image.size:
         raise LSegError(f"the image is empty ({image.width} x {image.height} pixels)")
-    image = ImageOps.exif_transpose(image)
+    if exif_orientation:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if array.max() > 255 else 255.0
@@ -81,12 +86,16 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy
 
 
-def load_image(source: ImageInput) -> np.ndarray:
-    """H x W x 3 uint8 RGB from a path, PIL image, HxW[xC] array or CHW tensor (uint8 or [0, 1] float)."""
+def load_image(source: ImageInput, *, exif_orientation: bool = True) -> np.ndarray:
+    """H x W x 3 uint8 RGB from a path, PIL image, HxW[xC] array or CHW tensor (uint8 or [0, 1] float).
+
+    `exif_orientation=False` reads a file's pixels as stored, ignoring its EXIF rotation: what a
+    dataset image needs to stay aligned with its mask (`pil_to_rgb`).
+    """
     if isinstance(source, (str, Path)):
-        return pil_to_rgb(open_image(source))
+        return pil_to_rgb(open_image(source), exif_orientation=exif_orientation)
     if isinstance(source, Image.Image):
-        return pil_to_rgb(source)
+        return pil_to_rgb(source, exif_orientation=exif_orientation)
     if isinstance(source, torch.Tensor):
         if source.ndim != 3 or source.shape[0] not in (1, 3, 4):
             raise LSegError(f"tensor images must be C x H x W with C in 1, 3, 4; got {tuple(source.shape)}")

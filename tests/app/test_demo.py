@@ -1,12 +1,32 @@
 import sys
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from lseg import LSegError
-from lseg.app.demo import predict
+from lseg.app.demo import as_page_text, predict, status_line
 from lseg.cli.main import main
+
+HOSTILE_LABELS = ["<img src=x onerror=alert(1)>", "<b>bold</b>", "&amp; ' \""]
+
+
+class PageText(HTMLParser):
+    """What a browser makes of an HTML fragment: the elements it would create and the text it shows."""
+
+    def __init__(self, fragment: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[str] = []
+        self.text = ""
+        self.feed(fragment)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append(tag)
+
+    def handle_data(self, data):
+        self.text += data
 
 
 @pytest.fixture
@@ -101,3 +121,19 @@ def test_gradio_app_builds(tiny_model):
 
     app = build_app(tiny_model)
     assert isinstance(app, gr.Blocks)
+
+
+def test_the_status_line_shows_label_text_literally(tiny_model, image):
+    prediction = predict(tiny_model, image, ", ".join(HOSTILE_LABELS), 64, "single", heatmaps=False)
+    shown = PageText(status_line(prediction, "cpu"))
+    assert shown.elements == []
+    legend = ", ".join(f"{index} = {label}" for index, label in enumerate(HOSTILE_LABELS))
+    assert shown.text.endswith(f"s on cpu · label map values: {legend}")
+
+
+def test_error_messages_quoting_labels_show_them_literally(tiny_model, image):
+    with pytest.raises(LSegError) as caught:
+        predict(tiny_model, image, "<b>bold</b>, <B>BOLD</B>", 64, "single")
+    shown = PageText(as_page_text(str(caught.value)))
+    assert shown.elements == [] and shown.text == str(caught.value)
+    assert "<b>bold</b> / <B>BOLD</B>" in shown.text

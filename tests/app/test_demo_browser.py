@@ -150,6 +150,25 @@ def test_bad_inputs_are_messages_in_the_page_and_the_server_keeps_serving(
     page.locator("#timing").get_by_text("0 = sky, 1 = ground").wait_for(timeout=60_000)
 
 
+def test_label_text_is_shown_literally_and_injects_no_element(page, photo):
+    """Labels are user text: the page must show them as typed, never as HTML or Markdown."""
+    alerts = []
+    page.on("dialog", lambda dialog: (alerts.append(dialog.message), dialog.dismiss()))
+    page.reload()
+    labels = ["<img src=x onerror=alert(1)>", "<b>bold</b>", "[a link](https://example.com)"]
+    legend = ", ".join(f"{index} = {label}" for index, label in enumerate(labels))
+    segment_in_page(page, photo, ", ".join(labels))
+    page.locator("#timing").get_by_text("label map values").wait_for(timeout=60_000)  # empty after reload
+    assert legend in page.locator("#timing").inner_text()
+    assert set(shares_in_page(page)) == set(labels)
+    for label in labels:
+        assert page.locator("#heatmaps").get_by_text(label, exact=True).count() == 1
+    segment_in_page(page, None, "<b>bold</b>, <B>BOLD</B>")  # the error message quotes the labels
+    page.get_by_text("duplicate labels: <b>bold</b> / <B>BOLD</B>").first.wait_for(timeout=30_000)
+    assert page.locator("img[src='x'], b, a[href='https://example.com']").count() == 0
+    assert alerts == []
+
+
 def test_eight_concurrent_clients_get_their_own_answers_from_one_model(demo, tmp_path):
     from gradio_client import Client, handle_file
 

@@ -65,13 +65,20 @@ def test_sixteen_bit_labels(tmp_path, write_image, write_label):
     assert mask[0, 0] == 65535 and (mask.flatten()[1:] == 300).all()
 
 
-def test_exif_orientation_is_applied(tmp_path, write_label):
+@pytest.mark.parametrize("orientation", [6, 3, 2])  # EXIF: rotate 90 degrees, rotate 180, mirror
+def test_exif_tagged_images_stay_aligned_with_their_masks(tmp_path, write_label, orientation):
+    """The mask was drawn on the stored pixels: the EXIF tag must not turn the image away from it."""
+    stored = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)  # H 6 x W 8
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees on display: stored 4x6 becomes 6x4
-    Image.new("RGB", (6, 4), (200, 10, 10)).save(tmp_path / "x.jpg", exif=exif)
-    write_label(tmp_path / "x.png", np.zeros((6, 4), np.uint8))
-    (tmp_path / "list.txt").write_text("x.jpg x.png\n")
-    assert ListFileDataset(tmp_path, tmp_path / "list.txt", NAMES)[0]["image"].shape == (3, 6, 4)
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "x.png", exif=exif)  # lossless, so pixels compare exactly
+    label = np.zeros((6, 8), np.uint8)
+    label[:3, :4] = 1
+    write_label(tmp_path / "x_label.png", label)
+    (tmp_path / "list.txt").write_text("x.png x_label.png\n")
+    sample = ListFileDataset(tmp_path, tmp_path / "list.txt", NAMES)[0]
+    assert torch.equal(sample["image"], torch.from_numpy(stored).permute(2, 0, 1))
+    assert torch.equal(sample["mask"], torch.from_numpy(label).long())
 
 
 def test_id_map_dict_and_table(tiny):

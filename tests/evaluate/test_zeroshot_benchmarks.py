@@ -92,6 +92,19 @@ def test_pascal_ground_truth_scores_one_and_background_only_scores_zero(pascal_r
     assert result.fb_iou == pytest.approx((168 / 224 + 0) / 2)
 
 
+@pytest.mark.parametrize("orientation", [6, 3, 2])  # EXIF: rotate 90 degrees, rotate 180, mirror
+def test_exif_tagged_query_images_stay_aligned_with_their_masks(pascal_root, orientation):
+    """Image and mask are both resized to the square model size, so only alignment reveals a turn."""
+    for image_path in (pascal_root / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored = np.array(Image.open(image_path))
+        Image.fromarray(stored).save(image_path, format="PNG", exif=exif)
+    voc_names = names("fewshot_pascal.txt")
+    result = score_episodes(oracle(voc_names), "pascal", pascal_root, 0, image_size=SIZE, max_episodes=3)
+    assert result.miou == pytest.approx(1.0) and result.fb_iou == pytest.approx(1.0)
+
+
 @pytest.fixture
 def coco_root(tmp_path):
     coco = tmp_path / "COCO2014"

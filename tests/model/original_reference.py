@@ -21,8 +21,12 @@ def original_vit_schema(
     embed_dim: int,
     clip_state: dict[str, torch.Tensor],
     head_block: bool = False,
+    use_bn: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Random tensors in the original checkpoint's key schema (shapes as documented in the issue)."""
+    """Random tensors in the original checkpoint's key schema (shapes as documented in the issue).
+
+    `use_bn=False` is the layout of `ResidualConvUnit_custom(bn=False)`: biased convolutions, no BN.
+    """
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, scale=0.05):
@@ -65,6 +69,9 @@ def original_vit_schema(
         for unit in ("resConfUnit1", "resConfUnit2"):
             for n in (1, 2):
                 sd[f"{r}{unit}.conv{n}.weight"] = rand(features, features, 3, 3, scale=0.05)
+                if not use_bn:
+                    sd[f"{r}{unit}.conv{n}.bias"] = rand(features)
+                    continue
                 sd[f"{r}{unit}.bn{n}.weight"] = 1 + rand(features)
                 sd[f"{r}{unit}.bn{n}.bias"] = rand(features)
                 sd[f"{r}{unit}.bn{n}.running_mean"] = rand(features)
@@ -81,29 +88,26 @@ def _conv(x, sd, key, **kw):
     return F.conv2d(x, sd[key + ".weight"], sd.get(key + ".bias"), **kw)
 
 
+def _batch_norm(x, sd, key):
+    """`ResidualConvUnit_custom` applies its BN only when built with `bn=True` (then the keys exist)."""
+    if key + ".weight" not in sd:
+        return x
+    return F.batch_norm(
+        x,
+        sd[key + ".running_mean"],
+        sd[key + ".running_var"],
+        sd[key + ".weight"],
+        sd[key + ".bias"],
+        training=False,
+        eps=1e-5,
+    )
+
+
 def _rcu(x, sd, pre):
     out = F.relu(x)
-    out = _conv(out, sd, pre + "conv1", padding=1)
-    out = F.batch_norm(
-        out,
-        sd[pre + "bn1.running_mean"],
-        sd[pre + "bn1.running_var"],
-        sd[pre + "bn1.weight"],
-        sd[pre + "bn1.bias"],
-        training=False,
-        eps=1e-5,
-    )
+    out = _batch_norm(_conv(out, sd, pre + "conv1", padding=1), sd, pre + "bn1")
     out = F.relu(out)
-    out = _conv(out, sd, pre + "conv2", padding=1)
-    out = F.batch_norm(
-        out,
-        sd[pre + "bn2.running_mean"],
-        sd[pre + "bn2.running_var"],
-        sd[pre + "bn2.weight"],
-        sd[pre + "bn2.bias"],
-        training=False,
-        eps=1e-5,
-    )
+    out = _batch_norm(_conv(out, sd, pre + "conv2", padding=1), sd, pre + "bn2")
     return out + x
 
 
@@ -117,8 +121,12 @@ def _fusion(sd, i, x, skip=None):
 
 
 @torch.no_grad()
-def original_forward(sd, x, text, depth, heads, patch, head_block_depth=0, bottleneck=True):
-    """Original LSegNet.forward for a DPT-ViT checkpoint (eval mode, float32), given text features."""
+def original_forward(sd, x, text, depth, heads, patch, arch_option=0, block_depth=0):
+    """Original LSegNet.forward for a DPT-ViT checkpoint (eval mode, float32), given text features.
+
+    `arch_option` 1 (bottleneck_block) or 2 (depthwise_block) adds `scratch.head_block`, applied as
+    the original does: `block_depth - 1` times with LeakyReLU, then once without (so 0 and 1 are one pass).
+    """
     p = "net.pretrained.model."
     batch, _, height, width = x.shape
     gh, gw = height // patch, width // patch
@@ -178,15 +186,20 @@ def original_forward(sd, x, text, depth, heads, patch, head_block_depth=0, bottl
     text = text / text.norm(dim=-1, keepdim=True)
     logits = (1 / 0.07) * pixels @ text.t()
     out = logits.view(shape[0], shape[2], shape[3], -1).permute(0, 3, 1, 2)
-    for step in range(head_block_depth):
+
+    def head_block(out, act=True):
         w, bias = (
             sd["net.scratch.head_block.depthwise.depthwise.weight"],
             sd["net.scratch.head_block.depthwise.depthwise.bias"],
         )
         summed = out.max(dim=1, keepdim=True)[0]
         out = torch.cat([F.conv2d(out[:, i : i + 1], w, bias, padding=1) for i in range(out.shape[1])], dim=1)
-        if bottleneck:
+        if arch_option == 1:
             out = out + summed
-        if step < head_block_depth - 1:
-            out = F.leaky_relu(out)
+        return F.leaky_relu(out) if act else out
+
+    if arch_option in (1, 2):
+        for _ in range(block_depth - 1):
+            out = head_block(out)
+        out = head_block(out, False)
     return F.interpolate(out, scale_factor=2, mode="bilinear", align_corners=True)

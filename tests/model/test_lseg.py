@@ -174,6 +174,21 @@ def test_labels_may_be_a_comma_separated_string(tiny_model):
     assert torch.equal(tiny_model.encode_text("cat,dog"), tiny_model.encode_text(["cat", "dog"]))
 
 
+def test_segment_turns_a_photo_upright_by_its_exif_tag(tiny_model, tmp_path):
+    """A user's photo is segmented as it is shown (datasets, whose masks match the stored pixels, are not)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees: 24 x 40 stored, 40 x 24 shown
+    stored.save(tmp_path / "photo.png", exif=exif)
+    upright = np.array(ImageOps.exif_transpose(Image.open(tmp_path / "photo.png")))
+    assert upright.shape == (40, 24, 3)
+    from_file = tiny_model.segment(tmp_path / "photo.png", labels=["a", "b", "c"])
+    assert np.array_equal(from_file.label_map, tiny_model.segment(upright, labels=["a", "b", "c"]).label_map)
+
+
 @pytest.mark.parametrize(
     ("labels", "message"),
     [

@@ -20,7 +20,7 @@ def tiny_clip_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def tiny_original(head_block: bool = False) -> dict[str, torch.Tensor]:
+def tiny_original(head_block: bool = False, use_bn: bool = True) -> dict[str, torch.Tensor]:
     return original_vit_schema(
         dim=64,
         depth=4,
@@ -31,6 +31,7 @@ def tiny_original(head_block: bool = False) -> dict[str, torch.Tensor]:
         embed_dim=32,
         clip_state=tiny_clip_state(),
         head_block=head_block,
+        use_bn=use_bn,
     )
 
 
@@ -43,20 +44,48 @@ def save_lightning(state, path, hparams=None):
     return path
 
 
-@pytest.mark.parametrize("head_block", [False, True])
-def test_logits_match_the_original_network(tmp_path, head_block):
-    state = tiny_original(head_block)
-    hparams = {"arch_option": 1, "block_depth": 2, "activation": "lrelu"} if head_block else {}
+def assert_logits_match(tmp_path, state, hparams, arch_option=0, block_depth=0):
     model = LSeg.from_pretrained(save_lightning(state, tmp_path / "orig.ckpt", hparams)).eval()
     assert model.config.image_encoder.pos_embed_interpolation == "bilinear"
     images = torch.randn(2, 3, 64, 96)  # grid 4x6 from a 4x4 position embedding
     text = torch.randn(3, 32)
     expected = original_forward(
-        state, images, text, depth=4, heads=1, patch=16, head_block_depth=2 if head_block else 0
+        state, images, text, depth=4, heads=1, patch=16, arch_option=arch_option, block_depth=block_depth
     )
     with torch.no_grad():
         ours = model(images, text).logits
     assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-4), (ours - expected).abs().max()
+
+
+def test_logits_match_the_original_network(tmp_path):
+    assert_logits_match(tmp_path, tiny_original(), {})
+
+
+@pytest.mark.parametrize(
+    ("arch_option", "block_depth"),
+    [(1, 2), (2, 3), (1, 0), (2, 0), (1, 1)],  # depth 0 and 1: one pass, the last without activation
+)
+def test_head_block_passes_follow_the_original(tmp_path, arch_option, block_depth):
+    hparams = {"arch_option": arch_option, "block_depth": block_depth, "activation": "lrelu"}
+    assert_logits_match(tmp_path, tiny_original(head_block=True), hparams, arch_option, block_depth)
+
+
+def test_no_batchnorm_checkpoint_loads_and_matches(tmp_path):
+    """`--no-batchnorm` in a fork that honours it: biased convolutions and no BN keys in the fusion."""
+    state = tiny_original(use_bn=False)
+    assert not any(".bn1." in key for key in state)
+    assert_logits_match(tmp_path, state, {"no_batchnorm": True})
+
+
+def test_batchnorm_keys_win_over_the_no_batchnorm_flag(tmp_path):
+    """The released LSegNet builds BN even when trained with `--no-batchnorm`: the keys decide."""
+    assert_logits_match(tmp_path, tiny_original(use_bn=True), {"no_batchnorm": True})
+
+
+def test_head_block_contradicting_arch_option_is_refused(tmp_path):
+    path = save_lightning(tiny_original(head_block=True), tmp_path / "orig.ckpt", {"arch_option": 0})
+    with pytest.raises(LSegError, match="head_block weights but arch_option 0"):
+        LSeg.from_pretrained(path)
 
 
 def test_fp16_original_weights_load(tmp_path):

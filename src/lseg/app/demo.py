@@ -8,6 +8,7 @@ dependency: `pip install 'lseg[demo]'`.
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import secrets
@@ -106,6 +107,18 @@ def _thumbnail(array: np.ndarray) -> np.ndarray:
     return (small[0].permute(1, 2, 0) * 255).round().byte().numpy()
 
 
+def as_page_text(text: str) -> str:
+    """`text` as HTML that shows it literally. gradio renders the status line and error messages as
+    HTML, so a label such as `<img src=x onerror=...>` would otherwise become an element of the page."""
+    return html.escape(text)
+
+
+def status_line(prediction: Prediction, device: str) -> str:
+    """The time, the device and which label each value of the label map stands for, as escaped HTML."""
+    legend = ", ".join(f"{index} = {label}" for index, label in enumerate(prediction.labels))
+    return as_page_text(f"{prediction.seconds:.2f} s on {device} · label map values: {legend}")
+
+
 def checked_size(size: Any) -> int | None:
     """The slider's long side as an int in [MIN_SIZE, MAX_SIZE]; None or 0 means the original size."""
     if size is None or size == 0:
@@ -166,16 +179,15 @@ def build_app(
     def run(image, labels_text, size, protocol, heatmaps):
         try:
             prediction = predict(model, image, labels_text, size, protocol, heatmaps)
-        except LSegError as error:
-            raise gr.Error(str(error)) from error
+        except LSegError as error:  # messages quote the user's labels
+            raise gr.Error(as_page_text(str(error))) from error
         _prune(scratch)
         dtype = np.uint8 if len(prediction.labels) <= 256 else np.uint16
         label_map = save_image(
             prediction.label_map.astype(dtype), scratch / f"labels-{secrets.token_hex(6)}.png"
         )
         table = [[label, f"{100 * share:.1f}%"] for label, share in prediction.shares]
-        legend = ", ".join(f"{index} = {label}" for index, label in enumerate(prediction.labels))
-        timing = f"{prediction.seconds:.2f} s on {model.device} · label map values: {legend}"
+        timing = status_line(prediction, str(model.device))
         return prediction.overlay, table, prediction.heatmaps, str(label_map), timing
 
     with gr.Blocks(title=title) as app:
@@ -208,7 +220,9 @@ def build_app(
                 table = gr.Dataframe(
                     headers=["label", "share"], label="label shares", interactive=False, elem_id="shares"
                 )
-                timing = gr.Markdown(elem_id="timing")
+                # HTML, not Markdown: escaped text stays literal (Markdown would still turn a label
+                # such as `[x](https://...)` into a link).
+                timing = gr.HTML(elem_id="timing")
                 label_map = gr.File(label="label map (PNG of label indices)", elem_id="label-map")
         gallery = gr.Gallery(
             label="which pixels look like each word (cosine similarity, one colour scale)",

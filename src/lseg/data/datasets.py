@@ -95,7 +95,8 @@ def read_names(path: PathLike) -> list[str]:
 
 
 def _load_image(path: Path) -> torch.Tensor:
-    return torch.from_numpy(load_image(path)).permute(2, 0, 1).contiguous()
+    """The stored pixels, EXIF orientation ignored: the label was drawn on them."""
+    return torch.from_numpy(load_image(path, exif_orientation=False)).permute(2, 0, 1).contiguous()
 
 
 def _load_label(path: Path) -> torch.Tensor:

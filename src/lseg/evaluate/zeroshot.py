@@ -116,7 +116,8 @@ class EpisodeDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, str]:
         episode = self.episodes[index]
         size = (self.image_size, self.image_size)
-        rgb = Image.fromarray(load_image(episode.image)).resize(size, Image.Resampling.BILINEAR)
+        stored = load_image(episode.image, exif_orientation=False)  # the pixels the mask was drawn on
+        rgb = Image.fromarray(stored).resize(size, Image.Resampling.BILINEAR)
         image = self.processor.normalize(torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None])[0]
         mask = self.binary_mask(episode)
         mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()

@@ -154,6 +154,33 @@ def _image_config(state: dict[str, torch.Tensor], source: str) -> tuple[ImageEnc
     )
 
 
+def _regularizer(
+    state: dict[str, torch.Tensor], hparams: dict[str, Any], source: str
+) -> tuple[str | None, int]:
+    """(kind, passes) of the original `scratch.head_block`: the keys say whether there is one, the
+    hyper-parameters what it is (the weights are shared by every pass, so only `block_depth` tells
+    how many). `LSeg.forward` applies it `block_depth - 1` times with activation, then once without:
+    `block_depth` 0 or 1 is one pass. Without hyper-parameters, the original's defaults apply
+    (`--block_depth 0`); the kind then defaults to `bottleneck` (`arch_option` 1)."""
+    if "net.scratch.head_block.depthwise.depthwise.weight" not in state:
+        return None, 1
+    arch_option = 1 if hparams.get("arch_option") is None else int(hparams["arch_option"])
+    kinds = {1: "bottleneck", 2: "depthwise"}
+    if arch_option not in kinds:
+        raise LSegError(
+            f"{source} has head_block weights but arch_option {arch_option}; the original builds them only "
+            "for arch_option 1 (bottleneck) or 2 (depthwise)"
+        )
+    return kinds[arch_option], max(1, int(hparams.get("block_depth") or 0))
+
+
+def _uses_batchnorm(state: dict[str, torch.Tensor]) -> bool:
+    """Whether the fusion blocks' residual units have BatchNorm (`bn=True`: unbiased convolutions
+    followed by BN) or not (biased convolutions only). Read from the keys, not from `no_batchnorm`:
+    the released `LSegNet` forces `use_bn=True` whatever that flag says, while forks honour it."""
+    return "net.scratch.refinenet4.resConfUnit2.bn1.weight" in state
+
+
 def convert_state_dict(
     state: dict[str, torch.Tensor], hparams: dict[str, Any] | None = None, source: str = "checkpoint"
 ) -> tuple[LSegConfig, dict[str, torch.Tensor]]:
@@ -161,16 +188,14 @@ def convert_state_dict(
     hparams = hparams or {}
     image, spec = _image_config(state, source)
     features = _require(state, "net.scratch.layer1_rn.weight", source).shape[0]
-    regularizer = None
-    if "net.scratch.head_block.depthwise.depthwise.weight" in state:
-        arch_option = int(hparams.get("arch_option", 1))
-        regularizer = {1: "bottleneck", 2: "depthwise"}.get(arch_option, "bottleneck")
+    regularizer, regularizer_depth = _regularizer(state, hparams, source)
     config = LSegConfig(
         image_encoder=image,
         text_encoder=_text_config(state, source),
         features=features,
+        use_bn=_uses_batchnorm(state),
         regularizer=regularizer,
-        regularizer_depth=int(hparams.get("block_depth", 2) or 2),
+        regularizer_depth=regularizer_depth,
         regularizer_activation=str(hparams.get("activation", "lrelu")),
         mean=spec["mean_std"][0],
         std=spec["mean_std"][1],
