@@ -137,3 +137,21 @@ def test_an_unwritable_card_is_a_warning_not_a_failure(tmp_path, tiny_model, mon
     with pytest.warns(UserWarning, match="cannot write model card .*README.md: Permission denied"):
         folder = tiny_model.save_pretrained(tmp_path / "model")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_minilm_text_encoder_is_described_by_its_own_fields(tmp_path):
+    """MiniLM has no open_clip model or pretrained tag: neither the card nor config.json may name one."""
+    from lseg import LSeg
+    from lseg.model import load_preset
+
+    templates = ["{}", "a photo of a {}."]
+    minilm = {"type": "minilm", "prompt_templates": templates}
+    config = {**load_preset("tiny").to_dict(), "text_encoder": minilm}
+    model = LSeg.from_config(config, pretrained=False)
+    folder = model.save_pretrained(tmp_path / "model")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.lseg["text_encoder"] == {"type": "minilm"}
+    assert "| text encoder | minilm |" in card.text
+    saved = json.loads((folder / "config.json").read_text())["text_encoder"]
+    assert saved == {"type": "minilm", "prompt_templates": templates}
+    assert LSeg.from_pretrained(folder).config == model.config

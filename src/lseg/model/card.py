@@ -40,6 +40,7 @@ METRIC_NAMES = {
     "pixel_accuracy": "pixel accuracy",
     "mean_class_accuracy": "mean class accuracy",
 }
+CARD_TEXT_FIELDS = ("type", "model", "pretrained")  # those of them the encoder type has
 SECTIONS = {"train": "Training", "evaluate": "Evaluation"}
 PAPER = "https://arxiv.org/abs/2201.03546"
 
@@ -99,7 +100,7 @@ def _description(config: LSegConfig) -> dict[str, Any]:
     return {
         **({"preset": preset} if preset else {}),
         "image_encoder": {"type": image.type, "name": image.name},
-        "text_encoder": {"type": text.type, "model": text.model, "pretrained": text.pretrained},
+        "text_encoder": {key: value for key, value in text.to_dict().items() if key in CARD_TEXT_FIELDS},
         "labels": list(config.labels),
         "results": {},
     }
@@ -164,7 +165,8 @@ def _body(metadata: dict[str, Any]) -> str:
     name = metadata.get("model_name") or "LSeg model"
     source = name if "/" in name else "path/to/this/folder"
     image_details = ", ".join([image["type"], *([f"preset {info['preset']}"] if "preset" in info else [])])
-    text_weights = f" ({text['pretrained']})" if text["pretrained"] else ""
+    text_details = " ".join([text["type"], *([text["model"]] if "model" in text else [])])
+    text_details += f" ({text['pretrained']})" if text.get("pretrained") else ""
     lines = [
         f"# {name}",
         "",
@@ -175,7 +177,7 @@ def _body(metadata: dict[str, Any]) -> str:
         "| | |",
         "| --- | --- |",
         f"| image encoder | {image['name']} ({image_details}) |",
-        f"| text encoder | {text['type']} {text['model']}{text_weights} |",
+        f"| text encoder | {text_details} |",
         f"| default labels | {_cell(', '.join(info['labels']))} |",
         "",
         "## Usage",
@@ -208,9 +210,10 @@ def _summary(command: str, record: dict[str, Any]) -> str:
             f"{key}: {_cell(', '.join(labels))}" for key, labels in training.get("label_sets", {}).items()
         )
         chosen = training.get("checkpoint", "exported")
-        epoch = f" (epoch {training['epoch']})" if "epoch" in training else ""
+        when = ", ".join(f"{key} {training[key]}" for key in ("epoch", "step") if key in training)
+        when = f" ({when})" if when else ""
         trained = f"Trained on {sets}." if sets else "Trained with lseg."
-        scored = f" Validation on {where} of the {chosen} checkpoint{epoch}:" if record["metrics"] else ""
+        scored = f" Validation on {where} of the {chosen} checkpoint{when}:" if record["metrics"] else ""
         return trained + scored
     details = ", ".join(
         f"{key.replace('_', ' ')} {record[key]}"

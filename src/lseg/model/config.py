@@ -42,6 +42,12 @@ class TextEncoderConfig:
     custom: dict[str, int] | None = None  # embed_dim + open_clip text_cfg of a random tiny tower
     prompt_templates: list[str] = field(default_factory=lambda: ["{}"])
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields this encoder type reads: a MiniLM encoder has no open_clip model, tag or tower,
+        and writing open_clip's defaults for it would describe another model."""
+        data = dataclasses.asdict(self)
+        return {key: data[key] for key in TEXT_ENCODER_FIELDS.get(self.type, data)}
+
 
 @dataclass
 class LSegConfig:
@@ -76,7 +82,7 @@ class LSegConfig:
         return cls(image_encoder=image, text_encoder=text, **fields)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "text_encoder": self.text_encoder.to_dict()}
 
 
 def json_type_name(value: Any) -> str:
@@ -117,6 +123,10 @@ IMAGE_RULES: dict[str, Rule] = {
         lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
         "an object of timm.create_model arguments",
     ),
+}
+TEXT_ENCODER_FIELDS = {
+    "open_clip": ("type", "model", "pretrained", "custom", "prompt_templates"),
+    "minilm": ("type", "prompt_templates"),  # one model, all-MiniLM-L6-v2, from its pip package
 }
 TEXT_RULES: dict[str, Rule] = {
     "type": (lambda v: v in ("open_clip", "minilm"), "one of open_clip, minilm"),

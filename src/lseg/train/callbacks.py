@@ -70,6 +70,8 @@ class ExportPretrained(L.Callback):
     """After fitting, write the best (by the checkpoint monitor) or last weights with `save_pretrained`.
 
     The model card records the training label sets and the validation scores of the exported weights.
+    Training that ends between validations (a step budget, `check_val_every_n_epoch` > 1, a resumed
+    run) is validated once more at its last step, so the final weights are scored, and can be the best.
     """
 
     def __init__(self, dirname: str = "model") -> None:
@@ -84,13 +86,27 @@ class ExportPretrained(L.Callback):
             for key, value in trainer.callback_metrics.items()
             if key.startswith("val/") and key != "val/loss"
         }
-        self.validations.append(
-            {"epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": scores}
-        )
+        # The epoch the last step ran in: after training (`on_train_end`) `current_epoch` counts it done.
+        epoch = trainer.fit_loop.epoch_progress.current.started - 1
+        self.validations.append({"epoch": epoch, "step": trainer.global_step, "metrics": scores})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Validate the final weights unless the last validation ran at the last step.
+
+        Through the fit loop's own validation loop, as Lightning runs it between epochs: the scores are
+        logged and checkpointed like every other validation (and recorded by `on_validation_end`).
+        """
+        if self._interrupted(trainer) or not trainer.enable_validation:
+            return
+        if self.validations and self.validations[-1]["step"] == trainer.global_step:
+            return
+        trainer.validating = True
+        trainer.fit_loop.epoch_loop.val_loop.run()
+        trainer.training = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if any(isinstance(c, SignalCheckpoint) and c.received for c in trainer.callbacks):
-            return  # interrupted: the run is not finished, resume it instead
+        if self._interrupted(trainer):
+            return  # the run is not finished, resume it instead
         checkpoint = next(  # without a monitor there is no "best": the final weights are exported
             (
                 c
@@ -106,6 +122,10 @@ class ExportPretrained(L.Callback):
             target = Path(trainer.default_root_dir) / self.dirname
             pl_module.model.save_pretrained(target, metrics=self._report(trainer, checkpoint))
             rank_zero_info(f"exported {'best' if checkpoint else 'final'} model to {target}")
+
+    @staticmethod
+    def _interrupted(trainer: L.Trainer) -> bool:
+        return any(isinstance(c, SignalCheckpoint) and c.received for c in trainer.callbacks)
 
     def _report(self, trainer: L.Trainer, checkpoint: ModelCheckpoint | None) -> dict[str, Any]:
         """The exported weights' validation scores and the label sets they were trained with."""
