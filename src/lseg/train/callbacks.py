@@ -143,5 +143,8 @@ class ExportPretrained(L.Callback):
             **{key: run[key] for key in ("epoch", "step") if key in run},
             "label_sets": {key: labels for key, labels in label_sets.items() if key != val_key},
         }
-        dataset = {"name": spec.name, "split": spec.split} if spec is not None else {}
+        dataset = {}
+        if spec is not None:  # the root names a `folder` dataset on the card, as for lseg evaluate
+            root = {"root": str(Path(spec.root).resolve())} if spec.root else {}
+            dataset = {"name": spec.name, **root, "split": spec.split}
         return {"command": "train", "dataset": dataset, "metrics": run["metrics"], "training": training}
