@@ -325,3 +325,13 @@ def test_safetensors_without_pread_are_read_memory_mapped(tmp_path, tiny_model, 
     monkeypatch.setattr(weights, "safe_open", old_open)
     loaded = LSeg.from_pretrained(folder)
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_the_decoder_memory_check_counts_the_fusion_blocks_weights():
+    """The config's refusal of a too wide decoder counts the weights DPTDecoder allocates."""
+    from lseg.model.dpt import DPTDecoder, fusion_weight_count
+
+    decoder = DPTDecoder([8, 16, 32, 32], features=24)
+    weights = sum(p.numel() for name, p in decoder.fusion.named_parameters() if name.endswith("conv1.weight")
+                  or name.endswith("conv2.weight") or name.endswith("out_conv.weight"))  # fmt: skip
+    assert fusion_weight_count(24) == weights

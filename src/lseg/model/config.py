@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from lseg.device import format_bytes, physical_memory
 from lseg.errors import LSegError
+from lseg.model.dpt import fusion_weight_count
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's cap on the inverse temperature
 CLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -63,6 +65,19 @@ class LSegConfig:
     mean: tuple[float, float, float] = CLIP_MEAN_STD[0]
     std: tuple[float, float, float] = CLIP_MEAN_STD[1]
     labels: list[str] = field(default_factory=lambda: ["other"])  # default label set for `segment`
+
+    def __post_init__(self) -> None:
+        """Refuse a decoder wider than this machine can hold before anything is allocated: torch's
+        allocation failure would read like an image or batch too large."""
+        if not isinstance(self.features, int):  # wrongly typed: `from_dict` names the field
+            return
+        needed, memory = 4 * fusion_weight_count(self.features), physical_memory()  # float32 weights
+        if memory is not None and needed > memory:
+            raise LSegError(
+                f"model config features {self.features} needs {format_bytes(needed)} of float32 decoder "
+                f"weights, more than this machine's {format_bytes(memory)} of memory; the model cannot be "
+                "built (the presets use 256)"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LSegConfig:
