@@ -13,6 +13,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from lseg.train.console import epoch_of_last_step
+
 
 class SignalCheckpoint(L.Callback):
     """On SIGTERM (and SIGUSR1 outside SLURM) save `last.ckpt` after the current step, then stop.
@@ -86,9 +88,8 @@ class ExportPretrained(L.Callback):
             for key, value in trainer.callback_metrics.items()
             if key.startswith("val/") and key != "val/loss"
         }
-        # The epoch the last step ran in: after training (`on_train_end`) `current_epoch` counts it done.
-        epoch = trainer.fit_loop.epoch_progress.current.started - 1
-        self.validations.append({"epoch": epoch, "step": trainer.global_step, "metrics": scores})
+        run = {"epoch": epoch_of_last_step(trainer), "step": trainer.global_step, "metrics": scores}
+        self.validations.append(run)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Validate the final weights unless the last validation ran at the last step.

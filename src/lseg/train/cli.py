@@ -5,13 +5,13 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from lseg.errors import LSegError
 from lseg.model.weights import read_lightning_checkpoint
 from lseg.train.callbacks import ExportPretrained, SignalCheckpoint
-from lseg.train.console import ignore_known_noise
+from lseg.train.console import ignore_known_noise, progress_bar
 from lseg.train.datamodule import LSegDataModule
 from lseg.train.module import LSegModule
 
@@ -72,7 +72,7 @@ class LSegCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if config.get("enable_progress_bar") is not False:
-            callbacks = [*callbacks, RichProgressBar()]
+            callbacks = [*callbacks, progress_bar()]
         return super()._instantiate_trainer(config, callbacks)
 
 
