@@ -73,7 +73,7 @@ class ExportPretrained(L.Callback):
 
     The model card records the training label sets and the validation scores of the exported weights.
     Training that ends between validations (a step budget, `check_val_every_n_epoch` > 1, a resumed
-    run) is validated once more at its last step, so the final weights are scored, and can be the best.
+    run) is validated once more at its last step, so the final weights are scored.
     """
 
     def __init__(self, dirname: str = "model") -> None:
