@@ -13,7 +13,13 @@ EVALUATION = {  # the shape of lseg evaluate's metrics.json, trimmed
     "created": "2025-01-02T03:04:05+00:00",
     "dataset": {"name": "camvid", "root": "/data/camvid", "split": "val"},
     "config": {"protocol": "single", "label_space": "dataset"},
-    "metrics": {"miou": 0.5, "pixel_accuracy": 0.75, "fwiou": float("nan"), "per_class_iou": {"Sky": 0.9}},
+    "metrics": {
+        "miou": 0.5,
+        "pixel_accuracy": 0.75,
+        "fwiou": float("nan"),
+        "per_class_iou": {"Sky": 0.9},
+        "classes_scored": 11,
+    },
 }
 TRAINING = {
     "command": "train",
@@ -44,7 +50,7 @@ def test_card_metadata_describes_the_model_and_its_scores(tmp_path, tiny_model):
     assert info["text_encoder"] == {"type": "open_clip", "model": "tiny", "pretrained": None}
     assert info["labels"] == tiny_model.config.labels
     [evaluation] = info["results"]["evaluate"]
-    assert evaluation["metrics"] == {"miou": 0.5, "pixel_accuracy": 0.75}  # NaN and per-class left out
+    assert evaluation["metrics"] == {"miou": 0.5, "pixel_accuracy": 0.75}  # NaN, per-class, counts left out
     assert (evaluation["dataset"], evaluation["split"], evaluation["protocol"]) == ("camvid", "val", "single")
     assert evaluation["label_set"] == "class names"
     scores = {

@@ -134,10 +134,12 @@ def _record(metadata: dict[str, Any], report: Mapping[str, Any]) -> None:
         "label_set": _label_set(report) if command == "evaluate" else None,
         "protocol": config.get("protocol"),
         "date": report.get("created"),
-        "metrics": {
+        "metrics": {  # scores only: counts (classes_scored) are integers
             key: float(value)
             for key, value in scores.items()
-            if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            if isinstance(value, numbers.Real)
+            and not isinstance(value, numbers.Integral)
+            and math.isfinite(value)
         },
         "training": report.get("training"),
     }
