@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lseg.errors import LSegError
+
+BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB")
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM this machine has; None where the OS does not say (`os.sysconf` is POSIX only)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def format_bytes(count: float) -> str:
+    """`count` bytes in binary units, e.g. "23.4 GiB"."""
+    unit = 0
+    while count >= 1024 and unit < len(BYTE_UNITS) - 1:
+        count, unit = count / 1024, unit + 1
+    return f"{count:.0f} {BYTE_UNITS[unit]}" if unit == 0 else f"{count:.1f} {BYTE_UNITS[unit]}"
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

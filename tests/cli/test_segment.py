@@ -273,3 +273,31 @@ def test_the_text_encoder_is_released_once_the_labels_are_embedded(tmp_path, ima
     assert released == [["cat", "plant"]]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 0  # nothing left to do: no model loaded
     assert released == [["cat", "plant"]]
+
+
+def test_a_decoder_wider_than_the_machine_is_refused_before_anything_is_built(
+    tmp_path, images, model_dir, capsys, monkeypatch
+):
+    """`features: 1000000000` cannot be built anywhere; torch's allocation failure used to be reported
+    as "out of memory; use a smaller --size or --batch-size"."""
+    import json
+    import shutil
+
+    import lseg.model.lseg
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "features": 1_000_000_000}))
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("an encoder was built")
+
+    monkeypatch.setattr(lseg.model.lseg, "build_text_encoder", no_building)
+    argv = ["segment", str(images), "--labels", "cat, other", "--checkpoint", str(folder),
+            "--out", str(tmp_path / "out"), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and error.startswith("lseg: error: model config features 1000000000 ")
+    assert "451.0 EiB of float32 decoder weights" in error and "cannot be built" in error
+    assert "--size" not in error and not (tmp_path / "out").exists()

@@ -65,11 +65,50 @@ def test_evaluating_a_model_folder_records_the_scores_in_its_card_only(tmp_path,
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "README.md"} == before
     metrics = read_metrics(tmp_path / "report")
     card = ModelCard.load(folder / "README.md").data
-    evaluation = card.lseg["results"]["evaluate"]
+    [evaluation] = card.lseg["results"]["evaluate"]
     assert evaluation["dataset"] == "camvid" and evaluation["split"] == "val"
     assert evaluation["metrics"]["miou"] == pytest.approx(metrics["metrics"]["miou"])
     assert evaluation["date"] == metrics["created"]
     assert ("camvid", "miou") in {(r.dataset_type, r.metric_type) for r in card.eval_results}
+
+
+def test_the_card_keeps_every_dataset_split_and_label_set_evaluated(tmp_path, camvid_root, model_dir):
+    """A second dataset or label set adds its result; re-evaluating one replaces only that one; a folder
+    dataset is named by its root."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    streets = tmp_path / "streets"  # the fake CamVid as a `folder` dataset, split train
+    for sub in ("images/train", "masks/train"):
+        (streets / sub).mkdir(parents=True)
+    for i in range(2):
+        shutil.copy(camvid_root / "val" / f"img{i}.png", streets / "images" / "train" / f"img{i}.png")
+        mask = np.where(camvid_mask(i) == UNLABELLED, 255, camvid_mask(i)).astype(np.uint8)
+        Image.fromarray(mask).save(streets / "masks" / "train" / f"img{i}.png")
+    (streets / "names.txt").write_text("\n".join(CAMVID_CLASSES) + "\n")
+    synonyms = tmp_path / "camvid_synonyms.txt"
+    synonyms.write_text("Car: automobile\n")
+    assert evaluate(folder, camvid_root, tmp_path / "names") == 0
+    assert evaluate(folder, camvid_root, tmp_path / "synonyms", "--synonyms", str(synonyms)) == 0
+    argv = ["evaluate", "--checkpoint", str(folder), "--dataset", "folder", "--data-root", str(streets),
+            "--split", "train", "--out", str(tmp_path / "streets-report"), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    assert evaluate(folder, camvid_root, tmp_path / "again", "--max-images", "1") == 0  # camvid names again
+    card = ModelCard.load(folder / "README.md")
+    results = card.data.lseg["results"]["evaluate"]
+    assert [(r["dataset"], r["split"], r["label_set"]) for r in results] == [
+        ("camvid", "val", "class names"),
+        ("camvid", "val", "synonyms camvid_synonyms.txt"),
+        ("streets", "train", "class names"),
+    ]
+    for record, report in zip(results, ["again", "synonyms", "streets-report"]):
+        assert record["metrics"]["miou"] == pytest.approx(read_metrics(tmp_path / report)["metrics"]["miou"])
+    model_index = card.data.to_dict()["model-index"][0]["results"]
+    assert [(r["dataset"]["name"], r["dataset"]["split"], r["dataset"]["config"]) for r in model_index] == [
+        ("camvid", "val", "class names"),
+        ("camvid", "val", "synonyms camvid_synonyms.txt"),
+        ("streets", "train", "class names"),
+    ]
+    assert "| streets | train | class names | single |" in card.text and "| folder |" not in card.text
 
 
 def test_evaluate_leaves_a_users_readme_alone(tmp_path, camvid_root, model_dir):
@@ -282,6 +321,7 @@ def test_zero_shot_benchmark_routes_to_episodes(tmp_path, model_dir):
     assert set(metrics["metrics"]) == {"miou", "fb_iou", "per_class_iou"}
     assert metrics["labels"]["aeroplane"] == "airplane" and metrics["timing"]["images"] == 2
     assert (out / "per_class_iou.png").is_file()
-    card = ModelCard.load(model_dir / "README.md").data.lseg["results"]["evaluate"]  # zero-shot scores too
-    assert card["dataset"] == "pascal-5i" and card["fold"] == 0
+    results = ModelCard.load(model_dir / "README.md").data.lseg["results"]["evaluate"]  # zero-shot too
+    [card] = [r for r in results if r["dataset"] == "pascal-5i"]
+    assert card["fold"] == 0 and card["label_set"] == "synonyms syn.txt, background 'others'"
     assert card["metrics"]["fb_iou"] == pytest.approx(metrics["metrics"]["fb_iou"])

@@ -345,3 +345,13 @@ def test_every_constructor_returns_eval_mode_and_forward_keeps_the_running_stati
     logits = model(images, text).logits
     assert all(torch.equal(value, model.state_dict()[key]) for key, value in running.items())
     torch.testing.assert_close(logits, tiny_model(images, text).logits)
+
+
+def test_the_decoder_memory_check_counts_the_fusion_blocks_weights():
+    """The config's refusal of a too wide decoder counts the weights DPTDecoder allocates."""
+    from lseg.model.dpt import DPTDecoder, fusion_weight_count
+
+    decoder = DPTDecoder([8, 16, 32, 32], features=24)
+    weights = sum(p.numel() for name, p in decoder.fusion.named_parameters() if name.endswith("conv1.weight")
+                  or name.endswith("conv2.weight") or name.endswith("out_conv.weight"))  # fmt: skip
+    assert fusion_weight_count(24) == weights

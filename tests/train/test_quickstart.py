@@ -110,3 +110,11 @@ def test_training_is_budgeted_in_steps_not_time(tmp_path, trained, capsys):
     """A step budget gives the same model on a busy and an idle machine; a time budget does not."""
     assert quickstart_cli(tmp_path / "out", capsys) == (0, [])
     assert trained[-1]["max_steps"] == 2 and "max_time" not in trained[-1]
+
+
+def test_a_log_gets_progress_lines_not_a_bar_drawn_at_the_end(tmp_path, trained, capsys):
+    """stdout captured, as in CI or `lseg quickstart > log`: Lightning's bar printed nothing for minutes."""
+    from lseg.train.console import LineProgress
+
+    assert quickstart_cli(tmp_path / "out", capsys) == (0, [])
+    assert [type(c) for c in trained[-1]["callbacks"] if isinstance(c, LineProgress)] == [LineProgress]

@@ -77,3 +77,17 @@ def test_resume_from_a_checkpoint_path_works(work, capsys, caplog):
     with caplog.at_level(logging.INFO):
         assert train_cli(capsys, *args)[0] == 0
     assert f"Restored all states from the checkpoint at {last}" in caplog.text
+
+
+def test_cpu_bf16_training_leaves_out_lightnings_notes_and_keeps_other_warnings(tmp_path, monkeypatch):
+    """The model-summary note on bf16 and torch's LeafSpec deprecation came with every CPU run; a warning
+    meant for the user (bf16 emulated by this CPU) still shows."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("lseg.train.module.cpu_has_native_bfloat16", lambda: False)
+    args = ["--trainer.precision", "bf16-mixed", "--trainer.enable_model_summary", "true"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--config", SMOKE, "--trainer.enable_progress_bar", "false", *args]) == 0
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "model summary" in m or "LeafSpec" in m or "in eval mode" in m]
+    assert [m for m in messages if "neither AVX512-BF16 nor AMX" in m]

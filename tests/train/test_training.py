@@ -248,6 +248,25 @@ def test_export_without_a_monitor_writes_the_final_weights(tmp_path):
     assert training["training"]["checkpoint"] == "final" and training["training"]["epoch"] == 1
 
 
+def test_training_that_ends_between_validations_scores_the_exported_weights(tmp_path):
+    """A step budget ending after the last validation (CamVid: 2,800 steps, the last validation at
+    step 2,700): the final weights are validated once more, and the card gives their scores and step."""
+    module = LSegModule(model="tiny")
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=None)
+    datamodule = data()  # 4 batches an epoch: validations at steps 4 and 8, training ends at step 6
+    fit = trainer(tmp_path, max_epochs=-1, max_steps=6, callbacks=[checkpoint, ExportPretrained()])
+    fit.fit(module, datamodule=datamodule)
+    training = ModelCard.load(tmp_path / "model" / "README.md").data.lseg["results"]["train"]
+    assert training["training"] == {
+        "checkpoint": "final", "epoch": 1, "step": 6, "label_sets": training["training"]["label_sets"]
+    }  # fmt: skip
+    exported = LSegModule(model="tiny")
+    exported.model = LSeg.from_pretrained(tmp_path / "model")
+    scores = trainer(tmp_path).validate(exported, datamodule=datamodule, verbose=False)[0]
+    expected = {key.removeprefix("val/"): value for key, value in scores.items() if key != "val/loss"}
+    assert training["metrics"] == pytest.approx(expected)
+
+
 def test_export_reports_the_scores_of_the_exported_weights():
     """Best checkpoint: the validation run that reached its score; none: the last run; resumed: the score."""
     from types import SimpleNamespace

@@ -2,7 +2,8 @@
 
 The metadata says what the Hub needs to list the model (library, task, license, tags), what the model
 is (preset, image and text encoders, default labels) and how well it did (training's validation and
-the last `lseg evaluate` run), the scores also as the `model-index` the Hub shows as evaluation results.
+the latest `lseg evaluate` run of each dataset, split and label set), the scores also as the
+`model-index` the Hub shows as evaluation results.
 
 A README.md is the user's file unless lseg wrote it and nobody changed it since: the card carries the
 sha256 of its own text (`lseg_card`), and lseg rewrites a card only while that still matches. Any other
@@ -17,7 +18,7 @@ import math
 import numbers
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,9 @@ METRIC_NAMES = {
     "pixel_accuracy": "pixel accuracy",
     "mean_class_accuracy": "mean class accuracy",
 }
-SECTIONS = {"train": "Training", "evaluate": "Evaluation"}
+CARD_TEXT_FIELDS = ("type", "model", "pretrained")  # those of them the encoder type has
+COMMANDS = ("train", "evaluate")  # whose results a card records
+TRAINING_VALIDATION = "validation during training"  # the model-index config of training's scores
 PAPER = "https://arxiv.org/abs/2201.03546"
 
 
@@ -73,9 +76,10 @@ def save_card(
 def update_card_metrics(folder: str | Path, report: Mapping[str, Any]) -> Path | None:
     """Record `report` (metrics.json of `lseg evaluate`) in the card of model folder `folder`.
 
-    Rewrites only README.md: an unedited lseg card keeps everything but this command's results; a
-    folder without a card gets one; any other README.md is left alone (a warning says so). Returns
-    the card's path, or None when it was left alone.
+    Rewrites only README.md: an unedited lseg card keeps everything, an earlier result of the same
+    dataset, split and label set aside (this report replaces it); a folder without a card gets one;
+    any other README.md is left alone (a warning says so). Returns the card's path, or None when it
+    was left alone.
     """
     folder = Path(folder)
     if not is_model_folder(folder):
@@ -99,7 +103,7 @@ def _description(config: LSegConfig) -> dict[str, Any]:
     return {
         **({"preset": preset} if preset else {}),
         "image_encoder": {"type": image.type, "name": image.name},
-        "text_encoder": {"type": text.type, "model": text.model, "pretrained": text.pretrained},
+        "text_encoder": {key: value for key, value in text.to_dict().items() if key in CARD_TEXT_FIELDS},
         "labels": list(config.labels),
         "results": {},
     }
@@ -115,44 +119,98 @@ def _preset(config: LSegConfig) -> str | None:
 
 
 def _record(metadata: dict[str, Any], report: Mapping[str, Any]) -> None:
-    """Store the scalar scores of `report` as the latest results of its command (train or evaluate)."""
+    """Store the scalar scores of `report`: training's as its one result, an evaluation's as the result
+    of its dataset, split and label set, in place of an earlier run of the same three."""
     scores = report.get("metrics") if isinstance(report, Mapping) else None
     if not isinstance(scores, Mapping):
         raise LSegError("metrics must be a report with a 'metrics' mapping, as lseg evaluate's metrics.json")
     dataset = report.get("dataset") or {}
     config = report.get("config") or {}
+    command = report.get("command") if report.get("command") in COMMANDS else "evaluate"
     record = {
-        "dataset": dataset.get("name"),
+        "dataset": _dataset_name(dataset),
         "split": dataset.get("split"),
         "fold": dataset.get("fold"),
+        "label_set": _label_set(report) if command == "evaluate" else None,
         "protocol": config.get("protocol"),
-        "label_space": config.get("label_space"),
         "date": report.get("created"),
-        "metrics": {
+        "metrics": {  # scores only: counts (classes_scored) are integers
             key: float(value)
             for key, value in scores.items()
-            if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            if isinstance(value, numbers.Real)
+            and not isinstance(value, numbers.Integral)
+            and math.isfinite(value)
         },
         "training": report.get("training"),
     }
-    command = report.get("command") if report.get("command") in SECTIONS else "evaluate"
-    metadata["lseg"]["results"][command] = {k: v for k, v in record.items() if v is not None}
+    record = {k: v for k, v in record.items() if v is not None}
+    results = metadata["lseg"]["results"]
+    if command == "train":
+        results["train"] = record
+        return
+    evaluations = _evaluations(results)
+    keys = [_key(earlier) for earlier in evaluations]
+    if _key(record) in keys:
+        evaluations[keys.index(_key(record))] = record
+    else:
+        evaluations.append(record)
+    results["evaluate"] = evaluations
 
 
-def _eval_results(results: dict[str, Any]) -> list[EvalResult]:
-    """The Hub's `model-index`: one entry per score of a result that names its dataset."""
+def _dataset_name(dataset: Mapping[str, Any]) -> str | None:
+    """What the user evaluated: a registry dataset by its name, a `folder` dataset by its root's name."""
+    name, root = dataset.get("name"), dataset.get("root")
+    return Path(root).name if name == "folder" and root else name
+
+
+def _label_set(report: Mapping[str, Any]) -> str:
+    """Where an evaluation's words came from: the dataset's class names, a labels or synonyms file,
+    or the MSeg universal classes (and the taxonomy column that maps them); zero-shot adds its
+    background word."""
+    config = report.get("config") or {}
+    if config.get("labels_file"):
+        words = f"labels file {Path(config['labels_file']).name}"
+    elif config.get("synonyms"):
+        words = f"synonyms {Path(config['synonyms']).name}"
+    elif config.get("label_space") == "universal":
+        column = report.get("taxonomy_column")
+        words = "MSeg universal classes" + (f" ({column})" if column else "")
+    else:
+        words = "class names"
+    return words + (f", background '{config['background']}'" if config.get("background") else "")
+
+
+def _key(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(record.get(key) for key in ("dataset", "split", "fold", "label_set"))
+
+
+def _evaluations(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The evaluation results of a card; a card of an earlier lseg holds one, not a list."""
+    found = results.get("evaluate", [])
+    return [dict(found)] if isinstance(found, Mapping) else [dict(record) for record in found]
+
+
+def _eval_results(results: Mapping[str, Any]) -> list[EvalResult]:
+    """The Hub's `model-index`: one entry (dataset, split, config) per result that names its dataset,
+    the label set and fold in the config, the protocol in each metric's config."""
+    records = [(results["train"], TRAINING_VALIDATION)] if "train" in results else []
+    records += [(record, record.get("label_set")) for record in _evaluations(results)]
     return [
         EvalResult(
             task_type="image-segmentation",
             dataset_type=record["dataset"],
             dataset_name=record["dataset"],
             dataset_split=record.get("split"),
-            dataset_config=f"fold{record['fold']}" if "fold" in record else None,
+            dataset_config=", ".join(
+                filter(None, [f"fold{record['fold']}" if "fold" in record else None, config])
+            )
+            or None,
             metric_type=key,
             metric_name=METRIC_NAMES.get(key, key),
             metric_value=value,
+            metric_config=record.get("protocol"),
         )
-        for command, record in results.items()
+        for record, config in records
         if record.get("dataset")
         for key, value in record["metrics"].items()
     ]
@@ -164,7 +222,8 @@ def _body(metadata: dict[str, Any]) -> str:
     name = metadata.get("model_name") or "LSeg model"
     source = name if "/" in name else "path/to/this/folder"
     image_details = ", ".join([image["type"], *([f"preset {info['preset']}"] if "preset" in info else [])])
-    text_weights = f" ({text['pretrained']})" if text["pretrained"] else ""
+    text_details = " ".join([text["type"], *([text["model"]] if "model" in text else [])])
+    text_details += f" ({text['pretrained']})" if text.get("pretrained") else ""
     lines = [
         f"# {name}",
         "",
@@ -175,7 +234,7 @@ def _body(metadata: dict[str, Any]) -> str:
         "| | |",
         "| --- | --- |",
         f"| image encoder | {image['name']} ({image_details}) |",
-        f"| text encoder | {text['type']} {text['model']}{text_weights} |",
+        f"| text encoder | {text_details} |",
         f"| default labels | {_cell(', '.join(info['labels']))} |",
         "",
         "## Usage",
@@ -189,35 +248,59 @@ def _body(metadata: dict[str, Any]) -> str:
         "",
         f'or `lseg segment photo.jpg --labels "cat, plant, other" --checkpoint {source} --out out/`.',
     ]
-    for command, title in SECTIONS.items():
-        record = info["results"].get(command)
-        if record:
-            lines += ["", f"## {title}", "", _summary(command, record)]
-            if record["metrics"]:
-                lines += ["", "| metric | value |", "| --- | --- |"]
-                lines += [f"| {METRIC_NAMES.get(k, k)} | {v:.4f} |" for k, v in record["metrics"].items()]
+    training = info["results"].get("train")
+    if training:
+        lines += ["", "## Training", "", _training_summary(training)]
+        if training["metrics"]:
+            lines += ["", "| metric | value |", "| --- | --- |"]
+            lines += [f"| {METRIC_NAMES.get(k, k)} | {v:.4f} |" for k, v in training["metrics"].items()]
+    evaluations = _evaluations(info["results"])
+    if evaluations:
+        lines += [
+            "",
+            "## Evaluation",
+            "",
+            "`lseg evaluate`, the latest run of each dataset, split and label set:",
+            "",
+            *_evaluation_table(evaluations),
+        ]
     return "\n".join(lines) + "\n"
 
 
-def _summary(command: str, record: dict[str, Any]) -> str:
+def _training_summary(record: dict[str, Any]) -> str:
     where = "/".join(str(record[k]) for k in ("dataset", "split") if k in record) or "an unnamed dataset"
-    where += f" fold {record['fold']}" if "fold" in record else ""
-    if command == "train":
-        training = record.get("training") or {}
-        sets = "; ".join(
-            f"{key}: {_cell(', '.join(labels))}" for key, labels in training.get("label_sets", {}).items()
-        )
-        chosen = training.get("checkpoint", "exported")
-        epoch = f" (epoch {training['epoch']})" if "epoch" in training else ""
-        trained = f"Trained on {sets}." if sets else "Trained with lseg."
-        scored = f" Validation on {where} of the {chosen} checkpoint{epoch}:" if record["metrics"] else ""
-        return trained + scored
-    details = ", ".join(
-        f"{key.replace('_', ' ')} {record[key]}"
-        for key in ("protocol", "label_space", "date")
-        if key in record
+    training = record.get("training") or {}
+    sets = "; ".join(
+        f"{key}: {_cell(', '.join(labels))}" for key, labels in training.get("label_sets", {}).items()
     )
-    return f"Last `lseg evaluate` run, on {where}" + (f" ({details})" if details else "") + ":"
+    chosen = training.get("checkpoint", "exported")
+    when = ", ".join(f"{key} {training[key]}" for key in ("epoch", "step") if key in training)
+    when = f" ({when})" if when else ""
+    trained = f"Trained on {sets}." if sets else "Trained with lseg."
+    scored = f" Validation on {where} of the {chosen} checkpoint{when}:" if record["metrics"] else ""
+    return trained + scored
+
+
+def _evaluation_table(records: list[dict[str, Any]]) -> list[str]:
+    """One row per evaluation; a column per metric any of them has."""
+    keys = list(dict.fromkeys(key for record in records for key in record["metrics"]))
+    header = ["dataset", "split", "labels", "protocol", *(METRIC_NAMES.get(k, k) for k in keys), "date"]
+    rows = [
+        [
+            record.get("dataset") or "unnamed",
+            str(record.get("split", f"fold {record['fold']}" if "fold" in record else "")),
+            record.get("label_set", ""),
+            record.get("protocol", ""),
+            *(f"{record['metrics'][k]:.4f}" if k in record["metrics"] else "" for k in keys),
+            str(record.get("date", ""))[:10],
+        ]
+        for record in records
+    ]
+    return [_row(header), _row(["---"] * len(header)), *(_row(map(_cell, row)) for row in rows)]
+
+
+def _row(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def _cell(text: str) -> str:

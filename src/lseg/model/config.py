@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from lseg.device import format_bytes, physical_memory
 from lseg.errors import LSegError
+from lseg.model.dpt import fusion_weight_count
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's cap on the inverse temperature
 CLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -42,6 +44,12 @@ class TextEncoderConfig:
     custom: dict[str, int] | None = None  # embed_dim + open_clip text_cfg of a random tiny tower
     prompt_templates: list[str] = field(default_factory=lambda: ["{}"])
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields this encoder type reads: a MiniLM encoder has no open_clip model, tag or tower,
+        and writing open_clip's defaults for it would describe another model."""
+        data = dataclasses.asdict(self)
+        return {key: data[key] for key in TEXT_ENCODER_FIELDS.get(self.type, data)}
+
 
 @dataclass
 class LSegConfig:
@@ -57,6 +65,19 @@ class LSegConfig:
     mean: tuple[float, float, float] = CLIP_MEAN_STD[0]
     std: tuple[float, float, float] = CLIP_MEAN_STD[1]
     labels: list[str] = field(default_factory=lambda: ["other"])  # default label set for `segment`
+
+    def __post_init__(self) -> None:
+        """Refuse a decoder wider than this machine can hold before anything is allocated: torch's
+        allocation failure would read like an image or batch too large."""
+        if not isinstance(self.features, int):  # wrongly typed: `from_dict` names the field
+            return
+        needed, memory = 4 * fusion_weight_count(self.features), physical_memory()  # float32 weights
+        if memory is not None and needed > memory:
+            raise LSegError(
+                f"model config features {self.features} needs {format_bytes(needed)} of float32 decoder "
+                f"weights, more than this machine's {format_bytes(memory)} of memory; the model cannot be "
+                "built (the presets use 256)"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LSegConfig:
@@ -76,7 +97,7 @@ class LSegConfig:
         return cls(image_encoder=image, text_encoder=text, **fields)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "text_encoder": self.text_encoder.to_dict()}
 
 
 def json_type_name(value: Any) -> str:
@@ -117,6 +138,10 @@ IMAGE_RULES: dict[str, Rule] = {
         lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
         "an object of timm.create_model arguments",
     ),
+}
+TEXT_ENCODER_FIELDS = {
+    "open_clip": ("type", "model", "pretrained", "custom", "prompt_templates"),
+    "minilm": ("type", "prompt_templates"),  # one model, all-MiniLM-L6-v2, from its pip package
 }
 TEXT_RULES: dict[str, Rule] = {
     "type": (lambda v: v in ("open_clip", "minilm"), "one of open_clip, minilm"),

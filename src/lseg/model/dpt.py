@@ -7,6 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def fusion_weight_count(features: int) -> int:
+    """Convolution weights of the fusion blocks at width `features` (the projections add the image
+    encoder's channels x 9 x `features`): 7 residual units of two 3x3 convs, 4 1x1 output convs."""
+    return (7 * 2 * 9 + 4) * features * features
+
+
 class ResidualConvUnit(nn.Module):
     """ReLU -> 3x3 conv -> BN -> ReLU -> 3x3 conv -> BN, plus the input."""
 

@@ -13,6 +13,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from lseg.train.console import epoch_of_last_step
+
 
 class SignalCheckpoint(L.Callback):
     """On SIGTERM (and SIGUSR1 outside SLURM) save `last.ckpt` after the current step, then stop.
@@ -70,6 +72,8 @@ class ExportPretrained(L.Callback):
     """After fitting, write the best (by the checkpoint monitor) or last weights with `save_pretrained`.
 
     The model card records the training label sets and the validation scores of the exported weights.
+    Training that ends between validations (a step budget, `check_val_every_n_epoch` > 1, a resumed
+    run) is validated once more at its last step, so the final weights are scored.
     """
 
     def __init__(self, dirname: str = "model") -> None:
@@ -84,13 +88,26 @@ class ExportPretrained(L.Callback):
             for key, value in trainer.callback_metrics.items()
             if key.startswith("val/") and key != "val/loss"
         }
-        self.validations.append(
-            {"epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": scores}
-        )
+        run = {"epoch": epoch_of_last_step(trainer), "step": trainer.global_step, "metrics": scores}
+        self.validations.append(run)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Validate the final weights unless the last validation ran at the last step.
+
+        Through the fit loop's own validation loop, as Lightning runs it between epochs: the scores are
+        logged and checkpointed like every other validation (and recorded by `on_validation_end`).
+        """
+        if self._interrupted(trainer) or not trainer.enable_validation:
+            return
+        if self.validations and self.validations[-1]["step"] == trainer.global_step:
+            return
+        trainer.validating = True
+        trainer.fit_loop.epoch_loop.val_loop.run()
+        trainer.training = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if any(isinstance(c, SignalCheckpoint) and c.received for c in trainer.callbacks):
-            return  # interrupted: the run is not finished, resume it instead
+        if self._interrupted(trainer):
+            return  # the run is not finished, resume it instead
         checkpoint = next(  # without a monitor there is no "best": the final weights are exported
             (
                 c
@@ -106,6 +123,10 @@ class ExportPretrained(L.Callback):
             target = Path(trainer.default_root_dir) / self.dirname
             pl_module.model.save_pretrained(target, metrics=self._report(trainer, checkpoint))
             rank_zero_info(f"exported {'best' if checkpoint else 'final'} model to {target}")
+
+    @staticmethod
+    def _interrupted(trainer: L.Trainer) -> bool:
+        return any(isinstance(c, SignalCheckpoint) and c.received for c in trainer.callbacks)
 
     def _report(self, trainer: L.Trainer, checkpoint: ModelCheckpoint | None) -> dict[str, Any]:
         """The exported weights' validation scores and the label sets they were trained with."""
@@ -123,5 +144,8 @@ class ExportPretrained(L.Callback):
             **{key: run[key] for key in ("epoch", "step") if key in run},
             "label_sets": {key: labels for key, labels in label_sets.items() if key != val_key},
         }
-        dataset = {"name": spec.name, "split": spec.split} if spec is not None else {}
+        dataset = {}
+        if spec is not None:  # the root names a `folder` dataset on the card, as for lseg evaluate
+            root = {"root": str(Path(spec.root).resolve())} if spec.root else {}
+            dataset = {"name": spec.name, **root, "split": spec.split}
         return {"command": "train", "dataset": dataset, "metrics": run["metrics"], "training": training}

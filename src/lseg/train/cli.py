@@ -5,12 +5,13 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from lseg.errors import LSegError
 from lseg.model.weights import read_lightning_checkpoint
 from lseg.train.callbacks import ExportPretrained, SignalCheckpoint
+from lseg.train.console import ignore_known_noise, progress_bar
 from lseg.train.datamodule import LSegDataModule
 from lseg.train.module import LSegModule
 
@@ -71,24 +72,23 @@ class LSegCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if config.get("enable_progress_bar") is not False:
-            callbacks = [*callbacks, RichProgressBar()]
+            callbacks = [*callbacks, progress_bar()]
         return super()._instantiate_trainer(config, callbacks)
 
 
 def run_training(args: list[str]) -> None:
     """`lseg train ARGS` == `LightningCLI fit ARGS` with our defaults."""
     # sys.argv stays as typed so DDP's subprocess launcher re-runs `lseg train ...` on every rank.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    # The frozen text encoder is in eval mode on purpose.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    LSegCLI(
-        LSegModule,
-        LSegDataModule,
-        args=["fit", *args],
-        trainer_defaults={
-            "callbacks": [SignalCheckpoint()],
-            "default_root_dir": "runs/lseg",
-        },
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"fit": {"default_config_files": []}},
-    )
+    with warnings.catch_warnings():
+        ignore_known_noise()
+        LSegCLI(
+            LSegModule,
+            LSegDataModule,
+            args=["fit", *args],
+            trainer_defaults={
+                "callbacks": [SignalCheckpoint()],
+                "default_root_dir": "runs/lseg",
+            },
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"fit": {"default_config_files": []}},
+        )

@@ -25,6 +25,7 @@ from lseg.files import (
     write_text_atomic,
 )
 from lseg.model.hub import hub_access
+from lseg.train.console import ignore_known_noise, progress_bar
 from lseg.train.datamodule import LSegDataModule
 from lseg.train.module import LSegModule
 
@@ -178,13 +179,13 @@ def run_quickstart(out: Path, steps: int = 300, train_images: int = 256, seed: i
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
-            callbacks=[history],
+            callbacks=[history, progress_bar()],
             check_val_every_n_epoch=1,
             num_sanity_val_steps=0,
             default_root_dir=scratch,
         )
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            ignore_known_noise()
             trainer.fit(module, datamodule=data)
     model = module.model.eval()
     held_out = SyntheticStreetScenes(
