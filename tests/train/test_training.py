@@ -115,6 +115,43 @@ def test_resume_continues_identically(tmp_path):
         assert torch.equal(a, b), name
 
 
+class SigtermAtStep(L.Callback):
+    """Delivers SIGTERM to this process after global step `step`, as a scheduler preempting the job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_after_a_preemption_mid_epoch_continues_identically(tmp_path, num_workers):
+    """Regression: the resumed epoch restarted at its first batch while Lightning counted the batches
+    before the preemption as done, so those were trained twice and the epoch's last ones never."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lseg.train.callbacks import SignalCheckpoint
+
+    def run(folder, callbacks=(), ckpt_path=None):
+        L.seed_everything(0)
+        module = LSegModule(model="tiny", optimizer="sgd", lr=0.01)
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder / "ckpt", save_last=True)
+        t = trainer(folder, max_epochs=3, callbacks=[*callbacks, checkpoint, SignalCheckpoint()])
+        t.fit(module, datamodule=data(num_workers=num_workers), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(tmp_path / "a")
+    with pytest.raises(SIGTERMException):
+        run(tmp_path / "b", callbacks=[SigtermAtStep(6)])  # epoch 1 of 3, after 2 of its 4 batches
+    saved = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
+    assert (saved["epoch"], saved["global_step"]) == (1, 6)
+    resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_each_epoch_draws_new_augmentations_without_set_epoch(tmp_path, monkeypatch):
     """Lightning < 2.6's DDP sampler wrapper does not pass set_epoch on: the epoch comes from the trainer."""
     from lightning.pytorch.loops import fit_loop
@@ -276,7 +313,9 @@ def test_export_reports_the_scores_of_the_exported_weights():
 
 def attached(datamodule: LSegDataModule, module: LSegModule) -> LSegDataModule:
     """`datamodule` as a Trainer running `module` sees it (without fitting)."""
-    datamodule.trainer = SimpleNamespace(lightning_module=module, current_epoch=0)
+    datamodule.trainer = SimpleNamespace(
+        lightning_module=module, current_epoch=0, global_rank=0, world_size=1
+    )
     return datamodule
 
 
