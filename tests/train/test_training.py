@@ -380,6 +380,27 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
+def test_two_process_validation_scores_each_image_once(tmp_path):
+    """Regression: Lightning's padding DistributedSampler scored 6 samples for 5 validation images on 2
+    ranks (image 0 twice), so val/miou was not what `lseg evaluate` reports for the same weights."""
+    from lseg.evaluate.runner import evaluate_dataset
+
+    odd = tmp_path / "odd-val.yaml"
+    odd.write_text(
+        "trainer: {limit_val_batches: 1.0}\n"
+        "data: {val: {name: synthetic, options: {num_images: 5, size: [96, 128], seed: 1}}}\n"
+    )
+    result = run_smoke_training(
+        tmp_path, "--config", str(odd), "--trainer.strategy", "ddp", "--trainer.devices", "2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    validated = ModelCard.load(tmp_path / "model" / "README.md").data.lseg["results"]["train"]["metrics"]
+    model = LSeg.from_pretrained(tmp_path / "model")
+    report = evaluate_dataset(model, SyntheticStreetScenes(5, size=(96, 128), seed=1), protocol="single")
+    assert validated["miou"] == pytest.approx(report.metrics["miou"], abs=1e-6)
+    assert validated["pixel_accuracy"] == pytest.approx(report.metrics["pixel_accuracy"], abs=1e-6)
+
+
 class SendSigterm(L.Callback):
     """Delivers SIGTERM to this process after the second step, as a scheduler preempting the job would."""
 

@@ -18,6 +18,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from lseg.data import SyntheticStreetScenes, build_dataset, collate, train_transform
 from lseg.errors import LSegError
+from lseg.evaluate.runner import ShardSampler
 from lseg.labels import class_words
 from lseg.processing import LSegImageProcessor
 
@@ -269,12 +270,18 @@ class LSegDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         """Lists of untransformed samples: `LSegModule.validation_step` scores them as `lseg evaluate`
-        does (`lseg.evaluate.runner.mask_logits`, long side `val_size`)."""
+        does (`lseg.evaluate.runner.mask_logits`, long side `val_size`).
+
+        Each rank scores its `ShardSampler` shard, so every image counts once across ranks; Lightning
+        keeps this sampler (a `DistributedSampler`) instead of its padding one, which repeats images.
+        """
         if self.val_dataset is None:
             return []
+        rank, world_size = self._rank_world()
         return DataLoader(
             self.val_dataset,
             batch_size=max(1, self.batch_size // 2),
+            sampler=ShardSampler(self.val_dataset, num_replicas=world_size, rank=rank),
             num_workers=self.num_workers,
             collate_fn=list,
             pin_memory=torch.cuda.is_available(),
