@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from types import SimpleNamespace
 
@@ -427,6 +428,44 @@ def test_sigterm_saves_last_checkpoint_and_stops(tmp_path):
     assert saved["global_step"] == 2
     assert not (tmp_path / "model").exists()  # an interrupted run is resumed, not exported
     assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored
+
+
+def test_sigterm_to_one_ddp_rank_saves_once_and_stops_every_rank(tmp_path):
+    """Regression: each rank decided from its own flag, so a signal that reached one rank only sent it
+    into the checkpoint barrier (or Lightning's in-handler broadcast) while the other ran its next step:
+    mismatched collectives, a hang until SIGKILL. Now the ranks decide together after a step."""
+    import psutil
+
+    from tests.conftest import REPO_ROOT
+
+    command = [
+        sys.executable, "-m", "lseg.cli.main", "train", "--config", str(REPO_ROOT / "configs" / "smoke.yaml"),
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "100",
+    ]  # fmt: skip
+    environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    launcher = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
+    try:
+        first_epoch = tmp_path / "checkpoints" / "last.ckpt"
+        for _ in range(600):  # training is under way once epoch 0 saved its checkpoint (60 s at most)
+            children = psutil.Process(launcher.pid).children()
+            if first_epoch.is_file() and children:
+                break
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            time.sleep(0.1)
+        else:
+            pytest.fail("training did not reach its first epoch end in 60 s")
+        children[0].send_signal(signal.SIGTERM)  # rank 1 only
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            for process in psutil.Process(launcher.pid).children():
+                process.kill()
+            launcher.kill()
+    assert stderr.count("resume with --ckpt_path last") == 1, stderr[-3000:]
+    saved = torch.load(first_epoch, weights_only=False)
+    assert 4 < saved["global_step"] < 400  # saved mid-run, after epoch 0
+    assert not (tmp_path / "model").exists()  # an interrupted run is resumed, not exported
 
 
 def test_label_augmentation_draws_one_template_per_label_and_adds_negatives(tmp_path, monkeypatch):

@@ -12,29 +12,30 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class SignalCheckpoint(L.Callback):
     """On SIGTERM (and SIGUSR1 outside SLURM) save `last.ckpt` after the current step, then stop.
 
-    Our handler chains to Lightning's, which ends `fit` with a `SIGTERMException` right after the step
-    (so all DDP ranks stop together); the checkpoint is written before that.
+    The handler only records the signal. After every training step all ranks ask whether any of them
+    was signalled (one all-reduce, in the same hook on every rank), so they save and stop together
+    even when the signal reached a single rank. Lightning's own SIGTERM handler is replaced, not
+    chained: it broadcasts from inside the handler and then stops each rank on its own flag, which
+    mismatches the ranks' collectives (a hang) when the ranks were not all signalled at the same step.
     Under SLURM, Lightning's own SIGUSR1 handler saves and requeues the job (see
     scripts/slurm/train.sbatch); we leave that signal to it.
     """
 
     def __init__(self) -> None:
-        self.received: int | None = None
+        self.received: int | None = None  # the signal this process received
         self._previous: dict[int, object] = {}
 
     def _handler(self, signum: int, frame) -> None:
         self.received = signum
-        previous = self._previous.get(signum)
-        if callable(previous):  # Lightning's handler: it stops all ranks together
-            previous(signum, frame)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Installed after Lightning's own handlers (registered when fit starts), chaining to them."""
+        """Installed after Lightning's own handlers (registered when fit starts), replacing them."""
         signals = [signal.SIGTERM]
         if hasattr(signal, "SIGUSR1") and not SLURMEnvironment.detect():
             signals.append(signal.SIGUSR1)
@@ -42,15 +43,16 @@ class SignalCheckpoint(L.Callback):
             self._previous[signum] = signal.signal(signum, self._handler)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
-        if self.received is None:
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         checkpoint = next((c for c in trainer.checkpoint_callbacks if c.dirpath), None)
         directory = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir) / "checkpoints"
         trainer.save_checkpoint(directory / "last.ckpt")
         rank_zero_info(
-            f"signal {self.received}: saved {directory / 'last.ckpt'}; resume with --ckpt_path last"
+            f"signal {self.received or 'on another rank'}: saved {directory / 'last.ckpt'} at step "
+            f"{trainer.global_step}; resume with --ckpt_path last"
         )
-        trainer.should_stop = True
+        raise SIGTERMException  # on every rank at once: fit ends without `on_fit_end` (no export)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -89,8 +91,6 @@ class ExportPretrained(L.Callback):
         )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if any(isinstance(c, SignalCheckpoint) and c.received for c in trainer.callbacks):
-            return  # interrupted: the run is not finished, resume it instead
         checkpoint = next(  # without a monitor there is no "best": the final weights are exported
             (
                 c
