@@ -344,8 +344,9 @@ def test_data_without_a_model_fails_loudly():
         data().setup("fit")
 
 
-def run_smoke_training(folder, *extra: str) -> subprocess.CompletedProcess:
-    """`lseg train --config configs/smoke.yaml` in a fresh process, as a user runs it."""
+def run_smoke_training(folder, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`lseg train --config configs/smoke.yaml` in a fresh process, as a user runs it (`env` added to
+    its environment; the repository is on its path, for callbacks from these tests)."""
     from tests.conftest import REPO_ROOT
 
     command = [
@@ -361,7 +362,8 @@ def run_smoke_training(folder, *extra: str) -> subprocess.CompletedProcess:
         "false",
         *extra,
     ]
-    environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path, **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
 
 
@@ -400,6 +402,48 @@ def test_two_process_validation_scores_each_image_once(tmp_path):
     report = evaluate_dataset(model, SyntheticStreetScenes(5, size=(96, 128), seed=1), protocol="single")
     assert validated["miou"] == pytest.approx(report.metrics["miou"], abs=1e-6)
     assert validated["pixel_accuracy"] == pytest.approx(report.metrics["pixel_accuracy"], abs=1e-6)
+
+
+REQUEUED_SLURM_JOB = {  # the environment srun gives the one task of a requeued single-task job
+    "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "lseg", "SLURM_RESTART_COUNT": "1", "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "localhost",
+}  # fmt: skip
+
+
+def test_a_requeued_slurm_job_resumes_from_the_newest_checkpoint(tmp_path):
+    """Regression: without --ckpt_path a SLURM job resumed only from Lightning's hpc_ckpt_*.ckpt, so a
+    job requeued after a SIGTERM ignored the last.ckpt saved then: it started afresh, or from an older
+    hpc checkpoint. The newest is chosen by the step it records, not by file time."""
+    two_epochs = ("--trainer.max_epochs", "2")
+    straight = run_smoke_training(tmp_path / "a", *two_epochs)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    preempted = tmp_path / "b"
+    run_smoke_training(  # SIGTERM in epoch 1, after 2 of its 4 batches
+        preempted, *two_epochs, "--trainer.callbacks+=tests.train.test_training.SigtermAtStep",
+        "--trainer.callbacks.step=6",
+    )  # fmt: skip
+    last = preempted / "checkpoints" / "last.ckpt"
+    older_hpc = preempted / "hpc_ckpt_1.ckpt"  # an hpc save of epoch 0's end, written after last.ckpt
+    older_hpc.write_bytes(next((preempted / "checkpoints").glob("best-epoch000-*.ckpt")).read_bytes())
+    os.utime(older_hpc, (last.stat().st_mtime + 60,) * 2)
+
+    requeued = run_smoke_training(preempted, *two_epochs, env=REQUEUED_SLURM_JOB)
+    assert requeued.returncode == 0, requeued.stderr[-2000:]
+    assert f"Restored all states from the checkpoint at {last}" in requeued.stderr
+    assert f"resuming from {last} (step 6)" in requeued.stderr
+    assert requeued.stderr.count("lseg train: rank 0 of world size 1") == 1
+    uninterrupted = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 8
+    for name, value in uninterrupted["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+
+    from lseg.train.cli import newest_checkpoint
+
+    last.rename(preempted / "hpc_ckpt_2.ckpt")  # the other way round: the hpc checkpoint is newer
+    older_hpc.rename(last)
+    assert newest_checkpoint(preempted, preempted / "checkpoints") == (preempted / "hpc_ckpt_2.ckpt", 8)
 
 
 class SendSigterm(L.Callback):
