@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -116,21 +117,46 @@ def test_resume_continues_identically(tmp_path):
         assert torch.equal(a, b), name
 
 
-class SigtermAtStep(L.Callback):
-    """Delivers SIGTERM to this process after global step `step`, as a scheduler preempting the job would."""
+REQUEUED_SLURM_JOB = {  # the environment srun gives the one task of a requeued single-task job
+    "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "lseg", "SLURM_RESTART_COUNT": "1", "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "localhost",
+}  # fmt: skip
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+
+class SignalAtStep(L.Callback):
+    """Delivers `signum` to this process after global step `step`, as a scheduler preempting the job
+    (SIGTERM) or nearing its time limit (SIGUSR1) would."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+        self.step, self.signum = step, signum
 
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_after_a_preemption_mid_epoch_continues_identically(tmp_path, num_workers):
+def slurm_job(monkeypatch, folder) -> Path:
+    """This process as the one task of SLURM job 7; `scontrol` records its arguments in the file returned."""
+    for key, value in REQUEUED_SLURM_JOB.items():
+        monkeypatch.setenv(key, value)
+    (folder / "bin").mkdir(parents=True)
+    scontrol = folder / "bin" / "scontrol"
+    scontrol.write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/calls"\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}")
+    return folder / "bin" / "calls"
+
+
+@pytest.mark.parametrize(
+    ("num_workers", "preemption"), [(0, "sigterm"), (2, "sigterm"), (0, "slurm time limit (sigusr1)")]
+)
+def test_resume_after_a_preemption_mid_epoch_continues_identically(
+    tmp_path, monkeypatch, num_workers, preemption
+):
     """Regression: the resumed epoch restarted at its first batch while Lightning counted the batches
-    before the preemption as done, so those were trained twice and the epoch's last ones never."""
+    before the preemption as done, so those were trained twice and the epoch's last ones never. Under
+    SLURM, SIGUSR1 made Lightning save an hpc checkpoint wherever the signal landed (mid-step too)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lseg.train.callbacks import SignalCheckpoint
@@ -144,10 +170,15 @@ def test_resume_after_a_preemption_mid_epoch_continues_identically(tmp_path, num
         return module
 
     straight = run(tmp_path / "a")
+    signum = signal.SIGTERM
+    if preemption != "sigterm":
+        signum, requeued = signal.SIGUSR1, slurm_job(monkeypatch, tmp_path)
     with pytest.raises(SIGTERMException):
-        run(tmp_path / "b", callbacks=[SigtermAtStep(6)])  # epoch 1 of 3, after 2 of its 4 batches
+        run(tmp_path / "b", callbacks=[SignalAtStep(6, signum)])  # epoch 1 of 3, after 2 of its 4 batches
     saved = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
     assert (saved["epoch"], saved["global_step"]) == (1, 6)
+    if preemption != "sigterm":
+        assert requeued.read_text() == "requeue 7\n" and not list((tmp_path / "b").glob("hpc_ckpt_*"))
     resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -404,13 +435,6 @@ def test_two_process_validation_scores_each_image_once(tmp_path):
     assert validated["pixel_accuracy"] == pytest.approx(report.metrics["pixel_accuracy"], abs=1e-6)
 
 
-REQUEUED_SLURM_JOB = {  # the environment srun gives the one task of a requeued single-task job
-    "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "lseg", "SLURM_RESTART_COUNT": "1", "SLURM_NTASKS": "1",
-    "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-    "SLURM_NODELIST": "localhost",
-}  # fmt: skip
-
-
 def test_a_requeued_slurm_job_resumes_from_the_newest_checkpoint(tmp_path):
     """Regression: without --ckpt_path a SLURM job resumed only from Lightning's hpc_ckpt_*.ckpt, so a
     job requeued after a SIGTERM ignored the last.ckpt saved then: it started afresh, or from an older
@@ -420,7 +444,7 @@ def test_a_requeued_slurm_job_resumes_from_the_newest_checkpoint(tmp_path):
     assert straight.returncode == 0, straight.stderr[-2000:]
     preempted = tmp_path / "b"
     run_smoke_training(  # SIGTERM in epoch 1, after 2 of its 4 batches
-        preempted, *two_epochs, "--trainer.callbacks+=tests.train.test_training.SigtermAtStep",
+        preempted, *two_epochs, "--trainer.callbacks+=tests.train.test_training.SignalAtStep",
         "--trainer.callbacks.step=6",
     )  # fmt: skip
     last = preempted / "checkpoints" / "last.ckpt"
