@@ -128,7 +128,7 @@ class SignalAtStep(L.Callback):
     """Delivers `signum` to this process after global step `step`, as a scheduler preempting the job
     (SIGTERM) or nearing its time limit (SIGUSR1) would."""
 
-    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
         self.step, self.signum = step, signum
 
     def on_train_batch_end(self, trainer, *args):
@@ -443,10 +443,11 @@ def test_a_requeued_slurm_job_resumes_from_the_newest_checkpoint(tmp_path):
     straight = run_smoke_training(tmp_path / "a", *two_epochs)
     assert straight.returncode == 0, straight.stderr[-2000:]
     preempted = tmp_path / "b"
-    run_smoke_training(  # SIGTERM in epoch 1, after 2 of its 4 batches
+    stopped = run_smoke_training(  # SIGTERM in epoch 1, after 2 of its 4 batches
         preempted, *two_epochs, "--trainer.callbacks+=tests.train.test_training.SignalAtStep",
         "--trainer.callbacks.step=6",
     )  # fmt: skip
+    assert stopped.returncode == 143 and "at step 6" in stopped.stderr, stopped.stderr[-2000:]
     last = preempted / "checkpoints" / "last.ckpt"
     older_hpc = preempted / "hpc_ckpt_1.ckpt"  # an hpc save of epoch 0's end, written after last.ckpt
     older_hpc.write_bytes(next((preempted / "checkpoints").glob("best-epoch000-*.ckpt")).read_bytes())
