@@ -43,7 +43,7 @@ def check_ckpt_path(value: str | None) -> None:
 def newest_checkpoint(root: Path, checkpoints: Path) -> tuple[Path, int] | None:
     """The checkpoint of `root`'s run with the most training steps, and that number of steps.
 
-    Candidates: `checkpoints/last.ckpt` (written on a signal and at each epoch end) and Lightning's
+    Candidates: `checkpoints/last.ckpt` (written on a signal, and by the checkpoint callback) and Lightning's
     `root/hpc_ckpt_N.ckpt` (its SLURM requeue save). They are ranked by the global step they record,
     not by file time, which a copy, a restore from backup or clocks differing between nodes change.
     """
@@ -83,7 +83,7 @@ class LSegCLI(LightningCLI):
 
         A SLURM job without --ckpt_path resumes its run's newest checkpoint (as Lightning resumes its
         hpc checkpoints there): a requeued job, after preemption, time limit or node failure, continues
-        where the signal or the last epoch end saved it. Outside SLURM a run starts fresh unless told.
+        from the last save. Outside SLURM a run starts fresh unless told.
         """
         super().parse_arguments(parser, args)
         config = self.config[self.config["subcommand"]]
