@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -166,3 +168,30 @@ def test_a_signal_mid_run_then_requeue_resumes_bit_identically(
     assert resumed["global_step"] == straight["global_step"] == 12
     for name, value in straight["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], value), name
+
+
+def test_sigterm_to_one_task_saves_once_and_ends_the_job(slurm_env, tmp_path):
+    """SIGTERM to rank 1's process alone (an OOM killer's or a node agent's, not SLURM's): both ranks
+    save once, at the same step, and the job ends within the bound instead of hanging in mismatched
+    collectives until SIGKILL."""
+    job = submit(slurm_env, tmp_path, tiny_config(tmp_path))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + JOB_WITHIN_S
+    while not last.is_file():  # epoch 0's end
+        assert time.monotonic() < deadline and job_state(slurm_env, job)["JobState"] in {"PENDING", "RUNNING"}
+        time.sleep(0.2)
+    rank_1 = [
+        process
+        for process in psutil.process_iter(["environ"])
+        if (process.info["environ"] or {}).get("SLURM_JOB_ID") == job
+        and process.info["environ"].get("SLURM_PROCID") == "1"
+        and "lseg" in " ".join(process.cmdline())
+    ]
+    assert len(rank_1) == 1, rank_1
+    rank_1[0].send_signal(signal.SIGTERM)
+    wait_until(slurm_env, job, {"COMPLETED", "FAILED", "CANCELLED"}, within_s=60)
+    output = job_output(tmp_path)
+    saved = torch.load(last, weights_only=False)["global_step"]
+    assert 4 <= saved < 12 and output.count(f"signal on another rank: saved {last} at step {saved}") == 1, (
+        output
+    )
