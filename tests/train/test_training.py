@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -110,6 +112,73 @@ def test_resume_continues_identically(tmp_path):
 
     straight = run(tmp_path / "a")
     run(tmp_path / "b", interrupt=True)
+    resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+REQUEUED_SLURM_JOB = {  # the environment srun gives the one task of a requeued single-task job
+    "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "lseg", "SLURM_RESTART_COUNT": "1", "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "localhost",
+}  # fmt: skip
+
+
+class SignalAtStep(L.Callback):
+    """Delivers `signum` to this process after global step `step`, as a scheduler preempting the job
+    (SIGTERM) or nearing its time limit (SIGUSR1) would."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def slurm_job(monkeypatch, folder) -> Path:
+    """This process as the one task of SLURM job 7; `scontrol` records its arguments in the file returned."""
+    for key, value in REQUEUED_SLURM_JOB.items():
+        monkeypatch.setenv(key, value)
+    (folder / "bin").mkdir(parents=True)
+    scontrol = folder / "bin" / "scontrol"
+    scontrol.write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/calls"\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}")
+    return folder / "bin" / "calls"
+
+
+@pytest.mark.parametrize(
+    ("num_workers", "preemption"), [(0, "sigterm"), (2, "sigterm"), (0, "slurm time limit (sigusr1)")]
+)
+def test_resume_after_a_preemption_mid_epoch_continues_identically(
+    tmp_path, monkeypatch, num_workers, preemption
+):
+    """Regression: the resumed epoch restarted at its first batch while Lightning counted the batches
+    before the preemption as done, so those were trained twice and the epoch's last ones never. Under
+    SLURM, SIGUSR1 made Lightning save an hpc checkpoint wherever the signal landed (mid-step too)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lseg.train.callbacks import SignalCheckpoint
+
+    def run(folder, callbacks=(), ckpt_path=None):
+        L.seed_everything(0)
+        module = LSegModule(model="tiny", optimizer="sgd", lr=0.01)
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder / "ckpt", save_last=True)
+        t = trainer(folder, max_epochs=3, callbacks=[*callbacks, checkpoint, SignalCheckpoint()])
+        t.fit(module, datamodule=data(num_workers=num_workers), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(tmp_path / "a")
+    signum = signal.SIGTERM
+    if preemption != "sigterm":
+        signum, requeued = signal.SIGUSR1, slurm_job(monkeypatch, tmp_path)
+    with pytest.raises(SIGTERMException):
+        run(tmp_path / "b", callbacks=[SignalAtStep(6, signum)])  # epoch 1 of 3, after 2 of its 4 batches
+    saved = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
+    assert (saved["epoch"], saved["global_step"]) == (1, 6)
+    if preemption != "sigterm":
+        assert requeued.read_text() == "requeue 7\n" and not list((tmp_path / "b").glob("hpc_ckpt_*"))
     resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -295,7 +364,9 @@ def test_export_reports_the_scores_of_the_exported_weights():
 
 def attached(datamodule: LSegDataModule, module: LSegModule) -> LSegDataModule:
     """`datamodule` as a Trainer running `module` sees it (without fitting)."""
-    datamodule.trainer = SimpleNamespace(lightning_module=module, current_epoch=0)
+    datamodule.trainer = SimpleNamespace(
+        lightning_module=module, current_epoch=0, global_rank=0, world_size=1
+    )
     return datamodule
 
 
@@ -323,8 +394,9 @@ def test_data_without_a_model_fails_loudly():
         data().setup("fit")
 
 
-def run_smoke_training(folder, *extra: str) -> subprocess.CompletedProcess:
-    """`lseg train --config configs/smoke.yaml` in a fresh process, as a user runs it."""
+def run_smoke_training(folder, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`lseg train --config configs/smoke.yaml` in a fresh process, as a user runs it (`env` added to
+    its environment; the repository is on its path, for callbacks from these tests)."""
     from tests.conftest import REPO_ROOT
 
     command = [
@@ -340,7 +412,8 @@ def run_smoke_training(folder, *extra: str) -> subprocess.CompletedProcess:
         "false",
         *extra,
     ]
-    environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path, **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
 
 
@@ -358,6 +431,63 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed_backend=gloo" in result.stderr
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_two_process_validation_scores_each_image_once(tmp_path):
+    """Regression: Lightning's padding DistributedSampler scored 6 samples for 5 validation images on 2
+    ranks (image 0 twice), so val/miou was not what `lseg evaluate` reports for the same weights."""
+    from lseg.evaluate.runner import evaluate_dataset
+
+    odd = tmp_path / "odd-val.yaml"
+    odd.write_text(
+        "trainer: {limit_val_batches: 1.0}\n"
+        "data: {val: {name: synthetic, options: {num_images: 5, size: [96, 128], seed: 1}}}\n"
+    )
+    result = run_smoke_training(
+        tmp_path, "--config", str(odd), "--trainer.strategy", "ddp", "--trainer.devices", "2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    validated = ModelCard.load(tmp_path / "model" / "README.md").data.lseg["results"]["train"]["metrics"]
+    model = LSeg.from_pretrained(tmp_path / "model")
+    report = evaluate_dataset(model, SyntheticStreetScenes(5, size=(96, 128), seed=1), protocol="single")
+    assert validated["miou"] == pytest.approx(report.metrics["miou"], abs=1e-6)
+    assert validated["pixel_accuracy"] == pytest.approx(report.metrics["pixel_accuracy"], abs=1e-6)
+
+
+def test_a_requeued_slurm_job_resumes_from_the_newest_checkpoint(tmp_path):
+    """Regression: without --ckpt_path a SLURM job resumed only from Lightning's hpc_ckpt_*.ckpt, so a
+    job requeued after a SIGTERM ignored the last.ckpt saved then: it started afresh, or from an older
+    hpc checkpoint. The newest is chosen by the step it records, not by file time."""
+    two_epochs = ("--trainer.max_epochs", "2")
+    straight = run_smoke_training(tmp_path / "a", *two_epochs)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    preempted = tmp_path / "b"
+    stopped = run_smoke_training(  # SIGTERM in epoch 1, after 2 of its 4 batches
+        preempted, *two_epochs, "--trainer.callbacks+=tests.train.test_training.SignalAtStep",
+        "--trainer.callbacks.step=6",
+    )  # fmt: skip
+    assert stopped.returncode == 143 and "at step 6" in stopped.stderr, stopped.stderr[-2000:]
+    last = preempted / "checkpoints" / "last.ckpt"
+    older_hpc = preempted / "hpc_ckpt_1.ckpt"  # an hpc save of epoch 0's end, written after last.ckpt
+    older_hpc.write_bytes(next((preempted / "checkpoints").glob("best-epoch000-*.ckpt")).read_bytes())
+    os.utime(older_hpc, (last.stat().st_mtime + 60,) * 2)
+
+    requeued = run_smoke_training(preempted, *two_epochs, env=REQUEUED_SLURM_JOB)
+    assert requeued.returncode == 0, requeued.stderr[-2000:]
+    assert f"Restored all states from the checkpoint at {last}" in requeued.stderr
+    assert f"resuming from {last} (step 6)" in requeued.stderr
+    assert requeued.stderr.count("lseg train: rank 0 of world size 1") == 1
+    uninterrupted = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 8
+    for name, value in uninterrupted["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+
+    from lseg.train.cli import newest_checkpoint
+
+    last.rename(preempted / "hpc_ckpt_2.ckpt")  # the other way round: the hpc checkpoint is newer
+    older_hpc.rename(last)
+    assert newest_checkpoint(preempted, preempted / "checkpoints") == (preempted / "hpc_ckpt_2.ckpt", 8)
 
 
 class SendSigterm(L.Callback):
@@ -386,6 +516,44 @@ def test_sigterm_saves_last_checkpoint_and_stops(tmp_path):
     assert saved["global_step"] == 2
     assert not (tmp_path / "model").exists()  # an interrupted run is resumed, not exported
     assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored
+
+
+def test_sigterm_to_one_ddp_rank_saves_once_and_stops_every_rank(tmp_path):
+    """Regression: each rank decided from its own flag, so a signal that reached one rank only sent it
+    into the checkpoint barrier (or Lightning's in-handler broadcast) while the other ran its next step:
+    mismatched collectives, a hang until SIGKILL. Now the ranks decide together after a step."""
+    import psutil
+
+    from tests.conftest import REPO_ROOT
+
+    command = [
+        sys.executable, "-m", "lseg.cli.main", "train", "--config", str(REPO_ROOT / "configs" / "smoke.yaml"),
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "100",
+    ]  # fmt: skip
+    environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    launcher = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
+    try:
+        first_epoch = tmp_path / "checkpoints" / "last.ckpt"
+        for _ in range(600):  # training is under way once epoch 0 saved its checkpoint (60 s at most)
+            children = psutil.Process(launcher.pid).children()
+            if first_epoch.is_file() and children:
+                break
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            time.sleep(0.1)
+        else:
+            pytest.fail("training did not reach its first epoch end in 60 s")
+        children[0].send_signal(signal.SIGTERM)  # rank 1 only
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            for process in psutil.Process(launcher.pid).children():
+                process.kill()
+            launcher.kill()
+    assert stderr.count("resume with --ckpt_path last") == 1, stderr[-3000:]
+    saved = torch.load(first_epoch, weights_only=False)
+    assert 4 < saved["global_step"] < 400  # saved mid-run, after epoch 0
+    assert not (tmp_path / "model").exists()  # an interrupted run is resumed, not exported
 
 
 def test_label_augmentation_draws_one_template_per_label_and_adds_negatives(tmp_path, monkeypatch):

@@ -22,12 +22,15 @@ from torch import nn
 from lseg.errors import LSegError
 
 
-def read_lightning_checkpoint(path: Path) -> dict[str, Any]:
-    """`torch.load(weights_only=True)`, allowing only argparse.Namespace beyond plain types."""
+def read_lightning_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """`torch.load(weights_only=True)`, allowing only argparse.Namespace beyond plain types.
+
+    `mmap` maps the tensors instead of reading them: for a look at the counters of a large checkpoint.
+    """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": we report failures below
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         # torch's text advises `weights_only=False`, i.e. running the file's code: never pass that on.
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))

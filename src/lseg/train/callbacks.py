@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,48 +13,56 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lseg.train.console import epoch_of_last_step
 
 
 class SignalCheckpoint(L.Callback):
-    """On SIGTERM (and SIGUSR1 outside SLURM) save `last.ckpt` after the current step, then stop.
+    """On SIGTERM or SIGUSR1 save `last.ckpt` after the current step, then stop; under SLURM SIGUSR1
+    (sent before the time limit, `--signal=SIGUSR1@N`) also requeues the job.
 
-    Our handler chains to Lightning's, which ends `fit` with a `SIGTERMException` right after the step
-    (so all DDP ranks stop together); the checkpoint is written before that.
-    Under SLURM, Lightning's own SIGUSR1 handler saves and requeues the job (see
-    scripts/slurm/train.sbatch); we leave that signal to it.
+    The handler only records the signal. After every training step all ranks ask whether any of them
+    was signalled (one all-reduce, in the same hook on every rank), so they save and stop together
+    even when the signal reached a single rank. Lightning's own handlers are replaced, not chained:
+    its SIGTERM handler broadcasts from inside the handler and then stops each rank on its own flag,
+    and its SLURM SIGUSR1 handler saves (a barrier) wherever the signal lands, mid-step included; both
+    mismatch the ranks' collectives (a hang) when the ranks are not signalled at the same point, and a
+    mid-step save does not resume exactly.
     """
 
     def __init__(self) -> None:
-        self.received: int | None = None
+        self.received: int | None = None  # the signal this process received
         self._previous: dict[int, object] = {}
 
     def _handler(self, signum: int, frame) -> None:
         self.received = signum
-        previous = self._previous.get(signum)
-        if callable(previous):  # Lightning's handler: it stops all ranks together
-            previous(signum, frame)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Installed after Lightning's own handlers (registered when fit starts), chaining to them."""
-        signals = [signal.SIGTERM]
-        if hasattr(signal, "SIGUSR1") and not SLURMEnvironment.detect():
-            signals.append(signal.SIGUSR1)
+        """Installed after Lightning's own handlers (registered when fit starts), replacing them."""
+        signals = [signal.SIGTERM, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])]
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handler)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
-        if self.received is None:
+        strategy = trainer.strategy
+        if not strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
+        requeue = SLURMEnvironment.detect() and strategy.reduce_boolean_decision(
+            self.received == getattr(signal, "SIGUSR1", None), all=False
+        )
         checkpoint = next((c for c in trainer.checkpoint_callbacks if c.dirpath), None)
         directory = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir) / "checkpoints"
         trainer.save_checkpoint(directory / "last.ckpt")
         rank_zero_info(
-            f"signal {self.received}: saved {directory / 'last.ckpt'}; resume with --ckpt_path last"
+            f"signal {self.received or 'on another rank'}: saved {directory / 'last.ckpt'} at step "
+            f"{trainer.global_step}; "
+            + ("requeueing the job, which resumes from it" if requeue else "resume with --ckpt_path last")
         )
-        trainer.should_stop = True
+        if requeue and trainer.is_global_zero:
+            requeue_slurm_job()
+        raise SIGTERMException  # on every rank at once: fit ends without `on_fit_end` (no export)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -66,6 +76,19 @@ class SignalCheckpoint(L.Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+def requeue_slurm_job() -> None:
+    """`scontrol requeue` this job (or array task), as Lightning's SLURM plugin does; warn if refused."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        problem = result.stderr.strip() if result.returncode else None
+    except (OSError, subprocess.TimeoutExpired) as error:
+        problem = str(error)
+    if problem:
+        rank_zero_warn(f"could not requeue SLURM job {job} ({problem}); resubmit it to resume")
 
 
 class ExportPretrained(L.Callback):
@@ -97,7 +120,7 @@ class ExportPretrained(L.Callback):
         Through the fit loop's own validation loop, as Lightning runs it between epochs: the scores are
         logged and checkpointed like every other validation (and recorded by `on_validation_end`).
         """
-        if self._interrupted(trainer) or not trainer.enable_validation:
+        if not trainer.enable_validation:  # a signal never gets here: SignalCheckpoint ends fit on every rank
             return
         if self.validations and self.validations[-1]["step"] == trainer.global_step:
             return
@@ -106,8 +129,6 @@ class ExportPretrained(L.Callback):
         trainer.training = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._interrupted(trainer):
-            return  # the run is not finished, resume it instead
         checkpoint = next(  # without a monitor there is no "best": the final weights are exported
             (
                 c
@@ -123,10 +144,6 @@ class ExportPretrained(L.Callback):
             target = Path(trainer.default_root_dir) / self.dirname
             pl_module.model.save_pretrained(target, metrics=self._report(trainer, checkpoint))
             rank_zero_info(f"exported {'best' if checkpoint else 'final'} model to {target}")
-
-    @staticmethod
-    def _interrupted(trainer: L.Trainer) -> bool:
-        return any(isinstance(c, SignalCheckpoint) and c.received for c in trainer.callbacks)
 
     def _report(self, trainer: L.Trainer, checkpoint: ModelCheckpoint | None) -> dict[str, Any]:
         """The exported weights' validation scores and the label sets they were trained with."""

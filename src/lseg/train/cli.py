@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import warnings
 from pathlib import Path
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from lseg.errors import LSegError
 from lseg.model.weights import read_lightning_checkpoint
@@ -38,6 +41,25 @@ def check_ckpt_path(value: str | None) -> None:
         raise LSegError(f"--ckpt_path {value}: {error}") from None
 
 
+def newest_checkpoint(root: Path, checkpoints: Path) -> tuple[Path, int] | None:
+    """The checkpoint of `root`'s run with the most training steps, and that number of steps.
+
+    Candidates: `checkpoints/last.ckpt` (written on a signal, and by the checkpoint callback) and Lightning's
+    `root/hpc_ckpt_N.ckpt` (its SLURM requeue save). They are ranked by the global step they record,
+    not by file time, which a copy, a restore from backup or clocks differing between nodes change.
+    """
+    candidates = [checkpoints / "last.ckpt", *root.glob("hpc_ckpt_*.ckpt")]
+    steps = [
+        (read_lightning_checkpoint(path, mmap=True)["global_step"], path)
+        for path in candidates
+        if path.is_file()
+    ]
+    if not steps:
+        return None
+    step, path = max(steps, key=lambda found: found[0])  # first of a tie: last.ckpt
+    return path, step
+
+
 class LSegCLI(LightningCLI):
     """Adds always-on callbacks whose settings are still configurable (`--checkpoint.*`, `--export.*`)."""
 
@@ -58,9 +80,31 @@ class LSegCLI(LightningCLI):
         parser.add_lightning_class_args(ExportPretrained, "export")
 
     def parse_arguments(self, parser, args) -> None:
-        """Once the command line and --config files are merged, before seeding or creating anything."""
+        """Once the command line and --config files are merged, before seeding or creating anything.
+
+        A SLURM job without --ckpt_path resumes its run's newest checkpoint (as Lightning resumes its
+        hpc checkpoints there): a requeued job, after preemption, time limit or node failure, continues
+        from the last save. Outside SLURM a run starts fresh unless told.
+        """
         super().parse_arguments(parser, args)
-        check_ckpt_path(self.config[self.config["subcommand"]].get("ckpt_path"))
+        config = self.config[self.config["subcommand"]]
+        check_ckpt_path(config.get("ckpt_path"))
+        self.resumed_step: int | None = None
+        if config.get("ckpt_path") is None and SLURMEnvironment.detect():
+            root = Path(config["trainer"]["default_root_dir"])
+            newest = newest_checkpoint(root, Path(config["checkpoint"]["dirpath"] or root / "checkpoints"))
+            if newest is not None:
+                config["ckpt_path"], self.resumed_step = str(newest[0]), newest[1]
+
+    def before_fit(self) -> None:
+        """One line from rank 0: where this run trains and what it resumes."""
+        trainer, ckpt_path = self.trainer, self.config["fit"].get("ckpt_path")
+        step = f" (step {self.resumed_step})" if self.resumed_step is not None else ""
+        rank_zero_info(
+            f"lseg train: rank {trainer.global_rank} of world size {trainer.world_size}, node "
+            f"{socket.gethostname()} ({trainer.num_nodes} node(s)): "
+            + (f"resuming from {ckpt_path}{step}" if ckpt_path else "fresh start")
+        )
 
     def _parse_ckpt_path(self) -> None:
         """Resume with the model arguments given, not the checkpoint's hyper-parameters.

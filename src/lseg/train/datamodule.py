@@ -14,10 +14,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from lseg.data import SyntheticStreetScenes, build_dataset, collate, train_transform
 from lseg.errors import LSegError
+from lseg.evaluate.runner import ShardSampler
 from lseg.labels import class_words
 from lseg.processing import LSegImageProcessor
 
@@ -91,26 +92,70 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
-class EpochSampler(Sampler):
-    """Shuffles with a generator seeded by (seed, epoch); yields (index, per-sample seed) pairs.
+class EpochSampler(DistributedSampler):
+    """Shuffles with a generator seeded by (seed, epoch); yields this rank's (index, per-sample seed) pairs.
 
-    The epoch is asked from `epoch()` when an epoch's iteration starts, not received via `set_epoch`:
-    Lightning's DDP sampler wrapper forwards `set_epoch` to the wrapped sampler only since 2.6
-    (Lightning-AI/pytorch-lightning#21456), so before that every epoch repeated the first one's
-    augmentations.
+    The epoch is asked from `current_epoch()` when an epoch's iteration starts, not received via
+    `set_epoch`, which Lightning's DDP sampler wrapper forwarded only since 2.6
+    (Lightning-AI/pytorch-lightning#21456). Ranks shard the permutation themselves (rank r takes
+    positions r, r + W, ...), so Lightning keeps this sampler (it is a `DistributedSampler`) and global
+    batch s holds the samples of batch s of a one-process run with the global batch size. `start` skips
+    this rank's first samples of the epoch: `ResumableDataLoader` sets it to continue an interrupted epoch.
     """
 
-    def __init__(self, num_samples: int, seed: int, epoch: Callable[[], int]) -> None:
-        self.num_samples, self.seed, self.epoch = num_samples, seed, epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        current_epoch: Callable[[], int],
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(range(num_samples), world_size, rank, shuffle=False, drop_last=True)
+        self.total, self.seed, self.current_epoch = num_samples, seed, current_epoch
+        self.start = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch())
-        order = torch.randperm(self.num_samples, generator=generator).tolist()
-        seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator).tolist()
-        return iter(zip(order, seeds))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.current_epoch())
+        order = torch.randperm(self.total, generator=generator).tolist()
+        seeds = torch.randint(0, 2**62, (self.total,), generator=generator).tolist()
+        pairs = list(zip(order, seeds))[: self.num_samples * self.num_replicas]  # equal shards
+        return iter(pairs[self.rank :: self.num_replicas][self.start :])
+
+
+class ResumableDataLoader(DataLoader):
+    """A training DataLoader that resumes mid-epoch where the interrupted run stopped.
+
+    Its state (saved by Lightning in every checkpoint) is the epoch and the number of batches it has
+    delivered in it; a loader restored from a checkpoint of that epoch starts at the next batch, so no
+    batch is trained twice or skipped (Lightning counts the delivered batches as done either way).
+    Skipped batches are never loaded: the sampler starts after them.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.epoch, self.delivered = 0, 0
+        self._resume_at: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.delivered}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = dict(state)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Reads the epoch at the first batch: on resume Lightning creates the iterator before it moves
+        the epoch counter past an epoch that its checkpoint ended."""
+        return self._batches()
+
+    def _batches(self) -> Iterator[Any]:
+        self.epoch = self.sampler.current_epoch()
+        resume, self._resume_at = self._resume_at, None
+        self.delivered = resume["batches"] if resume is not None and resume["epoch"] == self.epoch else 0
+        self.sampler.start = self.delivered * self.batch_size
+        for batch in super().__iter__():
+            self.delivered += 1
+            yield batch
 
 
 class LSegDataModule(L.LightningDataModule):
@@ -145,6 +190,19 @@ class LSegDataModule(L.LightningDataModule):
         self.label_sets: dict[str, list[str]] = {}
         self.train_datasets: dict[str, Dataset] = {}
         self.val_key: str | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._train_loader_state: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position, saved in every checkpoint so a resume continues the epoch.
+
+        Lightning saves it with its fit loop too, but applies it only to a loader it builds after the
+        restore; `LSegModule`'s schedule asks `estimated_stepping_batches`, which builds it before.
+        """
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._train_loader_state = state.get("train_loader")
 
     def _processor(self) -> LSegImageProcessor:
         """The model's processor (mean/std, black padding), so data and model can never disagree."""
@@ -184,17 +242,27 @@ class LSegDataModule(L.LightningDataModule):
             self.label_sets[self.val_key] = labels
             self.val_dataset = LabelledDataset(dataset, self.val_key)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+    def train_dataloader(self) -> ResumableDataLoader:
+        rank, world_size = self._rank_world()
+        loader = ResumableDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            sampler=EpochSampler(len(self.train_dataset), self.seed, epoch=self._current_epoch),
+            sampler=EpochSampler(len(self.train_dataset), self.seed, self._current_epoch, rank, world_size),
             drop_last=True,
             num_workers=self.num_workers,
             collate_fn=self._collate,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
+        if self._train_loader_state is not None:  # restored from a checkpoint: continue its epoch
+            loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        self._train_loader = loader
+        return loader
+
+    def _rank_world(self) -> tuple[int, int]:
+        """This process's rank and the number of ranks (0, 1 outside a trainer)."""
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     def _current_epoch(self) -> int:
         """The trainer's epoch (restored on resume); 0 outside a trainer."""
@@ -202,12 +270,18 @@ class LSegDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         """Lists of untransformed samples: `LSegModule.validation_step` scores them as `lseg evaluate`
-        does (`lseg.evaluate.runner.mask_logits`, long side `val_size`)."""
+        does (`lseg.evaluate.runner.mask_logits`, long side `val_size`).
+
+        Each rank scores its `ShardSampler` shard, so every image counts once across ranks; Lightning
+        keeps this sampler (a `DistributedSampler`) instead of its padding one, which repeats images.
+        """
         if self.val_dataset is None:
             return []
+        rank, world_size = self._rank_world()
         return DataLoader(
             self.val_dataset,
             batch_size=max(1, self.batch_size // 2),
+            sampler=ShardSampler(self.val_dataset, num_replicas=world_size, rank=rank),
             num_workers=self.num_workers,
             collate_fn=list,
             pin_memory=torch.cuda.is_available(),
