@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -516,6 +517,33 @@ def test_sigterm_saves_last_checkpoint_and_stops(tmp_path):
     assert saved["global_step"] == 2
     assert not (tmp_path / "model").exists()  # an interrupted run is resumed, not exported
     assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored
+
+
+class SigtermWhileStopping(L.Callback):
+    """A second SIGTERM while the stopped run shuts down, as `scontrol requeue` kills the job's tasks
+    right after rank 0 asked for the requeue."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_while_stopping_never_reaches_lightnings_handler(tmp_path, caplog):
+    """Regression: once the run was stopped, Lightning's SIGTERM handler was put back before teardown;
+    the requeue's kill then ran its in-handler broadcast while the ranks were tearing down (a gloo
+    "Connection reset by peer" traceback on rank 0, or a hang until SIGKILL). The handlers from before
+    fit come back at teardown, and nothing in between calls a collective."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lseg.train.callbacks import SignalCheckpoint
+
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    callbacks = [SendSigterm(), SignalCheckpoint(), SigtermWhileStopping(), checkpoint]
+    t = trainer(tmp_path, max_epochs=5, callbacks=callbacks)
+    previous = signal.getsignal(signal.SIGTERM)
+    with caplog.at_level(logging.INFO), pytest.raises(SIGTERMException):
+        t.fit(LSegModule(model="tiny"), datamodule=data())
+    assert "Received SIGTERM" not in caplog.text and not t.received_sigterm
+    assert signal.getsignal(signal.SIGTERM) == previous
 
 
 def test_sigterm_to_one_ddp_rank_saves_once_and_stops_every_rank(tmp_path):

@@ -34,16 +34,16 @@ class SignalCheckpoint(L.Callback):
 
     def __init__(self) -> None:
         self.received: int | None = None  # the signal this process received
-        self._previous: dict[int, object] = {}
 
     def _handler(self, signum: int, frame) -> None:
         self.received = signum
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Installed after Lightning's own handlers (registered when fit starts), replacing them."""
-        signals = [signal.SIGTERM, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])]
-        for signum in signals:
-            self._previous[signum] = signal.signal(signum, self._handler)
+        """Installed after Lightning's own handlers (registered when fit starts), replacing them until
+        the trainer's teardown puts back the handlers from before fit. Never Lightning's in between: a
+        requeue's kill lands while the ranks shut down, and its handler's broadcast then fails or hangs."""
+        for signum in [signal.SIGTERM, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])]:
+            signal.signal(signum, self._handler)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         strategy = trainer.strategy
@@ -63,19 +63,6 @@ class SignalCheckpoint(L.Callback):
         if requeue and trainer.is_global_zero:
             requeue_slurm_job()
         raise SIGTERMException  # on every rank at once: fit ends without `on_fit_end` (no export)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
 
 
 def requeue_slurm_job() -> None:
