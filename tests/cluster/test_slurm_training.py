@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
+import lightning as L
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -19,27 +19,26 @@ from lseg import LSeg
 from lseg.data import SyntheticStreetScenes
 from lseg.evaluate.runner import evaluate_dataset
 from lseg.model import load_preset
+from tests.cluster.jobs import (
+    BATCH_OF_2_ON_2_CPU_TASKS,
+    JOB_WITHIN_S,
+    job_output,
+    job_state,
+    lseg_environment,
+    sbatch,
+    task_process,
+    wait_until,
+)
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.cluster
 
-JOB_WITHIN_S = 180
-BATCH_OF_2_ON_2_CPU_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
 TINY_RUN = """\
 trainer: {max_epochs: 3, limit_train_batches: 4, limit_val_batches: 1.0}
 data:
   val: {name: synthetic, options: {num_images: 5, size: [96, 128], seed: 1}}
   scale_range: [1.0, 1.0]
 """
-
-
-def lseg_environment(**extra: str) -> dict[str, str]:
-    """This interpreter's `lseg` first on PATH and this checkout's sources on its path (exported to jobs)."""
-    path = os.pathsep.join(
-        filter(None, [str(REPO_ROOT / "src"), str(REPO_ROOT), os.environ.get("PYTHONPATH")])
-    )
-    binaries = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    return {"PYTHONPATH": path, "PATH": binaries, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **extra}
 
 
 def tiny_config(folder: Path) -> list[str]:
@@ -59,37 +58,10 @@ def tiny_config(folder: Path) -> list[str]:
 def submit(slurm_env: dict[str, str], work: Path, config: list[str]) -> str:
     """`sbatch scripts/slurm/train.sbatch` (unedited; the CPU shape as sbatch options) from `work`,
     training 2 ranks of batch 2 into `work/run`; the job id."""
-    (work / "runs" / "slurm").mkdir(parents=True)  # the script's --output folder, opened before it runs
-    job = subprocess.run(
-        ["sbatch", "--parsable", *BATCH_OF_2_ON_2_CPU_TASKS, f"--chdir={work}",
-         str(REPO_ROOT / "scripts" / "slurm" / "train.sbatch"), *config, "--data.batch_size", "2",
-         "--trainer.default_root_dir", str(work / "run")],
-        env={**slurm_env, **lseg_environment()}, capture_output=True, text=True, timeout=30,
+    return sbatch(
+        slurm_env, work, "train.sbatch", BATCH_OF_2_ON_2_CPU_TASKS,
+        [*config, "--data.batch_size", "2", "--trainer.default_root_dir", str(work / "run")],
     )  # fmt: skip
-    assert job.returncode == 0, job.stderr
-    return job.stdout.strip().split(";")[0]
-
-
-def job_state(slurm_env: dict[str, str], job: str) -> dict[str, str]:
-    shown = subprocess.run(
-        ["scontrol", "-o", "show", "job", job], env=slurm_env, capture_output=True, text=True, timeout=30
-    )
-    return dict(field.split("=", 1) for field in shown.stdout.split() if "=" in field)
-
-
-def wait_until(slurm_env: dict[str, str], job: str, states: set[str], within_s: float = JOB_WITHIN_S) -> dict:
-    """The job's fields once its state is one of `states`; fails after `within_s` seconds."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        fields = job_state(slurm_env, job)
-        if fields.get("JobState") in states:
-            return fields
-        time.sleep(0.5)
-    pytest.fail(f"job {job} not {' or '.join(states)} within {within_s} s: {fields}")
-
-
-def job_output(work: Path) -> str:
-    return "\n".join(path.read_text() for path in (work / "runs" / "slurm").glob("*.out"))
 
 
 @pytest.fixture(scope="module")
@@ -130,44 +102,89 @@ def test_train_sbatch_runs_two_ddp_tasks_like_one_process_with_the_global_batch(
     assert validated["metrics"]["miou"] == pytest.approx(report.metrics["miou"], abs=1e-6)
 
 
+class PaceSteps(L.Callback):
+    """Makes every training step last a second or more, so that a signal sent from outside lands mid-epoch
+    even on a fast machine (the weights do not change: nothing but the pace is touched)."""
+
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(1.0)
+
+
+def wait_for_a_save(slurm_env: dict[str, str], job: str, last: Path, after_ns: int) -> None:
+    """Until `last` is written after `after_ns` (mtime), by the running job: an epoch end."""
+    deadline = time.monotonic() + JOB_WITHIN_S
+    while not (last.is_file() and last.stat().st_mtime_ns > after_ns):
+        state = job_state(slurm_env, job)["JobState"]
+        assert time.monotonic() < deadline and state in {"PENDING", "RUNNING"}, state
+        time.sleep(0.2)
+
+
+def preempt(slurm_env: dict[str, str], job: str, signal_name: str, work: Path) -> int:
+    """Signal every task of the running job as SLURM does, then requeue it and release it: SIGUSR1 as
+    `--signal=SIGUSR1@N` sends it before the time limit (the job saves last.ckpt and requeues itself),
+    SIGTERM as a preemption sends it (the job saves and ends; the preempting scheduler requeues it, here
+    `scontrol requeue`). The step saved."""
+    subprocess.run(["scancel", f"--signal={signal_name}", job], env=slurm_env, check=True, timeout=30)
+    if signal_name == "TERM":  # lseg exits 143 after saving, as a process ended by SIGTERM does
+        wait_until(slurm_env, job, {"COMPLETED", "FAILED", "CANCELLED"})
+        subprocess.run(["scontrol", "requeue", job], env=slurm_env, check=True, timeout=30)
+    pending = wait_until(slurm_env, job, {"PENDING", "COMPLETED", "FAILED"})
+    assert pending["JobState"] == "PENDING", job_output(work)[-3000:]  # requeued, held until BeginTime
+    saved = torch.load(work / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    subprocess.run(
+        ["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm_env, check=True, timeout=30
+    )
+    return saved
+
+
+def assert_completed_like_uninterrupted(
+    slurm_env: dict[str, str], job: str, work: Path, uninterrupted: Path, saves: list[int]
+) -> None:
+    """The requeued job completes, having resumed from each save without --ckpt_path, with the
+    uninterrupted job's weights bit for bit."""
+    fields = wait_until(slurm_env, job, {"COMPLETED", "FAILED", "CANCELLED"})
+    output = job_output(work)
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == str(len(saves)), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    last = work / "run" / "checkpoints" / "last.ckpt"
+    for saved in saves:
+        assert output.count(f"saved {last} at step {saved}") == 1, output[-3000:]
+        assert f"resuming from {last} (step {saved})" in output
+    resumed = torch.load(last, weights_only=False)
+    straight = torch.load(uninterrupted / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == straight["global_step"] == 12
+    for name, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+
+
 @pytest.mark.parametrize(
     "signal_name", ["USR1", "TERM"], ids=["time limit (SIGUSR1)", "preemption (SIGTERM)"]
 )
 def test_a_signal_mid_run_then_requeue_resumes_bit_identically(
     slurm_env, uninterrupted, tmp_path, signal_name
 ):
-    """A signal to every task once epoch 0 has ended: SIGUSR1 as `--signal=SIGUSR1@N` sends it before
-    the time limit (the job saves last.ckpt and requeues itself), SIGTERM as a preemption sends it
-    (the job saves and ends; the preempting scheduler requeues it). The requeued job, without
+    """A signal to every task once epoch 0 has ended (mid-epoch 1); the requeued job, without
     --ckpt_path, resumes from last.ckpt and ends with the uninterrupted job's weights, bit for bit."""
     job = submit(slurm_env, tmp_path, tiny_config(tmp_path))
-    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + JOB_WITHIN_S
-    while not last.is_file():  # epoch 0's end: 8 steps remain, a few seconds
-        assert time.monotonic() < deadline and job_state(slurm_env, job)["JobState"] in {"PENDING", "RUNNING"}
-        time.sleep(0.2)
-    subprocess.run(["scancel", f"--signal={signal_name}", job], env=slurm_env, check=True, timeout=30)
-    if signal_name == "TERM":  # lseg exits 143 after saving, as a process ended by SIGTERM does
-        wait_until(slurm_env, job, {"COMPLETED", "FAILED", "CANCELLED"})
-        subprocess.run(["scontrol", "requeue", job], env=slurm_env, check=True, timeout=30)
-    pending = wait_until(slurm_env, job, {"PENDING", "COMPLETED", "FAILED"})
-    assert pending["JobState"] == "PENDING", job_output(tmp_path)[-3000:]  # requeued, held until BeginTime
-    saved = torch.load(last, weights_only=False)["global_step"]
+    wait_for_a_save(slurm_env, job, tmp_path / "run" / "checkpoints" / "last.ckpt", after_ns=0)
+    saved = preempt(slurm_env, job, signal_name, tmp_path)
     assert 4 <= saved < 12
-    subprocess.run(
-        ["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm_env, check=True, timeout=30
-    )
-    fields = wait_until(slurm_env, job, {"COMPLETED", "FAILED", "CANCELLED"})
-    output = job_output(tmp_path)
-    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", output[-3000:]
-    assert output.count(f"saved {last} at step {saved}") == 1
-    assert ("requeueing the job" in output) == (signal_name == "USR1")
-    assert f"resuming from {last} (step {saved})" in output
-    resumed = torch.load(last, weights_only=False)
-    straight = torch.load(uninterrupted / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert resumed["global_step"] == straight["global_step"] == 12
-    for name, value in straight["state_dict"].items():
-        assert torch.equal(resumed["state_dict"][name], value), name
+    assert_completed_like_uninterrupted(slurm_env, job, tmp_path, uninterrupted, [saved])
+    assert ("requeueing the job" in job_output(tmp_path)) == (signal_name == "USR1")
+
+
+def test_two_preemptions_in_one_run_resume_bit_identically(slurm_env, uninterrupted, tmp_path):
+    """A time limit in epoch 1, then a preemption of the requeued job in epoch 2: two requeues, each
+    resuming from the newest checkpoint, and the uninterrupted job's weights at the end."""
+    paced = [*tiny_config(tmp_path), "--trainer.callbacks+=tests.cluster.test_slurm_training.PaceSteps"]
+    job = submit(slurm_env, tmp_path, paced)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    wait_for_a_save(slurm_env, job, last, after_ns=0)
+    first = preempt(slurm_env, job, "USR1", tmp_path)
+    wait_for_a_save(slurm_env, job, last, after_ns=last.stat().st_mtime_ns)  # the next epoch's end
+    second = preempt(slurm_env, job, "TERM", tmp_path)
+    assert 4 <= first < 8 <= second < 12, (first, second)
+    assert_completed_like_uninterrupted(slurm_env, job, tmp_path, uninterrupted, [first, second])
 
 
 def test_sigterm_to_one_task_saves_once_and_ends_the_job(slurm_env, tmp_path):
@@ -180,18 +197,51 @@ def test_sigterm_to_one_task_saves_once_and_ends_the_job(slurm_env, tmp_path):
     while not last.is_file():  # epoch 0's end
         assert time.monotonic() < deadline and job_state(slurm_env, job)["JobState"] in {"PENDING", "RUNNING"}
         time.sleep(0.2)
-    rank_1 = [
-        process
-        for process in psutil.process_iter(["environ"])
-        if (process.info["environ"] or {}).get("SLURM_JOB_ID") == job
-        and process.info["environ"].get("SLURM_PROCID") == "1"
-        and "lseg" in " ".join(process.cmdline())
-    ]
-    assert len(rank_1) == 1, rank_1
-    rank_1[0].send_signal(signal.SIGTERM)
+    task_process(job, rank=1).send_signal(signal.SIGTERM)
     wait_until(slurm_env, job, {"COMPLETED", "FAILED", "CANCELLED"}, within_s=60)
     output = job_output(tmp_path)
     saved = torch.load(last, weights_only=False)["global_step"]
     assert 4 <= saved < 12 and output.count(f"signal on another rank: saved {last} at step {saved}") == 1, (
         output
     )
+
+
+def test_torchrun_on_two_nodes_trains_the_weights_of_the_slurm_job(uninterrupted, tmp_path):
+    """Multi-node without SLURM: two `torchrun --nnodes 2 --nproc-per-node 1` launchers on this host
+    meet by c10d rendezvous on loopback and train the SLURM job's weights (the same 2 ranks of batch 2)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lseg-test",
+        "-m", "lseg.cli.main", "train", *tiny_config(tmp_path), "--data.batch_size", "2",
+        "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp",
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+        **lseg_environment(),
+    }
+    nodes = [
+        subprocess.Popen(
+            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=JOB_WITHIN_S)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)[-3000:]
+    joined = "\n".join(outputs)
+    assert joined.count("lseg train: rank 0 of world size 2, node") == 1 and "(2 node(s))" in joined, joined
+    trained = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    slurm = torch.load(uninterrupted / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert trained["global_step"] == slurm["global_step"] == 12
+    for name, value in slurm["state_dict"].items():
+        assert torch.equal(trained["state_dict"][name], value), name
