@@ -54,11 +54,19 @@ def wait_until(slurm_env: dict[str, str], job: str, states: set[str], within_s: 
         if fields.get("JobState") in states:
             return fields
         time.sleep(0.5)
-    pytest.fail(f"job {job} not {' or '.join(states)} within {within_s} s: {fields}")
+    pytest.fail(f"job {job} not {' or '.join(states)} within {within_s} s: {fields}\n"
+                + controller_log(slurm_env, job)[-3000:])  # fmt: skip
 
 
 def job_output(work: Path) -> str:
     return "\n".join(path.read_text() for path in (work / "runs" / "slurm").glob("*.out"))
+
+
+def controller_log(slurm_env: dict[str, str], job: str) -> str:
+    """The controller's log lines about `job`: what a failing test prints beside the job's own output."""
+    log = Path(slurm_env["SLURM_CONF"]).parent / "log" / "slurmctld.log"
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    return "\n".join(line for line in lines if f"JobId={job} " in line or f"job {job} " in line.lower())
 
 
 def task_process(job: str, rank: int) -> psutil.Process:

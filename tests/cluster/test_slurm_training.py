@@ -22,6 +22,7 @@ from lseg.model import load_preset
 from tests.cluster.jobs import (
     BATCH_OF_2_ON_2_CPU_TASKS,
     JOB_WITHIN_S,
+    controller_log,
     job_output,
     job_state,
     lseg_environment,
@@ -119,16 +120,16 @@ def wait_for_a_save(slurm_env: dict[str, str], job: str, last: Path, after_ns: i
         time.sleep(0.2)
 
 
-def preempt(slurm_env: dict[str, str], job: str, signal_name: str, work: Path) -> int:
-    """Signal every task of the running job as SLURM does, then requeue it and release it: SIGUSR1 as
-    `--signal=SIGUSR1@N` sends it before the time limit (the job saves last.ckpt and requeues itself),
-    SIGTERM as a preemption sends it (the job saves and ends; the preempting scheduler requeues it, here
-    `scontrol requeue`). The step saved."""
-    subprocess.run(["scancel", f"--signal={signal_name}", job], env=slurm_env, check=True, timeout=30)
-    if signal_name == "TERM":  # lseg exits 143 after saving, as a process ended by SIGTERM does
-        wait_until(slurm_env, job, {"COMPLETED", "FAILED", "CANCELLED"})
-        subprocess.run(["scontrol", "requeue", job], env=slurm_env, check=True, timeout=30)
-    pending = wait_until(slurm_env, job, {"PENDING", "COMPLETED", "FAILED"})
+def preempt(slurm_env: dict[str, str], job: str, how: str, work: Path) -> int:
+    """Interrupt the running job as SLURM does, wait until it is requeued and release it; the step saved.
+
+    "USR1": the signal `--signal=SIGUSR1@N` sends every task before the time limit (the job saves
+    last.ckpt and requeues itself). "requeue": what preemption with PreemptMode=REQUEUE does,
+    `scontrol requeue` of the running job: SIGTERM to every task, SIGKILL after KillWait, pending again.
+    """
+    command = ["scancel", "--signal=USR1", job] if how == "USR1" else ["scontrol", "requeue", job]
+    subprocess.run(command, env=slurm_env, check=True, timeout=30)
+    pending = wait_until(slurm_env, job, {"PENDING", "COMPLETED", "FAILED", "CANCELLED"})
     assert pending["JobState"] == "PENDING", job_output(work)[-3000:]  # requeued, held until BeginTime
     saved = torch.load(work / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     subprocess.run(
@@ -144,7 +145,9 @@ def assert_completed_like_uninterrupted(
     uninterrupted job's weights bit for bit."""
     fields = wait_until(slurm_env, job, {"COMPLETED", "FAILED", "CANCELLED"})
     output = job_output(work)
-    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == str(len(saves)), output[-3000:]
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == str(len(saves)), (
+        f"{fields}\n{output[-3000:]}\n{controller_log(slurm_env, job)[-3000:]}"
+    )
     assert "Traceback" not in output, output[-3000:]
     last = work / "run" / "checkpoints" / "last.ckpt"
     for saved in saves:
@@ -157,20 +160,16 @@ def assert_completed_like_uninterrupted(
         assert torch.equal(resumed["state_dict"][name], value), name
 
 
-@pytest.mark.parametrize(
-    "signal_name", ["USR1", "TERM"], ids=["time limit (SIGUSR1)", "preemption (SIGTERM)"]
-)
-def test_a_signal_mid_run_then_requeue_resumes_bit_identically(
-    slurm_env, uninterrupted, tmp_path, signal_name
-):
+@pytest.mark.parametrize("how", ["USR1", "requeue"], ids=["time limit (SIGUSR1)", "preemption (SIGTERM)"])
+def test_a_signal_mid_run_then_requeue_resumes_bit_identically(slurm_env, uninterrupted, tmp_path, how):
     """A signal to every task once epoch 0 has ended (mid-epoch 1); the requeued job, without
     --ckpt_path, resumes from last.ckpt and ends with the uninterrupted job's weights, bit for bit."""
     job = submit(slurm_env, tmp_path, tiny_config(tmp_path))
     wait_for_a_save(slurm_env, job, tmp_path / "run" / "checkpoints" / "last.ckpt", after_ns=0)
-    saved = preempt(slurm_env, job, signal_name, tmp_path)
+    saved = preempt(slurm_env, job, how, tmp_path)
     assert 4 <= saved < 12
     assert_completed_like_uninterrupted(slurm_env, job, tmp_path, uninterrupted, [saved])
-    assert ("requeueing the job" in job_output(tmp_path)) == (signal_name == "USR1")
+    assert ("requeueing the job" in job_output(tmp_path)) == (how == "USR1")
 
 
 def test_two_preemptions_in_one_run_resume_bit_identically(slurm_env, uninterrupted, tmp_path):
@@ -182,7 +181,7 @@ def test_two_preemptions_in_one_run_resume_bit_identically(slurm_env, uninterrup
     wait_for_a_save(slurm_env, job, last, after_ns=0)
     first = preempt(slurm_env, job, "USR1", tmp_path)
     wait_for_a_save(slurm_env, job, last, after_ns=last.stat().st_mtime_ns)  # the next epoch's end
-    second = preempt(slurm_env, job, "TERM", tmp_path)
+    second = preempt(slurm_env, job, "requeue", tmp_path)
     assert 4 <= first < 8 <= second < 12, (first, second)
     assert_completed_like_uninterrupted(slurm_env, job, tmp_path, uninterrupted, [first, second])
 
