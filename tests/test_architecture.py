@@ -170,3 +170,38 @@ def test_no_module_imports_private_names_of_another():
     assert not bad, (
         "private names imported from other modules (make them public or move them):\n" + "\n".join(bad)
     )
+
+
+def builds_confusion_matrix(tree: ast.AST) -> list[int]:
+    """Lines importing torchmetrics or counting ``bincount(a * n + b)``: a confusion matrix built."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(name.split(".")[0] == "torchmetrics" for name in names):
+                lines.append(node.lineno)
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) == "bincount"
+        ):
+            arg = node.args[0] if node.args else None
+            if (
+                isinstance(arg, ast.BinOp)
+                and isinstance(arg.left, ast.BinOp)
+                and isinstance(arg.left.op, ast.Mult)
+            ):
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_only_the_scoring_core_builds_confusion_matrices():
+    assert builds_confusion_matrix(
+        ast.parse("torch.bincount(t * n + p)\nfrom torchmetrics import Metric")
+    ) == [1, 2]
+    bad = [
+        f"{module}:{line}"
+        for module, path in MODULES.items()
+        if module != "lseg.evaluate.metrics"
+        for line in builds_confusion_matrix(ast.parse(path.read_text(encoding="utf-8")))
+    ]
+    assert not bad, "confusion matrices built outside lseg.evaluate.metrics:\n" + "\n".join(bad)

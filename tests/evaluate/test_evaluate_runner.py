@@ -6,6 +6,7 @@ import json
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -13,7 +14,15 @@ from torch.utils.data import Dataset
 
 from lseg.errors import LSegError
 from lseg.evaluate.labels import LabelSpace, apply_synonyms, read_labels_file, read_synonyms
-from lseg.evaluate.runner import ShardSampler, evaluate_dataset, predict_classes
+from lseg.evaluate.metrics import SegmentationMetrics, confusion_matrix, metrics_from_confusion
+from lseg.evaluate.runner import (
+    EvaluationSettings,
+    ExampleTracker,
+    ImageScore,
+    ShardSampler,
+    evaluate_dataset,
+    predict_classes,
+)
 from lseg.model.lseg import LSegOutput
 from lseg.processing import LSegImageProcessor
 
@@ -169,3 +178,42 @@ def test_label_ids_beyond_the_classes_name_the_image():
     dataset.samples[1]["mask"][2, 2] = 7
     with pytest.raises(LSegError, match=r"img1.png: target labels must be in \[0, 3\)"):
         evaluate_dataset(FakeModel(), dataset)
+
+
+def test_reported_metrics_are_the_one_scorers_on_the_same_predictions():
+    """The total is `SegmentationMetrics` over the predictions, each image's scores come from its own
+    confusion matrix, and per-class accuracy is the scorer's (not computed again elsewhere)."""
+    dataset = Painted(4)
+    report = evaluate_dataset(FakeModel(), dataset, num_examples=1)
+    metric = SegmentationMetrics(3)
+    for sample, record in zip(dataset.samples, report.per_image, strict=True):
+        pred = sample["image"][0].long() // 50
+        metric.update(pred[None], sample["mask"][None])
+        own = metrics_from_confusion(confusion_matrix(pred, sample["mask"], 3))
+        assert (record.miou, record.pixel_accuracy) == (own["miou"], own["pixel_accuracy"])
+    assert report.metrics == metric.compute()
+    assert torch.equal(report.confmat, metric.confmat)
+
+
+def test_settings_are_checked_and_options_override_them():
+    with pytest.raises(LSegError, match="rank_by"):
+        EvaluationSettings(rank_by="fwiou")
+    with pytest.raises(LSegError, match="batch_size"):
+        evaluate_dataset(FakeModel(), Painted(1), batch_size=0)
+    settings = EvaluationSettings(num_examples=0, max_images=2)
+    report = evaluate_dataset(FakeModel(), Painted(3), settings=settings, max_images=1)
+    assert report.images == 1 and report.best == report.worst == []
+
+
+def test_example_tracker_keeps_only_the_extremes():
+    tracker = ExampleTracker("miou", 1, num_classes=3)
+    for index, miou in enumerate([0.5, 0.9, math.nan, 0.1, 0.5]):
+        tracker.offer(ImageScore(index, f"{index}.png", miou, miou, 1), torch.zeros(2, 2, dtype=torch.long))
+    assert [e.score.index for _, e in tracker.best + tracker.worst] == [1, 3]
+    assert tracker.best[0][1].prediction.dtype == np.uint8
+
+
+def test_universal_mapping_stays_on_the_logits_device():
+    space = LabelSpace("universal", ["u0", "u1", "u2"], torch.tensor([0, 255, 1]))
+    pred = predict_classes(torch.zeros(2, 3, 4, 5, device="meta"), space, 2)
+    assert (pred.device.type, tuple(pred.shape)) == ("meta", (2, 4, 5))

@@ -82,3 +82,35 @@ def test_merged_metrics_equal_one_metric_over_all_data():
 def test_out_of_range_target_is_rejected():
     with pytest.raises(ValueError):
         SegmentationMetrics(num_classes=2).update(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 7]]))
+
+
+def test_fb_iou_and_per_class_accuracy_by_hand():
+    m = metrics_from_confusion(CONFMAT, background=0)
+    # per class: diagonal / ground-truth row: 2/3, 1/2, 1/1
+    assert m["per_class_accuracy"] == pytest.approx([2 / 3, 1 / 2, 1.0])
+    # classes 1 and 2 merged into foreground: [[2, 1], [0, 3]]; IoU background 2/3, foreground 3/4
+    assert m["fb_iou"] == pytest.approx((2 / 3 + 3 / 4) / 2)
+    assert "fb_iou" not in metrics_from_confusion(CONFMAT)  # no background class: no FB-IoU
+    two_classes = metrics_from_confusion(torch.tensor([[3, 1], [2, 4]]), background=0)
+    assert two_classes["fb_iou"] == fb_iou(torch.tensor([[3, 1], [2, 4]]))
+
+
+def test_counted_matrices_add_like_the_pixels_they_count():
+    """Callers that also score each image pass its confusion matrix: counted once, summed the same."""
+    from_pixels, from_counts = SegmentationMetrics(num_classes=3), SegmentationMetrics(num_classes=3)
+    from_pixels.update(PRED, TARGET)
+    from_counts.update(confusion_matrix(PRED, TARGET, 3))
+    from_counts.update(torch.stack([CONFMAT, CONFMAT]))  # a batch of matrices
+    from_pixels.update(PRED.expand(2, -1), TARGET.expand(2, -1))
+    assert torch.equal(from_counts.confmat, from_pixels.confmat)
+    assert from_counts.compute() == from_pixels.compute()
+    assert from_counts.confmat.dtype == torch.long
+
+
+def test_tensors_stay_on_the_inputs_device():
+    from lseg.evaluate.metrics import class_iou
+
+    iou = class_iou(torch.zeros(3, 3, dtype=torch.long, device="meta"))
+    assert (iou.device.type, iou.dtype) == ("meta", torch.float64)
+    merged = metrics_from_confusion(CONFMAT.to(torch.int32), background=0)  # any integer counts
+    assert merged == metrics_from_confusion(CONFMAT, background=0)

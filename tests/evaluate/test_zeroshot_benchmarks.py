@@ -194,3 +194,25 @@ def test_missing_files_and_bad_arguments_are_user_errors(pascal_root):
         build_episodes("pascal", pascal_root, 4)
     with pytest.raises(LSegError, match="pascal, coco, fss"):
         build_episodes("ade20k", pascal_root)
+
+
+def test_fold_scores_are_the_one_scorers_on_the_same_predictions(pascal_root):
+    """Per-class IoU is each class's own binary matrix, FB-IoU that of their sum (HSNet's meter)."""
+    from lseg.evaluate.metrics import SegmentationMetrics, fb_iou
+
+    def left_columns(images, labels):
+        fg = torch.zeros_like(images[:, 0])
+        fg[..., :6] = 1
+        return torch.stack([1 - fg, fg], dim=1)
+
+    dataset = build_episodes("pascal", pascal_root, 0, image_size=SIZE, max_episodes=3)
+    per_class = {name: SegmentationMetrics(2) for name in dataset.classes}
+    for index in range(len(dataset)):
+        image, mask, name = dataset[index]
+        per_class[name].update(left_columns(image[None], []).argmax(1), mask[None])
+    result = score_episodes(left_columns, "pascal", pascal_root, 0, image_size=SIZE, max_episodes=3)
+    seen = {n: m for n, m in per_class.items() if m.confmat.sum()}
+    for name, metric in seen.items():
+        assert result.per_class_iou[name] == metric.compute()["per_class_iou"][1]
+    assert result.fb_iou == fb_iou(sum(m.confmat for m in seen.values()))
+    assert result.miou == pytest.approx(sum(result.per_class_iou[n] for n in seen) / len(seen))

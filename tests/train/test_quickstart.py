@@ -118,3 +118,27 @@ def test_a_log_gets_progress_lines_not_a_bar_drawn_at_the_end(tmp_path, trained,
 
     assert quickstart_cli(tmp_path / "out", capsys) == (0, [])
     assert [type(c) for c in trained[-1]["callbacks"] if isinstance(c, LineProgress)] == [LineProgress]
+
+
+def test_quickstart_scores_are_the_one_scorers(tiny_model):
+    """The quickstart's numbers are `SegmentationMetrics` of the model's predictions, keys unchanged."""
+    import torch
+
+    from lseg.data import SYNTHETIC_CLASS_NAMES, SyntheticStreetScenes, eval_transform
+    from lseg.evaluate.metrics import SegmentationMetrics
+
+    processor = tiny_model.processor
+    scenes = SyntheticStreetScenes(
+        2, size=(32, 48), seed=3, transform=eval_transform(mean=processor.mean, std=processor.std)
+    )
+    labels = list(SYNTHETIC_CLASS_NAMES)
+    metric = SegmentationMetrics(len(labels))
+    text = tiny_model.encode_text(labels)
+    with torch.inference_mode():
+        for index in range(len(scenes)):
+            sample = scenes[index]
+            image = sample["image"].as_subclass(torch.Tensor)[None]
+            metric.update(tiny_model(image, text).logits, sample["mask"].as_subclass(torch.Tensor)[None])
+    expected = metric.compute()
+    del expected["per_class_accuracy"]
+    assert quickstart.evaluate(tiny_model, scenes, labels) == expected

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from lseg.errors import LSegError
-from lseg.model.card import update_card_metrics
-from lseg.model.checkpoint import is_model_folder
 
 SEGMENTATION_DATASETS = ("camvid", "ade20k", "mseg-ade20k", "mseg-coco-panoptic", "folder")
 ZEROSHOT_DATASETS = ("pascal-5i", "coco-20i", "fss-1000")
+SETTINGS = ("size", "crop_size", "stride", "batch_size", "num_workers", "max_images", "rank_by")  # options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -150,9 +149,7 @@ def _progress_bar(console: Any, description: str) -> tuple[Any, Any]:
     return bar, lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def _run_dataset(args: argparse.Namespace, device: Any) -> int:
-    from rich.console import Console
-
+def _run_dataset(args: argparse.Namespace, device: Any, console: Any) -> list[Path]:
     from lseg.evaluate import build_label_space, default_split, evaluate, is_main_process, load_dataset
     from lseg.evaluate import report as R
 
@@ -167,7 +164,6 @@ def _run_dataset(args: argparse.Namespace, device: Any) -> int:
         taxonomy_column=args.taxonomy_column,
     )
     model = _load_model(args, device)
-    console = Console(stderr=True)
     bar, progress = _progress_bar(console, "evaluating")
     with bar:
         report = evaluate(
@@ -175,71 +171,24 @@ def _run_dataset(args: argparse.Namespace, device: Any) -> int:
             dataset,
             args.protocol,
             space,
-            size=args.size,
-            crop_size=args.crop_size,
-            stride=args.stride,
             prompt_template=args.prompt_template,
             device=device,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            max_images=args.max_images,
-            rank_by=args.rank_by,
-            num_examples=args.examples,
             progress=progress,
+            num_examples=args.examples,
+            **{name: getattr(args, name) for name in SETTINGS},
         )
     if not is_main_process():
-        return 0
-    payload = {
-        **R.environment(report.device),
-        "command": "evaluate",
-        "checkpoint": R.checkpoint_info(args.checkpoint, args.preset),
-        "dataset": {
-            "name": args.dataset,
-            "root": str(Path(args.data_root).resolve()),
-            "split": split,
-            **({"sequences": args.sequences} if args.sequences else {}),
-        },
-        "config": {
-            "protocol": args.protocol,
-            "size": args.size,
-            "prompt_template": args.prompt_template,
-            "prompt_templates": report.extra["prompt_templates"],
-            "label_space": args.label_space,
-            "labels_file": args.labels_file,
-            "synonyms": args.synonyms,
-            "max_images": args.max_images,
-            "batch_size": args.batch_size,
-            "rank_by": args.rank_by,
-        },
-        **report.summary(),
-        **(
-            {"taxonomy_column": report.extra["taxonomy_column"]}
-            if report.extra.get("taxonomy_column")
-            else {}
-        ),
-    }
-    paths = R.write_staged(args.out, R.segmentation_writers(report, payload))
-    if args.checkpoint and is_model_folder(args.checkpoint):  # its model card records these results
-        paths += filter(None, [update_card_metrics(args.checkpoint, payload)])
-    m = report.metrics
-    R.print_summary(
+        return []
+    paths = R.write_dataset_report(report, vars(args), split)
+    R.print_segmentation(
+        report,
         f"lseg evaluate {args.dataset}/{split or '-'}: {report.images} image(s), "
         f"{report.images_per_second:.2f} images/s",
-        {
-            "pixel accuracy": m["pixel_accuracy"],
-            "mean class accuracy": m["mean_class_accuracy"],
-            "mIoU": m["miou"],
-            "fwIoU": m["fwiou"],
-        },
-        report.per_class_iou(),
     )
-    console.print(f"reports: {', '.join(str(p) for p in paths)}")
-    return 0
+    return paths
 
 
-def _run_zeroshot(args: argparse.Namespace, device: Any) -> int:
-    from rich.console import Console
-
+def _run_zeroshot(args: argparse.Namespace, device: Any, console: Any) -> list[Path]:
     from lseg.evaluate import evaluate_zeroshot
     from lseg.evaluate import report as R
     from lseg.evaluate.labels import read_synonyms
@@ -247,7 +196,6 @@ def _run_zeroshot(args: argparse.Namespace, device: Any) -> int:
 
     synonyms = read_synonyms(args.synonyms, benchmark_classes(args.dataset)) if args.synonyms else None
     model = _load_model(args, device)
-    console = Console(stderr=True)
     bar, progress = _progress_bar(console, "zero-shot episodes")
     with bar:
         report = evaluate_zeroshot(
@@ -265,51 +213,27 @@ def _run_zeroshot(args: argparse.Namespace, device: Any) -> int:
             max_episodes=args.max_images,
             progress=progress,
         )
-    payload = {
-        **R.environment(report.device),
-        "command": "evaluate",
-        "checkpoint": R.checkpoint_info(args.checkpoint, args.preset),
-        "dataset": {"name": args.dataset, "root": str(Path(args.data_root).resolve()), "fold": args.fold},
-        "config": {
-            "protocol": "single",
-            "image_size": report.image_size,
-            "prompt_template": args.prompt_template,
-            "prompt_templates": report.prompt_templates,
-            "background": args.background,
-            "synonyms": args.synonyms,
-            "max_episodes": args.max_images,
-            "batch_size": args.batch_size,
-        },
-        **report.summary(),
-    }
-    names, ious = list(report.per_class_iou), list(report.per_class_iou.values())
-    writers = [
-        (
-            R.IOU_CHART,
-            lambda p: R.plot_per_class_iou(names, ious, p, title=f"{args.dataset} fold {args.fold}"),
-        ),
-        (R.METRICS_FILE, lambda p: R.write_text(R.to_json(payload), p)),
-    ]
-    paths = R.write_staged(args.out, writers)
-    if args.checkpoint and is_model_folder(args.checkpoint):  # its model card records these results
-        paths += filter(None, [update_card_metrics(args.checkpoint, payload)])
+    paths = R.write_zeroshot_report(report, vars(args))
     R.print_summary(
         f"lseg evaluate {args.dataset} fold {args.fold}: {report.episodes} episode(s), "
         f"{report.images_per_second if report.seconds > 0 else 0:.2f} images/s",
         {"mIoU": report.miou, "FB-IoU": report.fb_iou},
         report.per_class_iou,
     )
-    console.print(f"reports: {', '.join(str(p) for p in paths)}")
-    return 0
+    return paths
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from lseg.evaluate import distributed_device
     from lseg.evaluate.report import require_matplotlib
 
     _check_args(args)
     require_matplotlib()  # fail before any inference, not after
+    console = Console(stderr=True)
     with distributed_device(args.device) as device:
-        if args.dataset in ZEROSHOT_DATASETS:
-            return _run_zeroshot(args, device)
-        return _run_dataset(args, device)
+        paths = (_run_zeroshot if args.dataset in ZEROSHOT_DATASETS else _run_dataset)(args, device, console)
+    if paths:
+        console.print(f"reports: {', '.join(str(p) for p in paths)}")
+    return 0

@@ -23,9 +23,16 @@ from lseg.data import build_dataset
 from lseg.device import resolve_device
 from lseg.errors import LSegError
 from lseg.evaluate.labels import LabelSpace, build_label_space, load_synonyms
-from lseg.evaluate.runner import EvaluationReport, evaluate_dataset
+from lseg.evaluate.runner import (
+    EvaluationReport,
+    EvaluationSettings,
+    dataset_classes,
+    embed_labels,
+    evaluate_dataset,
+    rank_world,
+)
 from lseg.evaluate.zeroshot import ZeroShotReport, benchmark_classes, score_episodes
-from lseg.inference import InferenceProtocol, get_protocol, resolve_protocol, run_protocol
+from lseg.inference import InferenceProtocol, get_protocol, run_protocol
 from lseg.precision import model_precision
 
 if TYPE_CHECKING:
@@ -96,11 +103,7 @@ def distributed_device(requested: str | torch.device = "auto") -> Iterator[torch
 
 def is_main_process() -> bool:
     """Whether this process writes reports: rank 0, or the only process."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return rank_world()[0] == 0
 
 
 def _model_device(model: Any) -> torch.device:
@@ -138,18 +141,10 @@ def evaluate(
     labels_file: str | Path | None = None,
     synonyms: Mapping[str, str] | str | Path | None = None,
     taxonomy_column: str | None = None,
-    size: int | None = None,
-    crop_size: int | None = None,
-    stride: int | None = None,
     prompt_template: str | None = None,
     device: str | torch.device | None = None,
-    batch_size: int = 1,
-    num_workers: int = 0,
-    max_images: int | None = None,
-    rank_by: str = "miou",
-    num_examples: int = 4,
-    dtype: str | torch.dtype | None = None,
     progress: Progress | None = None,
+    **options: Any,
 ) -> EvaluationReport:
     """Score `model` on `dataset` (e.g. `load_dataset("camvid", root)`) at the masks' resolution.
 
@@ -157,16 +152,13 @@ def evaluate(
     `LabelSpace`), `labels_file` or `synonyms` (a ``{class: word}`` mapping or file) say otherwise;
     ``label_space="universal"`` asks the 194 MSeg universal classes instead and maps the predictions to
     the dataset's classes through MSeg_master.tsv (column of the dataset's registry name, or
-    `taxonomy_column`). `protocol`, `size`, `crop_size` and `stride` go to
-    `lseg.inference.resolve_protocol`; `prompt_template` replaces the model's templates for this run.
-    `device` defaults to the model's; `dtype` is the forward passes' precision (`lseg.precision`:
-    float32, bfloat16, float16 or auto). Under torch.distributed each rank scores a shard; `progress(done,
-    total)` counts images over all ranks.
+    `taxonomy_column`). `prompt_template` replaces the model's templates for this run; `device`
+    defaults to the model's; `options` are the other `EvaluationSettings` (size, crop_size, stride,
+    batch_size, num_workers, max_images, rank_by, num_examples, dtype). Under torch.distributed each
+    rank scores a shard; `progress(done, total)` counts images over all ranks.
     """
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    class_names = getattr(base, "class_names", None)
-    if class_names is None:
-        raise LSegError("the dataset has no class_names")
+    class_names = dataset_classes(dataset)
     if isinstance(labels, LabelSpace):
         if (label_space, labels_file, synonyms, taxonomy_column) != ("dataset", None, None, None):
             raise LSegError("a LabelSpace already says which words to ask; drop the other label options")
@@ -181,35 +173,10 @@ def evaluate(
             synonyms=synonyms,
             taxonomy_column=taxonomy_column,
         )
-    if isinstance(protocol, str):
-        spec, resize = resolve_protocol(protocol, size, crop_size, stride)
-    else:
-        spec, resize = protocol, size
     device = _model_device(model) if device is None else resolve_device(device)
-    total = min(len(dataset), max_images or len(dataset))
-    world = _world_size()
-
-    def report_progress(done: int, _shard_total: int) -> None:
-        if progress is not None:
-            progress(min(done * world, total), total)
-
+    settings = EvaluationSettings(protocol=protocol, device=device, **options)
     with _prompt_template(model, prompt_template) as templates:
-        report = evaluate_dataset(
-            model,
-            dataset,
-            space,
-            spec,
-            device,
-            batch_size,
-            class_names=class_names,
-            size=resize,
-            num_workers=num_workers,
-            max_images=max_images,
-            rank_by=rank_by,
-            num_examples=num_examples,
-            dtype=dtype,
-            progress=report_progress,
-        )
+        report = evaluate_dataset(model, dataset, space, settings, class_names=class_names, progress=progress)
     report.extra["prompt_templates"] = templates
     return report
 
@@ -254,12 +221,7 @@ def evaluate_zeroshot(
         )
 
     with _prompt_template(model, prompt_template) as templates:
-        try:
-            model.encode_text([background])
-        except LSegError:
-            raise
-        except Exception as error:
-            raise LSegError(f"the model's text encoder cannot embed labels: {error}") from error
+        embed_labels(model, [background])
         report = score_episodes(
             predict,
             benchmark,

@@ -1,4 +1,5 @@
-"""Evaluation reports: metrics.json, per-class IoU bar chart, confusion matrix, best/worst grid, table.
+"""Evaluation reports: the metrics.json schema, per-class IoU bar chart, confusion matrix, best/worst
+grid, the model card entry and the console tables; `lseg evaluate` only calls these.
 
 Files are written into a hidden staging folder beside the output folder and moved into place only
 when all of them are complete, so a failure leaves no half-made report. Charts use matplotlib (the
@@ -14,10 +15,11 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -25,6 +27,12 @@ from PIL import Image, ImageDraw, ImageFont
 from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
 from lseg.files import check_output_folder, make_output_folder, write_text_atomic
+from lseg.model.card import update_card_metrics
+from lseg.model.checkpoint import is_model_folder
+
+if TYPE_CHECKING:
+    from lseg.evaluate.runner import EvaluationReport
+    from lseg.evaluate.zeroshot import ZeroShotReport
 
 METRICS_FILE = "metrics.json"
 IOU_CHART = "per_class_iou.png"
@@ -105,6 +113,87 @@ def environment(device: str) -> dict[str, Any]:
     if device.startswith("cuda") and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+# ----------------------------------------------------------------------------- metrics.json
+def segmentation_summary(report: EvaluationReport) -> dict[str, Any]:
+    """Every number of a dataset evaluation, JSON-ready (NaN kept as float; see `to_json`)."""
+    m = report.metrics
+    return {
+        "metrics": {
+            **_pick(m, "pixel_accuracy", "mean_class_accuracy", "miou", "fwiou"),
+            "per_class_iou": report.per_class_iou(),
+            "per_class_accuracy": dict(zip(report.class_names, m["per_class_accuracy"], strict=True)),
+            "classes_scored": int(sum(not math.isnan(v) for v in m["per_class_iou"])),
+        },
+        "class_names": report.class_names,
+        "labels": report.labels,
+        "label_space": report.label_space,
+        "protocol": asdict(report.protocol),
+        "size": report.size,
+        "timing": {
+            "images": report.images,
+            "seconds": report.seconds,
+            "model_seconds": report.model_seconds,
+            "images_per_second": report.images_per_second,
+            "world_size": report.world_size,
+        },
+        "device": report.device,
+        "rank_by": report.rank_by,
+        "best": [asdict(e.score) for e in report.best],
+        "worst": [asdict(e.score) for e in report.worst],
+        "per_image": [asdict(s) for s in report.per_image],
+        "confusion_matrix": report.confmat.tolist(),
+    }
+
+
+def _pick(choices: Mapping[str, Any], *names: str) -> dict[str, Any]:
+    return {name: choices[name] for name in names}
+
+
+def _payload(
+    report: EvaluationReport | ZeroShotReport, choices: Mapping[str, Any], dataset: dict, config: dict
+) -> dict[str, Any]:
+    """metrics.json: provenance, what was scored, the configuration and every number."""
+    return {
+        **environment(report.device),
+        "command": "evaluate",
+        "checkpoint": checkpoint_info(choices["checkpoint"], choices["preset"]),
+        "dataset": {"name": choices["dataset"], "root": str(Path(choices["data_root"]).resolve()), **dataset},
+        "config": config,
+        **report.summary(),
+    }
+
+
+def dataset_payload(
+    report: EvaluationReport, choices: Mapping[str, Any], split: str | None
+) -> dict[str, Any]:
+    """metrics.json of a dataset evaluation; `choices` are `lseg evaluate`'s options by name."""
+    config = {
+        **_pick(choices, "protocol", "size", "prompt_template"),
+        "prompt_templates": report.extra["prompt_templates"],
+        **_pick(choices, "label_space", "labels_file", "synonyms", "max_images", "batch_size", "rank_by"),
+    }
+    sequences = _pick(choices, "sequences") if choices["sequences"] else {}
+    column = report.extra.get("taxonomy_column")
+    return {
+        **_payload(report, choices, {"split": split, **sequences}, config),
+        **({"taxonomy_column": column} if column else {}),
+    }
+
+
+def zeroshot_payload(report: ZeroShotReport, choices: Mapping[str, Any]) -> dict[str, Any]:
+    """metrics.json of a zero-shot fold; `choices` are `lseg evaluate`'s options by name."""
+    config = {
+        "protocol": "single",
+        "image_size": report.image_size,
+        "prompt_template": choices["prompt_template"],
+        "prompt_templates": report.prompt_templates,
+        **_pick(choices, "background", "synonyms"),
+        "max_episodes": choices["max_images"],
+        "batch_size": choices["batch_size"],
+    }
+    return _payload(report, choices, {"fold": choices["fold"]}, config)
 
 
 # ----------------------------------------------------------------------------- staging
@@ -317,14 +406,6 @@ def _legend_lines(
     return lines
 
 
-def save_png(image: Image.Image, path: Path) -> None:
-    image.save(path, format="PNG")
-
-
-def write_text(text: str, path: Path) -> None:
-    write_text_atomic(path, text)
-
-
 # ----------------------------------------------------------------------------- console
 def _pct(value: float | None) -> str:
     return (
@@ -354,8 +435,30 @@ def print_summary(
     console.print(classes)
 
 
-def segmentation_writers(report: Any, payload: dict[str, Any]) -> list[tuple[str, Callable[[Path], None]]]:
-    """The (file name, writer) pairs of a dataset evaluation."""
+def print_segmentation(report: EvaluationReport, title: str, console: Any = None) -> None:
+    """The headline metrics and per-class IoU of a dataset evaluation."""
+    names = {"pixel accuracy": "pixel_accuracy", "mean class accuracy": "mean_class_accuracy"}
+    names |= {"mIoU": "miou", "fwIoU": "fwiou"}
+    scalars = {name: report.metrics[key] for name, key in names.items()}
+    print_summary(title, scalars, report.per_class_iou(), console)
+
+
+# ----------------------------------------------------------------------------- report folders
+def _publish(choices: Mapping[str, Any], writers: list, payload: dict[str, Any]) -> list[Path]:
+    """Write the files and metrics.json into ``choices["out"]`` (staged: all or none), then record the
+    scores in the model card of a local model folder ``choices["checkpoint"]``; the paths written."""
+    writers = [*writers, (METRICS_FILE, lambda p: write_text_atomic(p, to_json(payload)))]
+    paths, checkpoint = write_staged(choices["out"], writers), choices["checkpoint"]
+    if checkpoint and is_model_folder(checkpoint):
+        paths += filter(None, [update_card_metrics(checkpoint, payload)])
+    return paths
+
+
+def write_dataset_report(
+    report: EvaluationReport, choices: Mapping[str, Any], split: str | None
+) -> list[Path]:
+    """metrics.json (`dataset_payload`), the IoU and confusion charts and the best / worst grid of a
+    dataset evaluation, and its model card entry; `choices` are `lseg evaluate`'s options by name."""
     ious = report.metrics["per_class_iou"]
     writers: list[tuple[str, Callable[[Path], None]]] = [
         (IOU_CHART, lambda p: plot_per_class_iou(report.class_names, ious, p)),
@@ -363,6 +466,13 @@ def segmentation_writers(report: Any, payload: dict[str, Any]) -> list[tuple[str
     ]
     if report.best or report.worst:
         grid = examples_grid(report.best, report.worst, report.class_names, report.rank_by)
-        writers.append((EXAMPLES_GRID, lambda p: save_png(grid, p)))
-    writers.append((METRICS_FILE, lambda p: write_text(to_json(payload), p)))
-    return writers
+        writers.append((EXAMPLES_GRID, lambda p: grid.save(p, format="PNG")))
+    return _publish(choices, writers, dataset_payload(report, choices, split))
+
+
+def write_zeroshot_report(report: ZeroShotReport, choices: Mapping[str, Any]) -> list[Path]:
+    """metrics.json (`zeroshot_payload`) and the IoU chart of a zero-shot fold, and its model card entry."""
+    names, ious = list(report.per_class_iou), list(report.per_class_iou.values())
+    title = f"{choices['dataset']} fold {choices['fold']}"
+    writers = [(IOU_CHART, lambda p: plot_per_class_iou(names, ious, p, title=title))]
+    return _publish(choices, writers, zeroshot_payload(report, choices))

@@ -4,10 +4,10 @@ Each image goes through the model's processor (`model.processor`: long side resi
 normalised with the model's mean/std) and an inference protocol (`lseg.inference`, padding with the
 processor's black); the summed logits are resized bilinearly back to the size of the *original* label
 mask before the argmax, so every annotated pixel is scored exactly once whatever
-the inference resolution. The confusion matrix is a `SegmentationMetrics` (torchmetrics) state:
-under ``torch.distributed`` each rank scores its shard (a non-padding `DistributedSampler`) and the
-matrices are summed across ranks. Per-image scores (mIoU over the classes present in the image's
-ground truth or prediction, and pixel accuracy) are kept to pick the best and worst images.
+the inference resolution. Each image's confusion matrix is counted once, into the running
+`SegmentationMetrics` (summed across ranks) and into the image's own scores (mIoU over the classes in
+its ground truth or prediction, pixel accuracy), by which an `ExampleTracker` keeps the best and worst
+images. Each rank scores its shard (a non-padding `ShardSampler`); `gather_shards` merges them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import heapq
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,13 +26,54 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from lseg.errors import LSegError
+from lseg.evaluate import report as reports
 from lseg.evaluate.labels import IGNORE_INDEX, LabelSpace, dataset_label_space
-from lseg.evaluate.metrics import SegmentationMetrics, class_iou, confusion_matrix, metrics_from_confusion
+from lseg.evaluate.metrics import SegmentationMetrics, confusion_matrix, metrics_from_confusion
 from lseg.inference import InferenceProtocol, resolve_protocol, run_protocol
 from lseg.precision import model_precision
 from lseg.processing import LSegImageProcessor
 
 RANK_BY = ("miou", "pixel_accuracy")
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How a dataset is scored, in one place: protocol, resolution, precision, batching, examples kept.
+
+    A protocol name resolves with `size`, `crop_size` and `stride` (`inference.resolve_protocol`: `size`
+    resizes the image for single/slide, replaces the base size of lseg-ms); `dtype` is the forward
+    passes' precision (`lseg.precision`; default: the model's); `rank_by` ("miou" or "pixel_accuracy")
+    picks the `num_examples` best and worst images; `max_images` scores the first N.
+    """
+
+    protocol: str | InferenceProtocol = "single"
+    size: int | None = None
+    crop_size: int | None = None
+    stride: int | None = None
+    device: str | torch.device = "cpu"
+    dtype: str | torch.dtype | None = None
+    batch_size: int = 1
+    window_batch_size: int = 8
+    num_workers: int = 0
+    max_images: int | None = None
+    rank_by: str = "miou"
+    num_examples: int = 4
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise LSegError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.rank_by not in RANK_BY:
+            raise LSegError(f"rank_by must be one of {', '.join(RANK_BY)}, got {self.rank_by!r}")
+        if self.size is not None and self.size < 8:
+            raise LSegError(f"size must be at least 8 pixels, got {self.size}")
+        if self.max_images is not None and self.max_images < 1:
+            raise LSegError(f"max_images must be >= 1, got {self.max_images}")
+
+    def resolved_protocol(self) -> tuple[InferenceProtocol, int | None]:
+        """The protocol and the image size it runs at (a protocol name resolves its own size rule)."""
+        if isinstance(spec := self.protocol, str):
+            return resolve_protocol(spec, self.size, self.crop_size, self.stride)
+        return spec, self.size
 
 
 @dataclass
@@ -86,37 +127,8 @@ class EvaluationReport:
         return dict(zip(self.class_names, self.metrics["per_class_iou"], strict=True))
 
     def summary(self) -> dict[str, Any]:
-        """Plain-Python numbers (NaN kept as float; see `report.to_json`)."""
-        m = self.metrics
-        return {
-            "metrics": {
-                "pixel_accuracy": m["pixel_accuracy"],
-                "mean_class_accuracy": m["mean_class_accuracy"],
-                "miou": m["miou"],
-                "fwiou": m["fwiou"],
-                "per_class_iou": self.per_class_iou(),
-                "per_class_accuracy": dict(zip(self.class_names, m["per_class_accuracy"], strict=True)),
-                "classes_scored": int(sum(not math.isnan(v) for v in m["per_class_iou"])),
-            },
-            "class_names": self.class_names,
-            "labels": self.labels,
-            "label_space": self.label_space,
-            "protocol": asdict(self.protocol),
-            "size": self.size,
-            "timing": {
-                "images": self.images,
-                "seconds": self.seconds,
-                "model_seconds": self.model_seconds,
-                "images_per_second": self.images_per_second,
-                "world_size": self.world_size,
-            },
-            "device": self.device,
-            "rank_by": self.rank_by,
-            "best": [asdict(e.score) for e in self.best],
-            "worst": [asdict(e.score) for e in self.worst],
-            "per_image": [asdict(s) for s in self.per_image],
-            "confusion_matrix": self.confmat.tolist(),
-        }
+        """The numbers of metrics.json (`report.segmentation_summary`; NaN kept as float)."""
+        return reports.segmentation_summary(self)
 
 
 class ShardSampler(DistributedSampler):
@@ -136,16 +148,14 @@ class ShardSampler(DistributedSampler):
         return len(self.indices)
 
 
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without a process group."""
+    initialized = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
 
 
 def _gather(obj: Any) -> list[Any]:
-    if not distributed():
+    if rank_world()[1] == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -171,6 +181,24 @@ def _samples(loader: DataLoader) -> Iterator[list[dict[str, Any]]]:
         except LSegError as error:
             raise LSegError(_first_line(error)) from None
         yield batch
+
+
+def dataset_classes(dataset: Dataset) -> list[str]:
+    """The class names of a dataset (or of the dataset under a `Subset`)."""
+    names = getattr(dataset.dataset if isinstance(dataset, Subset) else dataset, "class_names", None)
+    if names is None:
+        raise LSegError("the dataset has no class_names; pass class_names=[...]")
+    return list(names)
+
+
+def embed_labels(model: Any, labels: Sequence[str]) -> Tensor:
+    """`model.encode_text(labels)`, where a text encoder that cannot embed them is the user's error."""
+    try:
+        return model.encode_text(labels)
+    except LSegError:
+        raise
+    except Exception as error:
+        raise LSegError(f"the model cannot embed the label text: {error}") from error
 
 
 def same_size_groups(batch: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
@@ -230,256 +258,224 @@ def predict_classes(logits: Tensor, space: LabelSpace, num_classes: int) -> Tens
     """
     if space.to_class is None:
         return logits.argmax(1)
-    to_class = space.to_class.to(logits.device)
-    keep = torch.nonzero(to_class != IGNORE_INDEX).squeeze(1)
+    keep = torch.nonzero(space.to_class != IGNORE_INDEX).squeeze(1)  # on the table's device
+    to_class, keep = space.to_class[keep].to(logits.device), keep.to(logits.device)
     probs = logits.softmax(1)
     mapped = probs.new_zeros(probs.shape[0], num_classes, *probs.shape[-2:])
-    mapped.index_add_(1, to_class[keep], probs[:, keep])
+    mapped.index_add_(1, to_class, probs[:, keep])
     return mapped.argmax(1)
 
 
-def image_scores(confmat: Tensor) -> tuple[float, float, int]:
-    """(mIoU over classes in GT or prediction, pixel accuracy, annotated pixels) of one image."""
-    iou = class_iou(confmat)
-    valid = iou[~iou.isnan()]
-    total = int(confmat.sum())
-    miou = float(valid.mean()) if valid.numel() else math.nan
-    accuracy = float(confmat.diagonal().sum()) / total if total else math.nan
-    return miou, accuracy, total
+class ExampleTracker:
+    """This rank's `k` best and `k` worst images by `rank_by`, keeping the predictions of those only.
+
+    Ties: best prefers low indices, worst high ones, so the two stay disjoint. Images without a score
+    (no annotated pixel) are never kept.
+    """
+
+    def __init__(self, rank_by: str, k: int, num_classes: int) -> None:
+        self.rank_by, self.k = rank_by, k
+        self.dtype = torch.uint8 if num_classes <= 256 else torch.int32  # of the kept predictions
+        self.best: list = []  # min-heap of ((score, -index), Example): the k highest
+        self.worst: list = []  # min-heap of ((-score, index), Example): the k lowest
+
+    def offer(self, score: ImageScore, prediction: Tensor) -> None:
+        """Keep the image if it is among the best or worst so far (`prediction`: its class ids)."""
+        value = getattr(score, self.rank_by)
+        if math.isnan(value) or self.k <= 0:
+            return
+        keys = ((self.best, (value, -score.index)), (self.worst, (-value, score.index)))
+        wanted = [(heap, key) for heap, key in keys if len(heap) < self.k or key > heap[0][0]]
+        if wanted:  # only then is the prediction copied
+            example = Example(score, prediction.to(self.dtype).cpu().numpy())
+            for heap, key in wanted:
+                (heapq.heappush if len(heap) < self.k else heapq.heapreplace)(heap, (key, example))
 
 
-def _qualifies(heap: list, k: int, key: tuple[float, int]) -> bool:
-    return k > 0 and (len(heap) < k or key > heap[0][0])
+@dataclass
+class ShardScores:
+    """What one rank measured: its running metric, kept examples, per-image scores and timings."""
+
+    metric: SegmentationMetrics
+    tracker: ExampleTracker
+    records: list[ImageScore] = field(default_factory=list)
+    seconds: float = 0.0
+    model_seconds: float = 0.0
 
 
-def _push(heap: list, k: int, key: tuple[float, int], item: Any) -> None:
-    """Keep the k items of largest `key` (keys are unique: they end with the image index)."""
-    if not _qualifies(heap, k, key):
-        return
-    if len(heap) < k:
-        heapq.heappush(heap, (key, item))
-    else:
-        heapq.heapreplace(heap, (key, item))
+def gather_shards(shard: ShardScores) -> tuple[list[ImageScore], list[Example], list[Example], float, float]:
+    """All ranks' per-image scores (in index order), the overall best (best first) and worst (worst
+    first) examples, and the slowest rank's seconds and model seconds. With fewer than 2k scored
+    images, best takes the better half."""
+    rank_by, k, kept = shard.tracker.rank_by, shard.tracker.k, shard.tracker.best + shard.tracker.worst
+    gathered = _gather((shard.records, [e for _, e in kept], shard.seconds, shard.model_seconds))
+    all_records = sorted((r for g in gathered for r in g[0]), key=lambda r: r.index)
+    unique = {e.score.index: e for g in gathered for e in g[1]}.values()
+    ordered = sorted(unique, key=lambda e: (-getattr(e.score, rank_by), e.score.index))  # best first
+    scored = sum(not math.isnan(getattr(r, rank_by)) for r in all_records)
+    n_best = min(k, math.ceil(scored / 2)) if k > 0 else 0
+    worst = list(reversed(ordered[n_best:]))[:k] if k > 0 else []
+    seconds, model_seconds = (max(g[i] for g in gathered) for i in (2, 3))
+    return all_records, ordered[:n_best], worst, seconds, model_seconds
 
 
-def _to_numpy_image(image: Tensor) -> np.ndarray:
-    return image.as_subclass(Tensor).permute(1, 2, 0).contiguous().numpy().astype(np.uint8)
+def shard_loader(dataset: Dataset, settings: EvaluationSettings, device: torch.device) -> DataLoader:
+    """This rank's loader over the dataset cut to `max_images` (``loader.dataset``); in the order of
+    ``loader.sampler``'s dataset indices."""
+    if settings.max_images is not None:
+        dataset = Subset(dataset, range(min(settings.max_images, len(dataset))))
+    if len(dataset) == 0:
+        raise LSegError("the dataset has no images")
+    sampler = ShardSampler(dataset) if rank_world()[1] > 1 else None
+    return DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        sampler=sampler,
+        num_workers=settings.num_workers,
+        collate_fn=list,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _score_shard(
+    model: Any,
+    loader: DataLoader,
+    space: LabelSpace,
+    num_classes: int,
+    settings: EvaluationSettings,
+    processor: LSegImageProcessor,
+    progress: Callable[[int, int], None] | None,
+) -> ShardScores:
+    """Predict every image of this rank's shard; count its confusion matrix once, into the running
+    metric and into its own scores (offered to the shard's `ExampleTracker`)."""
+    device = torch.device(settings.device)
+    spec, size = settings.resolved_protocol()
+    compute = model_precision(model, settings.dtype, device)
+    indices = list(loader.sampler)
+    shard = ShardScores(
+        SegmentationMetrics(num_classes).to(device),
+        ExampleTracker(settings.rank_by, settings.num_examples, num_classes),
+    )
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    text = embed_labels(model, space.labels).to(device)
+    sync()
+    started = time.perf_counter()
+    done = 0
+    for batch in _samples(loader):
+        for group in same_size_groups(batch):
+            tick = time.perf_counter()
+            resized = mask_logits(
+                lambda pixel_values: model(pixel_values, text).logits,
+                group,
+                processor,
+                spec,
+                size,
+                device=device,
+                dtype=compute,
+                model_dtype=getattr(model, "dtype", None),
+                window_batch_size=settings.window_batch_size,
+            )
+            preds = [predict_classes(r[None], space, num_classes)[0] for r in resized]
+            sync()
+            shard.model_seconds += time.perf_counter() - tick
+            for sample, pred in zip(group, preds, strict=True):
+                path = str(sample.get("path", ""))
+                target = sample["mask"].as_subclass(Tensor).to(device)
+                try:
+                    confmat = confusion_matrix(pred, target, num_classes)
+                except ValueError as error:  # label ids beyond the class list
+                    raise LSegError(f"{path or 'a sample'}: {error}") from None
+                shard.metric.update(confmat)
+                own = metrics_from_confusion(confmat := confmat.cpu())
+                index, pixels = indices[len(shard.records)], int(confmat.sum())
+                score = ImageScore(index, path, own["miou"], own["pixel_accuracy"], pixels)
+                shard.records.append(score)
+                shard.tracker.offer(score, pred)
+        done += len(batch)
+        if progress is not None:  # every rank runs at about the same pace
+            progress(min(done * rank_world()[1], len(loader.dataset)), len(loader.dataset))
+    sync()
+    shard.seconds = time.perf_counter() - started
+    return shard
 
 
 def evaluate_dataset(
     model: Any,
     dataset: Dataset,
     labels: Sequence[str] | LabelSpace | None = None,
-    protocol: str | InferenceProtocol = "single",
-    device: str | torch.device = "cpu",
-    batch_size: int = 1,
+    settings: EvaluationSettings | None = None,
     *,
     class_names: Sequence[str] | None = None,
-    size: int | None = None,
-    num_workers: int = 0,
-    max_images: int | None = None,
-    rank_by: str = "miou",
-    num_examples: int = 4,
-    dtype: str | torch.dtype | None = None,
-    window_batch_size: int = 8,
     processor: LSegImageProcessor | None = None,
-    ignore_index: int = IGNORE_INDEX,
     progress: Callable[[int, int], None] | None = None,
+    **options: Any,
 ) -> EvaluationReport:
     """Evaluate `model` on a dataset of ``{"image": uint8 3xHxW, "mask": HxW, "path": str}`` samples.
 
     Args:
         model: an `LSeg` (anything with ``encode_text(labels)``, ``processor`` and
-            ``model(pixel_values, label_embeds).logits``).
+            ``model(pixel_values, label_embeds).logits``); moved to the settings' device.
         dataset: e.g. `lseg.data.build_dataset(...)` *without* a transform (masks stay original size).
         labels: text per dataset class (default: the class names), or a `LabelSpace`
             (e.g. `labels.universal_label_space`) asking other labels and mapping them to the classes.
-        protocol: name or `InferenceProtocol`; run at the (resized) image, scored at mask resolution.
-        device: where the model runs (the model is moved there).
-        batch_size: images per forward pass; consecutive images of one size are batched together.
+        settings: how to score (`EvaluationSettings`); `options` are its fields, as a shorthand
+            (``evaluate_dataset(model, dataset, protocol="single", size=48)``) or overriding `settings`.
         class_names: dataset classes (default ``dataset.class_names``).
-        size: long side the model sees at scale 1 (None: original size): resizes the image for
-            single/slide, replaces the base size of lseg-ms/openscene (`inference.resolve_protocol`).
-        max_images: evaluate only the first N images.
-        rank_by: per-image score choosing best / worst images: "miou" or "pixel_accuracy".
-        num_examples: how many best and how many worst images to keep.
-        dtype: precision of the forward passes (`lseg.precision`; default: the model's, bf16 autocast on
-            CUDA).
         processor: how images become model input (default ``model.processor``, from its config).
-        progress: ``progress(done, total)`` after each batch (this rank's counts).
+        progress: ``progress(done, total)`` after each batch, counting images over all ranks.
     """
-    if batch_size < 1:
-        raise LSegError(f"batch_size must be >= 1, got {batch_size}")
-    if rank_by not in RANK_BY:
-        raise LSegError(f"rank_by must be one of {', '.join(RANK_BY)}, got {rank_by!r}")
-    if size is not None and size < 8:
-        raise LSegError(f"size must be at least 8 pixels, got {size}")
-    if class_names is None:
-        base = dataset.dataset if isinstance(dataset, Subset) else dataset
-        class_names = getattr(base, "class_names", None)
-        if class_names is None:
-            raise LSegError("the dataset has no class_names; pass class_names=[...]")
-    class_names = list(class_names)
-    num_classes = len(class_names)
+    settings = replace(settings or EvaluationSettings(), **options)
+    class_names = list(class_names or dataset_classes(dataset))
     space = labels if isinstance(labels, LabelSpace) else dataset_label_space(class_names, labels)
-    if isinstance(protocol, str):
-        spec, size = resolve_protocol(protocol, size)
-    else:
-        spec = protocol
-    device = torch.device(device)
-    compute = model_precision(model, dtype, device)
-    processor = processor or model.processor
-
-    if max_images is not None:
-        if max_images < 1:
-            raise LSegError(f"max_images must be >= 1, got {max_images}")
-        dataset = Subset(dataset, range(min(max_images, len(dataset))))
-    if len(dataset) == 0:
-        raise LSegError("the dataset has no images")
-    rank, world = _rank_world()
-    sampler = ShardSampler(dataset) if world > 1 else None
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=list,
-        pin_memory=device.type == "cuda",
-    )
-
+    spec, size = settings.resolved_protocol()
+    device = torch.device(settings.device)
+    loader = shard_loader(dataset, settings, device)
     if hasattr(model, "to"):
         model = model.to(device)
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()
-    metric = SegmentationMetrics(num_classes, ignore_index=ignore_index).to(device)
-    records: list[ImageScore] = []
-    best: list = []  # min-heap of ((score, -index), Example): the k highest
-    worst: list = []  # min-heap of ((-score, index), Example): the k lowest
-    total = len(sampler) if sampler is not None else len(dataset)
-    done = 0
-    model_seconds = 0.0
-    pred_dtype = torch.uint8 if num_classes <= 256 else torch.int32
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     try:
         with torch.no_grad():
-            try:
-                text = model.encode_text(space.labels)
-            except LSegError:
-                raise
-            except Exception as error:  # a model whose text encoder cannot embed labels
-                raise LSegError(f"the model cannot embed the label text: {error}") from error
-            text = text.to(device)
-
-            def forward(batch: Tensor) -> Tensor:
-                return model(batch, text).logits
-
-            sync()
-            started = time.perf_counter()
-            position = 0
-            indices = sampler.indices if sampler is not None else list(range(len(dataset)))
-            for batch in _samples(loader):
-                for group in same_size_groups(batch):
-                    masks = [s["mask"].as_subclass(Tensor) for s in group]
-                    tick = time.perf_counter()
-                    resized = mask_logits(
-                        forward,
-                        group,
-                        processor,
-                        spec,
-                        size,
-                        device=device,
-                        dtype=compute,
-                        model_dtype=getattr(model, "dtype", None),
-                        window_batch_size=window_batch_size,
-                    )
-                    preds = [predict_classes(r[None], space, num_classes)[0] for r in resized]
-                    sync()
-                    model_seconds += time.perf_counter() - tick
-                    for sample, mask, pred in zip(group, masks, preds, strict=True):
-                        target = mask.to(device)
-                        path = str(sample.get("path", ""))
-                        try:
-                            confmat = confusion_matrix(pred, target, num_classes, ignore_index)
-                        except ValueError as error:  # label ids beyond the class list
-                            raise LSegError(f"{path or 'a sample'}: {error}") from None
-                        metric.update(pred[None], target[None])
-                        confmat = confmat.cpu()
-                        miou, accuracy, pixels = image_scores(confmat)
-                        score = ImageScore(indices[position], path, miou, accuracy, pixels)
-                        position += 1
-                        records.append(score)
-                        key = miou if rank_by == "miou" else accuracy
-                        if math.isnan(key) or num_examples <= 0:
-                            continue
-                        # ties: best prefers low indices, worst high ones, so the two stay disjoint
-                        best_key, worst_key = (key, -score.index), (-key, score.index)
-                        if _qualifies(best, num_examples, best_key) or _qualifies(
-                            worst, num_examples, worst_key
-                        ):
-                            example = Example(score, pred.to(pred_dtype).cpu().numpy())
-                            _push(best, num_examples, best_key, example)
-                            _push(worst, num_examples, worst_key, example)
-                done += len(batch)
-                if progress is not None:
-                    progress(done, total)
-            sync()
-            seconds = time.perf_counter() - started
-            with metric.sync_context():
-                confmat = metric.confmat.detach().cpu().clone()
+            shard = _score_shard(
+                model,
+                loader,
+                space,
+                len(class_names),
+                replace(settings, device=device),
+                processor or model.processor,
+                progress,
+            )
+            with shard.metric.sync_context():
+                confmat = shard.metric.confmat.detach().cpu().clone()
     finally:
         if hasattr(model, "train"):
             model.train(was_training)
 
-    gathered = _gather(
-        {
-            "records": records,
-            "best": [e for _, e in best],
-            "worst": [e for _, e in worst],
-            "seconds": seconds,
-            "model_seconds": model_seconds,
-        }
-    )
-    all_records = sorted((r for g in gathered for r in g["records"]), key=lambda r: r.index)
-
-    def key_of(example: Example) -> float:
-        return getattr(example.score, rank_by)
-
-    candidates = {e.score.index: e for g in gathered for e in g["best"] + g["worst"]}.values()
-    ordered = sorted(candidates, key=lambda e: (-key_of(e), e.score.index))  # best first
-    scored = sum(not math.isnan(getattr(r, rank_by)) for r in all_records)
-    n_best = min(num_examples, math.ceil(scored / 2)) if num_examples > 0 else 0
-    best_examples = ordered[:n_best]
-    worst_examples = list(reversed(ordered[n_best:]))[:num_examples] if num_examples > 0 else []
-    if rank == 0:
-        for example in {id(e): e for e in best_examples + worst_examples}.values():
-            sample = dataset[example.score.index]
-            example.image = _to_numpy_image(sample["image"])
+    records, best, worst, seconds, model_seconds = gather_shards(shard)
+    rank, world = rank_world()
+    if rank == 0:  # only rank 0 draws the grid: it alone loads the pictures
+        for example in {id(e): e for e in best + worst}.values():
+            sample = loader.dataset[example.score.index]
+            example.image = sample["image"].as_subclass(Tensor).permute(1, 2, 0).numpy().astype(np.uint8)
             example.mask = sample["mask"].as_subclass(Tensor).numpy()
-
-    metrics = metrics_from_confusion(confmat)
-    gt = confmat.sum(1).double()
-    metrics["per_class_accuracy"] = torch.where(
-        gt > 0, confmat.diagonal().double() / gt.clamp(min=1), torch.full_like(gt, math.nan)
-    ).tolist()
     return EvaluationReport(
         class_names=class_names,
         labels=list(space.labels),
         label_space=space.name,
         confmat=confmat,
-        metrics=metrics,
-        per_image=all_records,
-        best=best_examples,
-        worst=worst_examples,
-        rank_by=rank_by,
-        images=len(all_records),
-        seconds=max(g["seconds"] for g in gathered),
-        model_seconds=max(g["model_seconds"] for g in gathered),
+        metrics=metrics_from_confusion(confmat),
+        per_image=records,
+        best=best,
+        worst=worst,
+        rank_by=settings.rank_by,
+        images=len(records),
+        seconds=seconds,
+        model_seconds=model_seconds,
         protocol=spec,
         size=size,
         device=str(device),

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
-from lseg.evaluate.metrics import confusion_matrix, fb_iou
+from lseg.evaluate.metrics import SegmentationMetrics
 from lseg.files import write_text_atomic
 from lseg.images import load_image, open_image
 from lseg.labels import class_words
@@ -396,7 +396,8 @@ def score_episodes(
         max_episodes=max_episodes,
     )
     class_index = {name: k for k, name in enumerate(dataset.classes)}
-    confmats = torch.zeros(len(dataset.classes), 2, 2, dtype=torch.long)
+    # [background, class 1..K]: class k's IoU is its episodes' foreground IoU, FB-IoU the summed one's
+    metric = SegmentationMetrics(len(dataset.classes) + 1, IGNORE_INDEX, background=0)
     episodes_per_class = torch.zeros(len(dataset.classes), dtype=torch.long)
     batches = list(_class_batches(dataset.episodes, batch_size))
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
@@ -408,22 +409,23 @@ def score_episodes(
                 raise ValueError(f"predict_fn must return [B, 2, h, w] logits, got {tuple(logits.shape)}")
             logits = resize_logits(logits.float(), masks.shape[-2:])
             k = class_index[names[0]]
-            confmats[k] += confusion_matrix(logits.argmax(1).cpu(), masks, 2, IGNORE_INDEX)
+            foreground = torch.where(masks == IGNORE_INDEX, masks, masks * (k + 1))
+            metric.update(logits.argmax(1).cpu() * (k + 1), foreground)
             episodes_per_class[k] += len(names)
             done += len(names)
             if progress is not None:
                 progress(done, len(dataset))
+    scores = metric.compute()
     seen = episodes_per_class > 0
-    inter = confmats[:, 1, 1].double()
-    union = (confmats[:, 1, 1] + confmats[:, 0, 1] + confmats[:, 1, 0]).double()
     # HSNet divides by max(union, 1): a seen class with empty prediction and ground truth scores 0.
-    iou = torch.where(seen, inter / union.clamp(min=1), torch.full_like(inter, math.nan))
+    iou = torch.tensor(scores["per_class_iou"][1:], dtype=torch.float64)
+    iou = torch.where(seen, iou.nan_to_num(0.0), torch.full_like(iou, math.nan))
     return ZeroShotReport(
         benchmark=dataset.benchmark,
         fold=fold,
         episodes=done,
         miou=float(iou[seen].mean()) if seen.any() else math.nan,
-        fb_iou=fb_iou(confmats[seen].sum(0)),
+        fb_iou=scores["fb_iou"],
         per_class_iou=dict(zip(dataset.classes, iou.tolist(), strict=True)),
         seconds=time.perf_counter() - started,
         device=str(device),
