@@ -5,11 +5,12 @@ from torchvision import tv_tensors
 
 from lseg.data import collate, eval_transform, train_transform
 from lseg.errors import LSegError
+from lseg.processing import LSegImageProcessor
 
 # ImageNet statistics (as the rn101 / resnet26d / convnext_tiny presets): mean != std != 0.5 shows
 # a transform that ignores the model's normalisation.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-NORM = {"mean": MEAN, "std": STD}
+PROCESSOR = LSegImageProcessor(MEAN, STD)
 
 # One saturated colour per class, far apart, none equal to the mean grey that padding uses.
 COLOURS = torch.tensor(
@@ -47,7 +48,7 @@ def interior(mask: torch.Tensor, radius: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("seed", range(12))
 def test_train_transform_keeps_image_and_mask_aligned(seed):
     torch.manual_seed(seed)
-    transform = train_transform(crop_size=48, base_size=80, scale_range=(0.5, 2.0), **NORM)
+    transform = train_transform(PROCESSOR, crop_size=48, base_size=80, scale_range=(0.5, 2.0))
     out = transform(block_sample(seed=seed))
     image, mask = out["image"], out["mask"]
     assert image.shape == (3, 48, 48) and image.dtype == torch.float32
@@ -62,7 +63,7 @@ def test_train_transform_keeps_image_and_mask_aligned(seed):
 
 def test_train_transform_pads_with_black_and_ignore():
     torch.manual_seed(0)
-    transform = train_transform(crop_size=32, base_size=40, scale_range=(0.5, 0.5), hflip=False, **NORM)
+    transform = train_transform(PROCESSOR, crop_size=32, base_size=40, scale_range=(0.5, 0.5), hflip=False)
     sample = block_sample()
     sample["mask"][:] = 1  # no ignore in the source, so ignore marks padding only
     out = transform(sample)
@@ -76,24 +77,24 @@ def test_train_transform_pads_with_black_and_ignore():
 
 def test_train_transform_colour_jitter_runs():
     torch.manual_seed(0)
-    out = train_transform(crop_size=32, base_size=64, color_jitter=True, **NORM)(block_sample())
+    out = train_transform(PROCESSOR, crop_size=32, base_size=64, color_jitter=True)(block_sample())
     assert out["image"].shape == (3, 32, 32) and out["mask"].dtype == torch.int64
 
 
 def test_train_transform_rejects_bad_scale_range():
     with pytest.raises(LSegError, match="scale_range"):
-        train_transform(scale_range=(2.0, 0.5), **NORM)
+        train_transform(PROCESSOR, scale_range=(2.0, 0.5))
 
 
 def test_eval_transform_keeps_aspect_ratio():
     sample = block_sample(60, 80)
-    out = eval_transform(size=120, **NORM)(sample)
+    out = eval_transform(PROCESSOR, size=120)(sample)
     assert out["image"].shape == (3, 90, 120) and out["mask"].shape == (90, 120)
     assert out["mask"].dtype == torch.int64 and out["image"].dtype == torch.float32
     labelled = (out["mask"] != 255) & interior(out["mask"])
     expected = normalised_colours()[out["mask"][labelled]]
     assert torch.allclose(out["image"].permute(1, 2, 0)[labelled], expected, atol=0.05)
-    same = eval_transform(**NORM)(block_sample(60, 80))
+    same = eval_transform(PROCESSOR)(block_sample(60, 80))
     assert same["image"].shape == (3, 60, 80) and torch.equal(same["mask"], sample["mask"])
     extremes = torch.tensor([[0.0] * 3, [1.0] * 3])  # black and white, normalised per channel
     normalised = (extremes - torch.tensor(MEAN)) / torch.tensor(STD)
@@ -101,9 +102,20 @@ def test_eval_transform_keeps_aspect_ratio():
     torch.testing.assert_close(same["image"].amax(dim=(1, 2)), normalised[1])
 
 
+@pytest.mark.parametrize("size", [None, 50, 120], ids=["as stored", "shrunk", "enlarged"])
+def test_the_eval_transform_gives_the_tensors_inference_gives(size):
+    """Training's held-out data and inference preprocess a picture identically: one owner, the processor."""
+    sample = block_sample(60, 80)
+    sample["image"] = tv_tensors.Image(torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8))
+    transformed = eval_transform(PROCESSOR, size)(sample)
+    inferred = PROCESSOR.preprocess(sample["image"].permute(1, 2, 0).numpy(), size)
+    assert torch.equal(transformed["image"], inferred.pixel_values[0])
+    assert transformed["mask"].shape == inferred.pixel_values.shape[-2:]
+
+
 def test_collate_pads_to_batch_max():
-    a = eval_transform(**NORM)(block_sample(20, 30))
-    b = eval_transform(**NORM)(block_sample(40, 10))
+    a = eval_transform(PROCESSOR)(block_sample(20, 30))
+    b = eval_transform(PROCESSOR)(block_sample(40, 10))
     batch = collate([a, b])
     assert batch["image"].shape == (2, 3, 40, 30) and batch["mask"].shape == (2, 40, 30)
     assert batch["mask"].dtype == torch.int64 and type(batch["image"]) is torch.Tensor

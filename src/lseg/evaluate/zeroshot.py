@@ -1,8 +1,10 @@
 """Zero-shot benchmarks of the LSeg paper: PASCAL-5i, COCO-20i and FSS-1000.
 
 The protocol follows the original evaluation (LSeg's fork of HSNet's few-shot loaders): each episode
-is one query image resized to 480 x 480 (bilinear, PIL), normalised, run once (no flip, single scale)
-against the two labels ``[background, class name]``; the mask is resized with nearest neighbour.
+is one query image resized to 480 x 480 (antialiased bilinear: the original used PIL's, this uses
+inference's `resize_bilinear`, the same convention in float instead of uint8), normalised with the
+model's processor, run once (no flip, single scale) against the two labels ``[background, class
+name]``; the mask is resized with nearest neighbour.
 Intersection and union of the foreground are accumulated per class over the episodes; the fold's mIoU
 is the mean foreground IoU over its classes and FB-IoU the mean of foreground and background IoU of
 the summed counts. Values are fractions in [0, 1].
@@ -39,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -47,7 +48,7 @@ from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
 from lseg.evaluate.metrics import SegmentationMetrics
 from lseg.files import write_text_atomic
-from lseg.images import load_image, open_image
+from lseg.images import load_image, open_image, resize_bilinear
 from lseg.labels import class_words
 from lseg.model.config import CLIP_MEAN_STD
 from lseg.processing import LSegImageProcessor, resize_logits
@@ -117,8 +118,8 @@ class EpisodeDataset(Dataset):
         episode = self.episodes[index]
         size = (self.image_size, self.image_size)
         stored = load_image(episode.image, exif_orientation=False)  # the pixels the mask was drawn on
-        rgb = Image.fromarray(stored).resize(size, Image.Resampling.BILINEAR)
-        image = self.processor.normalize(torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None])[0]
+        pixels = torch.from_numpy(stored).permute(2, 0, 1)[None].float().div_(255)
+        image = self.processor.normalize(resize_bilinear(pixels, size))[0]  # inference's resize, squared
         mask = self.binary_mask(episode)
         mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
         return image, mask, episode.class_name

@@ -217,14 +217,12 @@ class LSegDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         processor = self._processor()
-        mean, std = processor.mean, processor.std
         self._collate = partial(collate, pad_value=processor.pad_value())
         augment = train_transform(
+            processor,
             crop_size=self.crop_size,
             base_size=self.base_size,
             scale_range=self.scale_range,
-            mean=mean,
-            std=std,
             color_jitter=self.color_jitter,
         )
         datasets = []

@@ -195,7 +195,7 @@ def run_quickstart(out: Path, steps: int = 300, train_images: int = 256, seed: i
         32,
         size=tuple(size),
         seed=seed + 2000,
-        transform=eval_transform(mean=model.processor.mean, std=model.processor.std),
+        transform=eval_transform(model.processor),
     )
     synonyms = [SYNONYMS[name] for name in SYNTHETIC_CLASS_NAMES]
     results = {
