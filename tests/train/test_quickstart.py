@@ -128,9 +128,7 @@ def test_quickstart_scores_are_the_one_scorers(tiny_model):
     from lseg.evaluate.metrics import SegmentationMetrics
 
     processor = tiny_model.processor
-    scenes = SyntheticStreetScenes(
-        2, size=(32, 48), seed=3, transform=eval_transform(mean=processor.mean, std=processor.std)
-    )
+    scenes = SyntheticStreetScenes(2, size=(32, 48), seed=3, transform=eval_transform(processor))
     labels = list(SYNTHETIC_CLASS_NAMES)
     metric = SegmentationMetrics(len(labels))
     text = tiny_model.encode_text(labels)
