@@ -192,7 +192,7 @@ def test_missing_files_and_bad_arguments_are_user_errors(pascal_root):
         build_episodes("pascal", pascal_root, 0, max_episodes=4)
     with pytest.raises(LSegError, match="fold"):
         build_episodes("pascal", pascal_root, 4)
-    with pytest.raises(LSegError, match="pascal, coco, fss"):
+    with pytest.raises(LSegError, match="pascal-5i, coco-20i, fss-1000"):
         build_episodes("ade20k", pascal_root)
 
 

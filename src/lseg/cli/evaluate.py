@@ -13,23 +13,29 @@ from typing import Any
 
 from lseg.errors import LSegError
 
-SEGMENTATION_DATASETS = ("camvid", "ade20k", "mseg-ade20k", "mseg-coco-panoptic", "folder")
-ZEROSHOT_DATASETS = ("pascal-5i", "coco-20i", "fss-1000")
 SETTINGS = ("size", "crop_size", "stride", "batch_size", "num_workers", "max_images", "rank_by")  # options
+
+
+def zeroshot_names() -> list[str]:
+    """The zero-shot benchmarks by their command-line names, from the benchmark registry."""
+    from lseg.evaluate.zeroshot import BENCHMARKS
+
+    return [record.display for record in BENCHMARKS.values()]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from lseg.cli.common import add_model_arguments
+    from lseg.data import DATASETS
 
     parser = subparsers.add_parser(
         "evaluate",
         help="score a model on a segmentation dataset or a zero-shot benchmark",
         description="Evaluate a model: pixel accuracy, mean class accuracy, mIoU, fwIoU and per-class IoU "
-        "at the original label resolution (or, for pascal-5i / coco-20i / fss-1000, zero-shot mIoU and "
+        f"at the original label resolution (or, for {' / '.join(zeroshot_names())}, zero-shot mIoU and "
         "FB-IoU of one fold). Writes metrics.json and charts into --out; see docs/evaluation.md.",
     )
     parser.add_argument(
-        "--dataset", required=True, choices=SEGMENTATION_DATASETS + ZEROSHOT_DATASETS, help="dataset to score"
+        "--dataset", required=True, choices=[*DATASETS, *zeroshot_names()], help="dataset to score"
     )
     parser.add_argument("--data-root", required=True, help="dataset root folder")
     parser.add_argument(
@@ -119,7 +125,7 @@ def _check_args(args: argparse.Namespace) -> None:
     check_output_folder(args.out)
     if args.sequences is not None and args.dataset != "camvid":
         raise LSegError(f"--sequences selects CamVid drives; --dataset {args.dataset} has none")
-    if args.dataset in ZEROSHOT_DATASETS:
+    if args.dataset in zeroshot_names():
         if args.label_space != "dataset":
             raise LSegError(
                 "--label-space universal applies to segmentation datasets, not zero-shot benchmarks"
@@ -233,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     require_matplotlib()  # fail before any inference, not after
     console = Console(stderr=True)
     with distributed_device(args.device) as device:
-        paths = (_run_zeroshot if args.dataset in ZEROSHOT_DATASETS else _run_dataset)(args, device, console)
+        paths = (_run_zeroshot if args.dataset in zeroshot_names() else _run_dataset)(args, device, console)
     if paths:
         console.print(f"reports: {', '.join(str(p) for p in paths)}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,17 +37,44 @@ CAMVID_CLASSES = (
 # SegNet CamVid names that differ from the MSeg taxonomy's ``camvid-11`` column (for taxonomy.label_id_map).
 CAMVID_TAXONOMY_ALIASES = {"Column_Pole": "Pole", "Sidewalk": "Pavement"}
 
-LAYOUTS = {
-    "camvid": "ROOT/{train,val}.txt with lines 'train/X.png trainannot/X.png' (SegNet CamVid)",
-    "ade20k": "ROOT/images/{training,validation}/*.jpg and ROOT/annotations/{training,validation}/*.png "
-    "(ADEChallengeData2016)",
-    "mseg-coco-panoptic": "ROOT/COCOPanoptic/images/{train,val}2017/*.jpg and "
-    "ROOT/COCOPanoptic/semantic_relabeled133/{train,val}2017/*.png (MSeg)",
-    "mseg-ade20k": "ROOT/ADE20K/images/{training,validation}/*.jpg and "
-    "ROOT/ADE20K/annotations_semseg150_relabeled/{training,validation}/*.png (MSeg)",
-    "folder": "ROOT/images/[SPLIT/]*.jpg, ROOT/masks/[SPLIT/]*.png (same stems) and ROOT/names.txt "
-    "(one class name per line, line index = label id)",
-}
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """What the library knows of a dataset name, in one place (timm's and mmseg's registries are the
+    model): how to build it, its folder layout (in error messages and help), its MSeg_master.tsv
+    column (the universal label space; aliases: taxonomy name -> this dataset's class name), the split
+    evaluated when none is given, and the options `lseg evaluate` builds it with."""
+
+    name: str
+    builder: Callable[..., ListFileDataset]
+    layout: str
+    taxonomy_column: str | None = None
+    taxonomy_aliases: Mapping[str, str] = field(default_factory=dict)
+    default_split: str | None = "val"
+    evaluation_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+DATASETS: dict[str, DatasetRecord] = {}
+
+
+def register_dataset(name: str, *, layout: str, **record: Any) -> Callable[[Callable], Callable]:
+    """Decorator adding a builder `(root, split, transform=None, **options) -> ListFileDataset` to
+    `DATASETS` under `name`; training specs, `build_dataset`, `lseg evaluate --dataset` and the docs'
+    lists all read it. `record` holds the other `DatasetRecord` fields."""
+
+    def register(builder: Callable[..., ListFileDataset]) -> Callable[..., ListFileDataset]:
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is already registered")
+        DATASETS[name] = DatasetRecord(name, builder, layout, **record)
+        return builder
+
+    return register
+
+
+def dataset_record(name: str) -> DatasetRecord:
+    if name not in DATASETS:
+        raise LSegError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
 
 
 def _lookup_table(
@@ -211,7 +239,7 @@ class ListFileDataset(Dataset):
 def _require(dataset: str, *paths: Path) -> None:
     for path in paths:
         if not path.exists():
-            raise LSegError(f"{dataset}: {path} not found; expected layout: {LAYOUTS[dataset]}")
+            raise LSegError(f"{dataset}: {path} not found; expected layout: {DATASETS[dataset].layout}")
 
 
 def _split_folder(dataset: str, split: str, folders: Mapping[str, str]) -> str:
@@ -238,6 +266,12 @@ def scan_pairs(images_dir: PathLike, masks_dir: PathLike) -> list[tuple[str, str
     return pairs
 
 
+@register_dataset(
+    "camvid",
+    layout="ROOT/{train,val}.txt with lines 'train/X.png trainannot/X.png' (SegNet CamVid)",
+    taxonomy_column="camvid-11",
+    taxonomy_aliases=CAMVID_TAXONOMY_ALIASES,
+)
 def camvid(
     root: PathLike,
     split: str,
@@ -283,6 +317,11 @@ def ade20k_names() -> list[str]:
     return bundled_names("ade20k_150")
 
 
+@register_dataset(
+    "ade20k",
+    layout="ROOT/images/{training,validation}/*.jpg and ROOT/annotations/{training,validation}/*.png "
+    "(ADEChallengeData2016)",
+)
 def ade20k(
     root: PathLike,
     split: str,
@@ -331,6 +370,13 @@ def _mseg(
     return ListFileDataset(data_root, pairs, names, transform=transform, name=dataset, id_map=id_map, **kw)
 
 
+@register_dataset(
+    "mseg-ade20k",
+    layout="ROOT/ADE20K/images/{training,validation}/*.jpg and "
+    "ROOT/ADE20K/annotations_semseg150_relabeled/{training,validation}/*.png (MSeg)",
+    taxonomy_column="ade20k-150-relabeled",
+    evaluation_options={"taxonomy": "dataset"},
+)
 def mseg_ade20k(
     root: PathLike,
     split: str,
@@ -352,6 +398,13 @@ def mseg_ade20k(
     )  # fmt: skip
 
 
+@register_dataset(
+    "mseg-coco-panoptic",
+    layout="ROOT/COCOPanoptic/images/{train,val}2017/*.jpg and "
+    "ROOT/COCOPanoptic/semantic_relabeled133/{train,val}2017/*.png (MSeg)",
+    taxonomy_column="coco-panoptic-133-relabeled",
+    evaluation_options={"taxonomy": "dataset"},
+)
 def mseg_coco_panoptic(
     root: PathLike,
     split: str,
@@ -386,6 +439,12 @@ def image_folder(
     return ListFileDataset(images_dir, pairs, read_names(names_file), transform=transform, name=name, **kw)
 
 
+@register_dataset(
+    "folder",
+    layout="ROOT/images/[SPLIT/]*.jpg, ROOT/masks/[SPLIT/]*.png (same stems) and ROOT/names.txt "
+    "(one class name per line, line index = label id)",
+    default_split=None,
+)
 def folder(
     root: PathLike, split: str | None = None, transform: Transform | None = None, **kw: Any
 ) -> ListFileDataset:
@@ -396,19 +455,9 @@ def folder(
     return image_folder(root / "images" / sub, root / "masks" / sub, root / "names.txt", transform, **kw)
 
 
-DATASETS: dict[str, Callable[..., ListFileDataset]] = {
-    "camvid": camvid,
-    "ade20k": ade20k,
-    "mseg-coco-panoptic": mseg_coco_panoptic,
-    "mseg-ade20k": mseg_ade20k,
-    "folder": folder,
-}
-
-
 def build_dataset(name: str, root: PathLike, split: str | None, **kw: Any) -> ListFileDataset:
     """Dataset by registry name; extra keywords (``transform``, ``unknown_ids``, ...) go to its definition."""
-    if name not in DATASETS:
-        raise LSegError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    record = dataset_record(name)
     if not Path(root).is_dir():
-        raise LSegError(f"{name} root {root} not found; expected layout: {LAYOUTS[name]}")
-    return DATASETS[name](root, split, **kw)
+        raise LSegError(f"{name} root {root} not found; expected layout: {record.layout}")
+    return record.builder(root, split, **kw)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
-from lseg.data import build_dataset
+from lseg.data import build_dataset, dataset_record
 from lseg.device import resolve_device
 from lseg.errors import LSegError
 from lseg.evaluate.labels import LabelSpace, build_label_space, load_synonyms
@@ -44,8 +44,8 @@ Progress = Callable[[int, int], None]
 
 # ----------------------------------------------------------------------------- datasets
 def default_split(dataset: str) -> str | None:
-    """The split evaluated when none is given: val, or none for a `folder` dataset (ROOT/images)."""
-    return None if dataset == "folder" else "val"
+    """The split evaluated when none is given (its registry record's: val, none for `folder`)."""
+    return dataset_record(dataset).default_split
 
 
 def load_dataset(
@@ -57,7 +57,7 @@ def load_dataset(
     `sequences` (CamVid only) keeps those drives, e.g. a drive held out of training.
     """
     split = default_split(name) if split is None else split
-    extra = {"taxonomy": "dataset"} if name.startswith("mseg-") else {}
+    extra = dict(dataset_record(name).evaluation_options)
     if sequences is not None:
         if name != "camvid":
             raise LSegError(f"sequences select CamVid drives; dataset '{name}' has none")

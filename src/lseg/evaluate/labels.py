@@ -28,13 +28,6 @@ from lseg.labels import class_words, validate_labels
 
 LABEL_SPACES = ("dataset", "universal")
 
-# Dataset registry name -> (MSeg_master.tsv column naming its classes, aliases taxonomy name -> dataset name).
-TAXONOMY_COLUMNS: dict[str, tuple[str, dict[str, str] | None]] = {
-    "camvid": ("camvid-11", None),  # aliases filled lazily (lseg.data.CAMVID_TAXONOMY_ALIASES)
-    "mseg-ade20k": ("ade20k-150-relabeled", None),
-    "mseg-coco-panoptic": ("coco-panoptic-133-relabeled", None),
-}
-
 
 def read_labels_file(path: str | Path, class_names: Sequence[str]) -> list[str]:
     """One label per non-empty line, line ``i`` for class ``i``; the count must match the classes."""
@@ -131,18 +124,16 @@ def taxonomy_column(dataset: str, column: str | None = None) -> tuple[str, dict[
                 f"unknown taxonomy column {column!r}; choose one of {', '.join(dataset_columns())}"
             )
         return column, None
-    if dataset not in TAXONOMY_COLUMNS:
-        raise LSegError(
-            f"--label-space universal needs the dataset's column in MSeg_master.tsv; known for "
-            f"{', '.join(TAXONOMY_COLUMNS)} (for ADE20K use mseg-ade20k); for other datasets pass "
-            "--taxonomy-column COLUMN"
-        )
-    found, aliases = TAXONOMY_COLUMNS[dataset]
-    if dataset == "camvid":
-        from lseg.data import CAMVID_TAXONOMY_ALIASES
+    from lseg.data import DATASETS
 
-        aliases = dict(CAMVID_TAXONOMY_ALIASES)
-    return found, aliases
+    record = DATASETS.get(dataset)
+    if record is None or record.taxonomy_column is None:
+        known = ", ".join(name for name, known in DATASETS.items() if known.taxonomy_column)
+        raise LSegError(
+            f"--label-space universal needs the dataset's column in MSeg_master.tsv; known for {known} "
+            "(for ADE20K use mseg-ade20k); for other datasets pass --taxonomy-column COLUMN"
+        )
+    return record.taxonomy_column, dict(record.taxonomy_aliases) or None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,14 +54,37 @@ from lseg.labels import class_words
 from lseg.model.config import CLIP_MEAN_STD
 from lseg.processing import LSegImageProcessor, resize_logits
 
-BENCHMARKS = ("pascal", "coco", "fss")
-_ALIASES = {
-    "pascal-5i": "pascal",
-    "pascal5i": "pascal",
-    "coco-20i": "coco",
-    "coco20i": "coco",
-    "fss-1000": "fss",
-}
+
+@dataclass(frozen=True)
+class BenchmarkRecord:
+    """A zero-shot benchmark: its `EpisodeDataset` class (built as `builder(root, fold, **options)`),
+    its name on the command line, its number of folds, other accepted names, and whether it samples
+    its episodes (`num_episodes`, `seed`)."""
+
+    name: str
+    builder: type[EpisodeDataset]
+    display: str
+    folds: int
+    aliases: tuple[str, ...] = ()
+    samples_episodes: bool = False
+
+
+BENCHMARKS: dict[str, BenchmarkRecord] = {}
+
+
+def register_benchmark(name: str, **record: Any) -> Callable[[type], type]:
+    """Class decorator adding an `EpisodeDataset` to `BENCHMARKS`; `lseg evaluate --dataset` and
+    `build_episodes` read it. `record` holds the other `BenchmarkRecord` fields."""
+
+    def register(builder: type[EpisodeDataset]) -> type[EpisodeDataset]:
+        if name in BENCHMARKS:
+            raise ValueError(f"benchmark {name!r} is already registered")
+        BENCHMARKS[name] = BenchmarkRecord(name, builder, **record)
+        return builder
+
+    return register
+
+
 _FSS_TEST = slice(760, 1000)
 
 PredictFn = Callable[[Tensor, list[str]], Tensor]
@@ -175,6 +199,7 @@ def _find_root(
     raise LSegError(f"{name} data not found under {root}; expected layout {layout}")
 
 
+@register_benchmark("pascal", display="pascal-5i", folds=4, aliases=("pascal5i",))
 class PascalEpisodes(EpisodeDataset):
     """PASCAL-5i validation episodes of one fold (packaged HSNet lists)."""
 
@@ -182,7 +207,6 @@ class PascalEpisodes(EpisodeDataset):
     layout = "<root>/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png}"
 
     def __init__(self, root: str | Path, fold: int, **kwargs: object) -> None:
-        _check_fold(fold, 4)
         base = _find_root(
             Path(root),
             ("VOCdevkit/VOC2012", "VOC2012", "."),
@@ -213,6 +237,7 @@ class PascalEpisodes(EpisodeDataset):
         return mask
 
 
+@register_benchmark("coco", display="coco-20i", folds=4, aliases=("coco20i",), samples_episodes=True)
 class CocoEpisodes(EpisodeDataset):
     """COCO-20i val2014 episodes of one fold, sampled like HSNet (`num_episodes=None`: every pair)."""
 
@@ -222,7 +247,6 @@ class CocoEpisodes(EpisodeDataset):
     def __init__(
         self, root: str | Path, fold: int, *, num_episodes: int | None = 1000, seed: int = 0, **kwargs: object
     ) -> None:
-        _check_fold(fold, 4)
         base = _find_root(
             Path(root), ("COCO2014", "."), ("val2014", "annotations/val2014"), "COCO-20i", self.layout
         )
@@ -271,13 +295,14 @@ def _coco_class_index(annotations: Path) -> dict[str, list[int]]:
     return index
 
 
+@register_benchmark("fss", display="fss-1000", folds=1)
 class FssEpisodes(EpisodeDataset):
     """FSS-1000 test episodes: the 240 test classes, images 2..10 of each as queries."""
 
     benchmark = "fss"
     layout = "<root>/fewshot_data/<class>/{<n>.jpg, <n>.png} for the 240 FSS-1000 test classes"
 
-    def __init__(self, root: str | Path, **kwargs: object) -> None:
+    def __init__(self, root: str | Path, fold: int = 0, **kwargs: object) -> None:  # one fold
         classes = _resource_lines("fewshot_fss.txt")[_FSS_TEST]
         root = Path(root)
         found = [
@@ -307,17 +332,19 @@ class FssEpisodes(EpisodeDataset):
         return (raw >= 128).long()
 
 
-def _check_fold(fold: int, folds: int) -> None:
-    if not 0 <= fold < folds:
-        raise LSegError(f"fold must be in 0..{folds - 1}, got {fold}")
+def benchmark_record(benchmark: str) -> BenchmarkRecord:
+    """The record of a benchmark by name, command-line name or alias (``pascal-5i``, ``coco20i``, ...)."""
+    wanted = benchmark.lower()
+    for record in BENCHMARKS.values():
+        if wanted in (record.name, record.display, *record.aliases):
+            return record
+    names = ", ".join(record.display for record in BENCHMARKS.values())
+    raise LSegError(f"unknown zero-shot benchmark {benchmark!r}; choose one of: {names}")
 
 
 def canonical_benchmark(benchmark: str) -> str:
     """'pascal', 'coco' or 'fss' for a benchmark name or alias (``pascal-5i``, ``coco-20i``, ``fss-1000``)."""
-    name = _ALIASES.get(benchmark.lower(), benchmark.lower())
-    if name not in BENCHMARKS:
-        raise LSegError(f"unknown zero-shot benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}")
-    return name
+    return benchmark_record(benchmark).name
 
 
 def benchmark_classes(benchmark: str) -> list[str]:
@@ -338,14 +365,13 @@ def build_episodes(
     max_episodes: int | None = None,
 ) -> EpisodeDataset:
     """Episode dataset of a benchmark ('pascal', 'coco' or 'fss'; FSS-1000 has the single fold 0)."""
-    name = canonical_benchmark(benchmark)
-    kwargs = {"image_size": image_size, "mean": mean, "std": std, "max_episodes": max_episodes}
-    if name == "pascal":
-        return PascalEpisodes(root, fold, **kwargs)
-    if name == "coco":
-        return CocoEpisodes(root, fold, num_episodes=coco_episodes, seed=seed, **kwargs)
-    _check_fold(fold, 1)
-    return FssEpisodes(root, **kwargs)
+    record = benchmark_record(benchmark)
+    if not 0 <= fold < record.folds:
+        raise LSegError(f"fold must be in 0..{record.folds - 1}, got {fold}")
+    sampling = {"num_episodes": coco_episodes, "seed": seed} if record.samples_episodes else {}
+    return record.builder(
+        root, fold, image_size=image_size, mean=mean, std=std, max_episodes=max_episodes, **sampling
+    )
 
 
 def _class_batches(episodes: Sequence[Episode], batch_size: int) -> Iterator[list[int]]:
