@@ -13,8 +13,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint", help="model folder (save_pretrained), .ckpt file, or hub repo id")
     group.add_argument(
         "--preset",
-        help="build a preset instead (tiny, vit_b16, vit_l16, ...); pretrained backbone/text weights "
-        "are downloaded where the preset asks for them, the LSeg head and decoder are random",
+        help="build a preset instead (tiny, vit_b16, vit_l16, ..., or a config JSON file); pretrained "
+        "backbone/text weights are downloaded where the preset asks for them, the LSeg head and decoder "
+        "are random",
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     add_dtype_argument(parser)

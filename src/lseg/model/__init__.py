@@ -1,6 +1,13 @@
 """LSeg model: image encoders (timm), DPT decoder, LSeg head, frozen text encoders."""
 
-from lseg.model.config import ImageEncoderConfig, LSegConfig, TextEncoderConfig, load_preset, preset_names
+from lseg.model.config import (
+    ImageEncoderConfig,
+    LSegConfig,
+    TextEncoderConfig,
+    add_preset,
+    load_preset,
+    preset_names,
+)
 from lseg.model.lseg import LSeg, LSegOutput, SegmentationResult
 
 __all__ = [
@@ -10,6 +17,7 @@ __all__ = [
     "LSegOutput",
     "SegmentationResult",
     "TextEncoderConfig",
+    "add_preset",
     "load_preset",
     "preset_names",
 ]

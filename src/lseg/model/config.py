@@ -8,10 +8,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from lseg.device import format_bytes, physical_memory
 from lseg.errors import LSegError
+from lseg.files import read_text
 from lseg.model.dpt import fusion_weight_count
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's cap on the inverse temperature
@@ -196,13 +198,45 @@ def _check_fields(data: Any, config_class: type, prefix: str, rules: dict[str, R
     return dict(data)
 
 
+_ADDED_PRESETS: dict[str, Path] = {}  # name -> a user's config JSON, by `add_preset`
+
+
+def add_preset(path: str | Path) -> list[str]:
+    """Make a config JSON file (or every `*.json` in a folder) a preset named by its file stem, as
+    open_clip's `add_model_config` does; each is read and checked now. The names added."""
+    path = Path(path)
+    found = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    if not found or not all(file.is_file() for file in found):
+        raise LSegError(f"no preset config (*.json) at {path}")
+    for file in found:
+        _read_config(file)
+    _ADDED_PRESETS.update({file.stem: file for file in found})
+    return [file.stem for file in found]
+
+
 def preset_names() -> list[str]:
     files = resources.files("lseg.model").joinpath("presets").iterdir()
-    return sorted(f.name.removesuffix(".json") for f in files if f.name.endswith(".json"))
+    return sorted(
+        {f.name.removesuffix(".json") for f in files if f.name.endswith(".json")} | set(_ADDED_PRESETS)
+    )
 
 
-def load_preset(name: str) -> LSegConfig:
+def load_preset(name: str | Path) -> LSegConfig:
+    """A preset by name (bundled, or added by `add_preset`), or the config JSON file at a path ending
+    in `.json` (`--preset my_config.json`, `LSeg.from_config("my_config.json")`)."""
+    if str(name) in _ADDED_PRESETS:
+        return _read_config(_ADDED_PRESETS[str(name)])
+    if str(name).endswith(".json"):
+        return _read_config(Path(name))
     path = resources.files("lseg.model").joinpath("presets", f"{name}.json")
     if not path.is_file():
         raise LSegError(f"unknown preset '{name}'; valid presets: {', '.join(preset_names())}")
     return LSegConfig.from_dict(json.loads(path.read_text()))
+
+
+def _read_config(path: Path) -> LSegConfig:
+    try:
+        data = json.loads(read_text(path, "preset config"))
+    except json.JSONDecodeError as error:
+        raise LSegError(f"preset config {path} is not valid JSON: {error}") from error
+    return LSegConfig.from_dict(data)
