@@ -3,40 +3,11 @@ import pytest
 import torch
 
 from lseg import LSegError
-from lseg.features import colormap, extract_features, similarity_map
+from lseg.features import colormap, similarity_map
 
 
 def unit_norms(array):
     return np.linalg.norm(np.asarray(array, dtype=np.float32), axis=0)
-
-
-# --------------------------------------------------------------------------- extraction
-def test_single_protocol_matches_encode_image(tiny_model):
-    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    features, meta = extract_features(tiny_model, image, "single")
-    assert features.shape == (32, 25, 35)
-    assert meta["feature_size"] == [25, 35] and meta["feature_stride"] == [2.0, 2.0]
-    assert torch.allclose(features, tiny_model.encode_image(image), atol=1e-6)
-
-
-def test_openscene_grids_are_as_documented(tiny_model):
-    """openscene: long side 640 -> model grid 320 long side; image grid = original H/2 x W/2."""
-    image = np.random.default_rng(1).integers(0, 256, (100, 150, 3), dtype=np.uint8)
-    features, meta = extract_features(tiny_model, image, "openscene")
-    assert meta["model_size"] == [427, 640] and features.shape == (32, 214, 320)
-    assert meta["feature_stride"] == pytest.approx([100 / 214, 150 / 320])
-    assert np.allclose(unit_norms(features), 1, atol=1e-5)
-    features, meta = extract_features(tiny_model, image, "openscene", size=96)  # img_long_side 96
-    assert meta["model_size"] == [64, 96] and features.shape == (32, 32, 48)
-    assert meta["protocol_params"]["crop_size"] == 96 and meta["protocol_params"]["flip"]
-
-
-def test_image_grid_is_half_the_original_image(tiny_model):
-    image = np.random.default_rng(1).integers(0, 256, (100, 150, 3), dtype=np.uint8)
-    features, meta = extract_features(tiny_model, image, "single", size=48, feature_grid="image")
-    assert meta["model_size"] == [32, 48] and features.shape == (32, 50, 75)
-    assert meta["feature_stride"] == [2.0, 2.0]
-    assert np.allclose(unit_norms(features), 1, atol=1e-5)
 
 
 def test_similarity_is_one_where_features_equal_the_text_embedding():

@@ -7,12 +7,21 @@ from lseg.inference import (
     InferenceProtocol,
     get_protocol,
     plan_protocol,
-    predict_sliding,
-    predict_whole,
     run_protocol,
     window_starts,
 )
 from lseg.processing import LSegImageProcessor, pad_image
+
+
+def predict_whole(forward, images):
+    """One whole-image pass through `run_protocol` (the single protocol)."""
+    return run_protocol(forward, images, get_protocol("single"), pad_value=0.0)
+
+
+def predict_sliding(forward, images, crop_size, stride, *, pad_value, window_batch_size=8):
+    """Sliding windows through `run_protocol` at scale 1 (no resize)."""
+    protocol = InferenceProtocol("windows", crop_size=crop_size, stride=stride)
+    return run_protocol(forward, images, protocol, pad_value=pad_value, window_batch_size=window_batch_size)
 
 
 def pixelwise_model(channels: int = 4) -> torch.nn.Module:

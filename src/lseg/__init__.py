@@ -3,8 +3,7 @@
 from lseg.errors import LSegError
 from lseg.model import LSeg, LSegConfig, LSegOutput, SegmentationResult
 from lseg.processing import LSegImageProcessor
-
-__version__ = "0.1.0"
+from lseg.version import __version__
 
 __all__ = [
     "LSeg",

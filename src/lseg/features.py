@@ -1,10 +1,9 @@
-"""Dense per-pixel LSeg embeddings as data: extract them, store them, query them with text.
+"""Dense per-pixel LSeg embeddings as data: store them, read them, query them with text.
 
-`extract_features` runs one image through the model's processor and an inference protocol and returns
-normalised D x h x w features with their geometry; `save_features` / `load_features` /
-`read_sidecar` are the on-disk format of `lseg features` (an array plus a json sidecar written last,
-the completion marker); `similarity_maps`, `colormap` and `resize_map` turn features and text
-embeddings into heatmaps (`lseg query`). See docs/features.md.
+Features come from `lseg.predictor.LSegPredictor` (`outputs={"features"}`, or `LSeg.encode_image`);
+`save_features` / `load_features` / `read_sidecar` are the on-disk format of `lseg features` (an array
+plus a json sidecar written last, the completion marker); `similarity_maps`, `colormap` and
+`resize_map` turn features and text embeddings into heatmaps (`lseg query`). See docs/features.md.
 """
 
 from __future__ import annotations
@@ -18,10 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lseg.errors import LSegError
-from lseg.images import ImageInput
-from lseg.inference import InferenceProtocol, resolve_protocol, run_protocol, scaled_size
 from lseg.model.head import upsample_logits
-from lseg.precision import model_precision
 from lseg.processing import resize_logits
 
 GRIDS = ("model", "image")
@@ -40,70 +36,6 @@ VIRIDIS = np.array(
     ],
     dtype=np.float32,
 )
-
-
-def model_input_size(protocol: InferenceProtocol, height: int, width: int) -> tuple[int, int]:
-    """Resolution the model sees at scale 1 for an input of this size under `protocol`."""
-    if protocol.base_size is None:
-        return height, width
-    return scaled_size(height, width, protocol.base_size)
-
-
-def extract_features(
-    model: Any,
-    image: ImageInput,
-    protocol: str = "single",
-    size: int | None = None,
-    feature_grid: str = "model",
-    dtype: str | torch.dtype | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """One image -> (D x h x w float32 tensor normalised over D, geometry metadata).
-
-    `model` is an `LSeg`. `size` is the long side at scale 1: it resizes the input for protocols
-    without a base size (single, slide) and replaces the base size of the others (openscene,
-    lseg-ms). `feature_grid` "model" returns half the scale-1 resolution (what `LSeg.encode_image`
-    gives for single), "image" half the original image resolution. `dtype` is the forward pass's
-    precision (`lseg.precision`; default: the model's).
-    """
-    if feature_grid not in GRIDS:
-        raise LSegError(f"unknown feature grid {feature_grid!r}; choose one of: {', '.join(GRIDS)}")
-    spec, size = resolve_protocol(protocol, size)
-    compute = model_precision(model, dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            batch = model.processor.preprocess(image, size, device=model.device, dtype=model.dtype)
-            height, width = batch.original_sizes[0]
-            seen = model_input_size(spec, *batch.sizes[0])
-            grid_of = (height, width) if feature_grid == "image" else seen
-            target = ((grid_of[0] + 1) // 2, (grid_of[1] + 1) // 2)
-            features = run_protocol(
-                model.pixel_embeddings,
-                batch.pixel_values,
-                spec,
-                out_size=target,
-                pad_value=model.pad_value,
-                dtype=compute,
-            )
-            features = F.normalize(features.float(), dim=1)[0]
-    finally:
-        model.train(was_training)
-    meta = {
-        "image_size": [height, width],
-        "model_size": list(seen),
-        "feature_size": list(target),
-        "feature_stride": [height / target[0], width / target[1]],
-        "embed_dim": int(features.shape[0]),
-        "protocol_params": {
-            "base_size": spec.base_size,
-            "crop_size": spec.crop_size,
-            "stride": spec.stride,
-            "scales": list(spec.scales),
-            "flip": spec.flip,
-        },
-    }
-    return features, meta
 
 
 def save_features(array: np.ndarray, meta: dict[str, Any], out: Path, name: str, fmt: str) -> None:

@@ -41,7 +41,7 @@ from lseg.images import resize_bilinear
 from lseg.model.head import upsample_logits
 from lseg.precision import autocast
 
-Forward = Callable[[Tensor], Tensor]
+Forward = Callable[[Tensor], tuple[Tensor, ...]]  # one pass -> its outputs (logits, features)
 
 
 @dataclass(frozen=True)
@@ -197,17 +197,6 @@ def _check_images(images: Tensor) -> None:
         raise ValueError(f"expected a [B, 3, H, W] image batch, got shape {tuple(images.shape)}")
 
 
-def _call(forward: Forward, batch: Tensor, dtype: torch.dtype | None, size: Sequence[int]) -> Tensor:
-    """`forward(batch)` computed in `dtype` (`lseg.precision.autocast`), returned in float32 at `size`."""
-    with autocast(batch.device, dtype, batch.dtype):
-        out = forward(batch)
-    if out.ndim != 4 or out.shape[0] != batch.shape[0]:
-        raise ValueError(
-            f"forward must return [B, C, h, w] for a batch of {batch.shape[0]}, got {tuple(out.shape)}"
-        )
-    return upsample_logits(out.float(), size)
-
-
 def _accumulate(
     forward: Forward,
     images: Tensor,
@@ -217,16 +206,16 @@ def _accumulate(
     flip: bool,
     window_batch_size: int,
     dtype: torch.dtype | None,
-    out_size: tuple[int, int] | None = None,
-) -> Tensor:
-    """Sum of outputs of all windows (and their flips) over an image already padded to cover them.
-
-    With one window covering the image, `out_size` (default: the image's) is the output resolution.
+    out_sizes: Sequence[Sequence[int] | None],
+) -> list[Tensor]:
+    """Per output of `forward` (one per `out_sizes` entry), the sum over all windows (and their flips)
+    of an image already padded to cover them, each output computed in `dtype`
+    (`lseg.precision.autocast`) and upsampled in float32 to its window, or (one window covering the
+    image) to its `out_sizes` entry.
     """
     if window_batch_size < 1:
         raise ValueError(f"window_batch_size must be >= 1, got {window_batch_size}")
     wh, ww = window
-    size = out_size or (wh, ww)
     jobs = [
         (i, y, x, flipped)
         for i in range(images.shape[0])
@@ -234,88 +223,78 @@ def _accumulate(
         for x in starts_x
         for flipped in ((False, True) if flip else (False,))
     ]
-    total: Tensor | None = None
+    totals: list[Tensor] = []
     for start in range(0, len(jobs), window_batch_size):
         chunk = jobs[start : start + window_batch_size]
         crops = [images[i, :, y : y + wh, x : x + ww] for i, y, x, _ in chunk]
         batch = torch.stack([c.flip(-1) if f else c for c, (*_, f) in zip(crops, chunk, strict=True)])
-        out = _call(forward, batch, dtype, size)
-        if total is None:
-            full = out_size or tuple(images.shape[-2:])
-            total = out.new_zeros(images.shape[0], out.shape[1], *full)
-        for o, (i, y, x, flipped) in zip(out, chunk, strict=True):
-            total[i, :, y : y + size[0], x : x + size[1]] += o.flip(-1) if flipped else o
-    assert total is not None
-    return total
+        with autocast(batch.device, dtype, batch.dtype):
+            outs = forward(batch)
+        if len(outs) != len(out_sizes) or any(o.ndim != 4 or o.shape[0] != batch.shape[0] for o in outs):
+            got = [tuple(o.shape) for o in outs]
+            raise ValueError(
+                f"forward must return {len(out_sizes)} [B, C, h, w] for B={batch.shape[0]}, got {got}"
+            )
+        outs = [upsample_logits(o.float(), size or window) for o, size in zip(outs, out_sizes)]
+        if not totals:
+            full = [size or tuple(images.shape[-2:]) for size in out_sizes]
+            totals = [o.new_zeros(images.shape[0], o.shape[1], *f) for o, f in zip(outs, full)]
+        for out, total in zip(outs, totals):
+            for o, (i, y, x, flipped) in zip(out, chunk, strict=True):
+                total[i, :, y : y + o.shape[-2], x : x + o.shape[-1]] += o.flip(-1) if flipped else o
+    return totals
 
 
-@torch.no_grad()
-def predict_whole(
+def _sliding(
     forward: Forward,
     images: Tensor,
-    *,
-    flip: bool = False,
-    out_size: tuple[int, int] | None = None,
-    window_batch_size: int = 8,
-    dtype: torch.dtype | None = None,
-) -> Tensor:
-    """Run the whole images (and their flips, summed) in chunks of `window_batch_size`.
-
-    Returns [B, C, H, W] at the input resolution, or at `out_size` (each output resized once).
-    """
-    _check_images(images)
-    h, w = images.shape[-2:]
-    return _accumulate(forward, images, [0], [0], (h, w), flip, window_batch_size, dtype, out_size)
-
-
-@torch.no_grad()
-def predict_sliding(
-    forward: Forward,
-    images: Tensor,
-    crop_size: int,
-    stride: int,
-    *,
+    protocol: InferenceProtocol,
     pad_value: float | Tensor,
-    flip: bool = False,
-    window_batch_size: int = 8,
-    dtype: torch.dtype | None = None,
-) -> Tensor:
-    """Sliding-window prediction with overlapping outputs averaged by a count map.
+    window_batch_size: int,
+    dtype: torch.dtype | None,
+    outputs: int,
+) -> list[Tensor]:
+    """Sliding-window outputs (`outputs` of them) averaged by a count map.
 
     Windows start every `stride` pixels, the last one shifted back to end at the image's edge
     (`window_starts`); a side shorter than the crop is padded bottom/right with `pad_value` (per
     channel: the processor's black) and cropped back. Flipped windows are summed with the unflipped
-    ones before averaging. Returns [B, C, H, W].
+    ones before averaging.
     """
     from lseg.processing import pad_image
 
-    _check_images(images)
     h, w = images.shape[-2:]
-    full_h, full_w = max(h, crop_size), max(w, crop_size)
-    ys = window_starts(full_h, crop_size, stride)
-    xs = window_starts(full_w, crop_size, stride)
+    crop, stride = protocol.crop_size, protocol.stride
+    full_h, full_w = max(h, crop), max(w, crop)
+    ys, xs = window_starts(full_h, crop, stride), window_starts(full_w, crop, stride)
     padded = pad_image(images, (full_h, full_w), pad_value)
-    total = _accumulate(forward, padded, ys, xs, (crop_size, crop_size), flip, window_batch_size, dtype)
-    count = total.new_zeros(1, 1, full_h, full_w)
+    totals = _accumulate(
+        forward, padded, ys, xs, (crop, crop), protocol.flip, window_batch_size, dtype, [None] * outputs
+    )
+    count = totals[0].new_zeros(1, 1, full_h, full_w)
     for y in ys:
         for x in xs:
-            count[..., y : y + crop_size, x : x + crop_size] += 1
-    return (total / count)[..., :h, :w]
+            count[..., y : y + crop, x : x + crop] += 1
+    return [(total / count)[..., :h, :w] for total in totals]
 
 
 @torch.no_grad()
 def run_protocol(
-    forward: Forward,
+    forward: Callable[[Tensor], Tensor | tuple[Tensor, ...]],
     images: Tensor,
     protocol: InferenceProtocol,
-    out_size: tuple[int, int] | None = None,
+    out_size: Sequence[int] | list[Sequence[int] | None] | None = None,
     *,
     pad_value: float | Tensor,
     window_batch_size: int = 8,
     dtype: torch.dtype | None = None,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, ...]:
     """Run a protocol and return the mean over its scales and flips (`InferenceProtocol.num_passes`) at
     the input (or `out_size`) resolution: the one place where passes are combined.
+
+    With `out_size` a list (one size, or None for the input's, per output) the forward returns a tuple
+    of that many outputs, each combined alone and returned in a tuple: the logits and the features of
+    one pass, so the network runs once for both.
 
     `pad_value` fills what sliding windows need beyond a small image: pass the processor's black
     (`model.pad_value` or `LSegImageProcessor.pad_value()`), one value per channel. Each scale's output
@@ -324,31 +303,21 @@ def run_protocol(
     """
     _check_images(images)
     h, w = images.shape[-2:]
-    target = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
-    total: Tensor | None = None
+    many = isinstance(out_size, list)
+    targets = [(h, w) if s is None else (int(s[0]), int(s[1])) for s in (out_size if many else [out_size])]
+    forward = forward if many else (lambda batch, one=forward: (one(batch),))
+    totals: list[Tensor] = []
     for scale_pass in plan_protocol(protocol, h, w):
         scaled = resize_bilinear(images, scale_pass.size)
-        if protocol.crop_size is None:
-            out = predict_whole(
-                forward,
-                scaled,
-                flip=protocol.flip,
-                out_size=target,
-                window_batch_size=window_batch_size,
-                dtype=dtype,
+        if protocol.crop_size is None:  # whole images (and flips) in chunks of `window_batch_size`
+            window = tuple(scaled.shape[-2:])
+            outs = _accumulate(
+                forward, scaled, [0], [0], window, protocol.flip, window_batch_size, dtype, targets
             )
         else:
-            out = predict_sliding(
-                forward,
-                scaled,
-                protocol.crop_size,
-                protocol.stride,
-                flip=protocol.flip,
-                pad_value=pad_value,
-                window_batch_size=window_batch_size,
-                dtype=dtype,
-            )
-        out = resize_bilinear(out, target)
-        total = out if total is None else total.add_(out)
-    assert total is not None
-    return total.div_(protocol.num_passes) if protocol.num_passes > 1 else total
+            outs = _sliding(forward, scaled, protocol, pad_value, window_batch_size, dtype, len(targets))
+        outs = [resize_bilinear(o, t) for o, t in zip(outs, targets)]
+        totals = outs if not totals else [t.add_(o) for t, o in zip(totals, outs)]
+    if protocol.num_passes > 1:
+        totals = [t.div_(protocol.num_passes) for t in totals]
+    return tuple(totals) if many else totals[0]

@@ -1,6 +1,6 @@
 """The one owner of numeric precision and inference-time model preparation.
 
-Every path that runs the model (`LSeg.segment`, `encode_image`, `lseg.features`, the evaluation runner,
+Every path that runs the model (`lseg.predictor`, so `LSeg.segment` and `encode_image`, the evaluation runner,
 the CLI and the demo) asks here which dtype to compute in and how:
 
 * `resolve_precision("auto" | "float32" | "bfloat16" | "float16" | torch.dtype, device, weights)`:

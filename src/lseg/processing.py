@@ -4,9 +4,9 @@
 `model.processor`) and owns, for that model, everything the pixels go through on their way in and
 out: loading (`lseg.images`), long-side resize, normalisation with the config's mean/std, padding
 with the colour that is *black in pixel space* for that mean/std, batching images of different
-sizes, and turning logits back into label maps at the original sizes. `segment`, `encode_image`,
-feature extraction, the evaluation runner, `lseg query` and the demo all go through it, so they
-cannot disagree on any of these steps.
+sizes, and turning logits back into label maps at the original sizes (`SegmentationResult`).
+`lseg.predictor` (so `segment`, `encode_image`, the batch commands and the demo), the evaluation
+runner and `lseg query` all go through it, so they cannot disagree on any of these steps.
 """
 
 from __future__ import annotations
@@ -71,6 +71,23 @@ def _valid_logits(
     for index, target in enumerate(target_sizes):
         height, width = sizes[index] if sizes is not None else logits.shape[-2:]
         yield logits[index : index + 1, :, :height, :width].float(), (int(target[0]), int(target[1]))
+
+
+@dataclass
+class SegmentationResult:
+    """One image's results at its original resolution; what was not asked for is None."""
+
+    label_map: np.ndarray | None  # H x W int64, index into `labels`
+    scores: np.ndarray | None  # N x H x W float32 softmax probabilities (`return_scores=True` only)
+    labels: list[str]
+    confidence: np.ndarray | None = None  # H x W float32 top-1 probability (`return_confidence=True`)
+    features: Tensor | None = None  # D x h x w float32, normalised over D (`LSegPredictor`, "features")
+    geometry: dict | None = None  # where `features` sit in the image (`LSegPredictor`, "features")
+
+    def shares(self) -> dict[str, float]:
+        """Fraction of pixels assigned to each label."""
+        counts = np.bincount(self.label_map.ravel(), minlength=len(self.labels))
+        return {label: float(c) / self.label_map.size for label, c in zip(self.labels, counts)}
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lseg.errors import LSegError
+from lseg.features import read_sidecar
 from lseg.files import make_output_folder, write_json_atomic
 
 T = TypeVar("T")
@@ -80,10 +81,11 @@ def merge_summary(out: Path, names: Sequence[str], summary_name: str, extra: dic
     out = Path(out)
     records, missing = [], []
     for name in names:
-        try:
-            records.append({"name": name, **json.loads((out / f"{name}.json").read_text())})
-        except (OSError, json.JSONDecodeError):
+        sidecar = read_sidecar(out / f"{name}.json")
+        if sidecar is None:
             missing.append(name)
+        else:
+            records.append({"name": name, **sidecar})
     markers = sorted((out / MARKERS).glob("rank-*.json")) if (out / MARKERS).is_dir() else []
     summary = {
         **extra,

@@ -137,3 +137,13 @@ def test_error_messages_quoting_labels_show_them_literally(tiny_model, image):
     shown = PageText(as_page_text(str(caught.value)))
     assert shown.elements == [] and shown.text == str(caught.value)
     assert "<b>bold</b> / <B>BOLD</B>" in shown.text
+
+
+def test_a_request_runs_the_image_encoder_once(tiny_model, monkeypatch):
+    """The label map and the heat maps come from one pass (they used to take two)."""
+    calls = []
+    encoder = tiny_model.image_encoder.forward
+    monkeypatch.setattr(tiny_model.image_encoder, "forward", lambda x: calls.append(1) or encoder(x))
+    image = np.random.default_rng(4).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    predict(tiny_model, image, "cat, road", 0, "single")
+    assert calls == [1]

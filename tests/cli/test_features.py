@@ -30,7 +30,7 @@ def unit_norms(array):
 
 
 # --------------------------------------------------------------------------- lseg features
-def test_features_cli_writes_resumes_and_checks_settings(tmp_path, model_dir, capsys):
+def test_features_cli_writes_resumes_and_redoes_other_settings(tmp_path, model_dir, capsys):
     images = write_images(tmp_path / "images", [(40, 60), (64, 48), (30, 30)])
     out = tmp_path / "features"
     argv = ["features", str(images), "--checkpoint", str(model_dir), "--out", str(out), "--size", "64"]
@@ -52,8 +52,15 @@ def test_features_cli_writes_resumes_and_checks_settings(tmp_path, model_dir, ca
     streams = capsys.readouterr()
     assert "skipping 2 image(s)" in streams.err and "1 written, 2 skipped" in streams.out
 
-    assert main([*argv, "--save-dtype", "float32"]) == 1
-    assert "dtype='float16'" in capsys.readouterr().err
+    # Other settings redo the images (the rule of `lseg segment`), --overwrite redoes them all.
+    assert main([*argv, "--save-dtype", "float32"]) == 0
+    assert "3 written, 0 skipped" in capsys.readouterr().out
+    assert np.load(out / "img0.npy").dtype == np.float32
+    assert json.loads((out / "img0.json").read_text())["dtype"] == "float32"
+    assert main([*argv, "--save-dtype", "float32"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert main([*argv, "--save-dtype", "float32", "--overwrite"]) == 0
+    assert "3 written, 0 skipped" in capsys.readouterr().out
 
 
 def test_features_cli_pt_format_and_unreadable_image(tmp_path, model_dir, capsys):

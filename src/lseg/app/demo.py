@@ -63,6 +63,7 @@ def predict(
     from lseg.images import long_side_size
     from lseg.inference import PROTOCOLS
     from lseg.labels import parse_labels
+    from lseg.predictor import LSegPredictor
     from lseg.visualize import blend, overlay
 
     if image is None:
@@ -77,13 +78,14 @@ def predict(
     size = checked_size(size)
     array = model.processor.load(image)
     started = time.perf_counter()
-    result = model.segment(array, labels=labels, size=size, protocol=protocol)
+    outputs = {"label_map", "features"} if heatmaps else {"label_map"}  # one pass of the model for both
+    result = LSegPredictor(model, protocol, size).predict(array, labels, outputs)
     maps: list[tuple[np.ndarray, str]] = []
     if heatmaps:
         thumbnail = _thumbnail(array)
         seen = long_side_size(*array.shape[:2], size)  # the size the model saw
-        features = model.encode_image(array, size=size, protocol=protocol)
-        similarity = similarity_maps(features.float().cpu().numpy(), model.encode_text(labels).float().cpu())
+        features, text = result.features.numpy(force=True), model.encode_text(labels).float().cpu()
+        similarity = similarity_maps(features, text)
         low, high = float(similarity.min()), float(similarity.max())
         for label, values in zip(labels, similarity):
             heat = colormap(resize_map(values, thumbnail.shape[:2], seen), low, high)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
 from lseg.errors import LSegError
 
@@ -78,6 +80,42 @@ def add_image_limit_argument(parser: argparse.ArgumentParser) -> None:
         help=f"refuse image files claiming more pixels than this (default {DEFAULT_MAX_IMAGE_PIXELS:,}, "
         "PIL's decompression-bomb limit; 0 = no limit, for trusted files only)",
     )
+
+
+def folder_inputs(args: argparse.Namespace, files: Any) -> tuple[list[Path], Path] | None:
+    """A batch command's images and `--out`, checked before any model loads; None once `--merge`
+    has merged the sidecars into the summary (`files`: `lseg.predictor.SegmentFiles`/`FeatureFiles`)."""
+    from lseg.files import check_output_folder
+    from lseg.images import find_images
+    from lseg.predictor import check_names
+    from lseg.shard import merge_summary
+
+    paths = find_images(args.inputs)
+    names = check_names(paths)
+    out = check_output_folder(args.out)
+    if not args.merge:
+        return paths, out
+    print(
+        f"lseg {files.command}: merged {merge_summary(out, names, files.summary, {'command': files.command})}"
+    )
+    return None
+
+
+def run_folder(
+    predictor: Any, inputs: list[Path], out: Path, files: Any, settings: dict, **options: Any
+) -> Any:
+    """`predictor.predict_folder` with a progress bar (the image being read) and notes on stderr."""
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn
+
+    console = Console(stderr=True)
+    columns = (*Progress.get_default_columns(), TextColumn("{task.fields[current]}"))
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(files.command, total=None, current="")
+        advance = lambda path: progress.update(task, advance=1, current=path.name)  # noqa: E731
+        return predictor.predict_folder(
+            inputs, out, files, settings, progress=advance, log=console.print, **options
+        )
 
 
 def raise_failures(failures: list[str], total: int) -> None:

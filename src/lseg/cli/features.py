@@ -2,26 +2,19 @@
 
 One image at a time (bounded memory for any number of images), one `NAME.npy`/`NAME.pt` array plus a
 `NAME.json` sidecar per image, both written atomically, the sidecar last: an image counts as done when
-both files exist, so an interrupted run resumes where it stopped. See docs/features.md.
+its sidecar records this run's settings (the rule of `lseg segment`, `lseg.predictor`), so an
+interrupted run resumes where it stopped. See docs/features.md.
 """
 
 from __future__ import annotations
 
 import argparse
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 from lseg.errors import LSegError
 
 FORMATS = ("npy", "pt")
 DTYPES = ("float16", "float32")
-# Sidecar fields that must agree before an existing output is reused on resume.
-SETTINGS = ("protocol", "size", "feature_grid", "dtype", "format", "checkpoint", "preset")
-# Compared only when the sidecar has it (older sidecars do not).
-OPTIONAL_SETTINGS = ("compute_dtype",)
-SUMMARY = "features-summary.json"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,8 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="dense per-pixel embeddings (for OpenScene, VLMaps, retrieval)",
         description="Write one L2-normalised D x h x w feature array per image (NAME.npy or NAME.pt) and "
         "NAME.json with image size, feature size, feature stride, protocol, dtype and checkpoint. "
-        "Images are processed one at a time; images whose array and json both exist are skipped, so an "
-        "interrupted run can simply be restarted. Under torchrun (or with RANK/WORLD_SIZE set) each process "
+        "Images are processed one at a time; images whose json records the same settings are skipped "
+        "(others are recomputed, all of them with --overwrite), so an interrupted run can simply be "
+        "restarted. Under torchrun (or with RANK/WORLD_SIZE set) each process "
         "takes a disjoint shard of the inputs; the last one to finish writes features-summary.json.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
@@ -77,7 +71,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-# --------------------------------------------------------------------------- names
 def checkpoint_id(checkpoint: str | None) -> str | None:
     """Local checkpoints as absolute paths (so resume and `lseg query` find them), hub ids as given."""
     if checkpoint is None or not Path(checkpoint).exists():
@@ -85,48 +78,19 @@ def checkpoint_id(checkpoint: str | None) -> str | None:
     return str(Path(checkpoint).resolve())
 
 
-def output_name(path: Path) -> str:
-    return path.stem
-
-
-# --------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
-    import torch
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
-    from lseg import __version__
-    from lseg.cli.common import load_model_from_args, raise_failures
-    from lseg.features import extract_features, read_sidecar, save_features
-    from lseg.files import check_output_folder, make_output_folder
-    from lseg.images import check_model_size, find_images, load_image
-    from lseg.shard import merge_summary, shard_from_env, start_shard, take_shard
+    from lseg.cli.common import folder_inputs, load_model_from_args, raise_failures, run_folder
+    from lseg.images import check_model_size
+    from lseg.predictor import FeatureFiles, LSegPredictor
 
     check_model_size(args.size)
     if not args.checkpoint and not args.preset:
         raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
-    paths = find_images(args.inputs)
-    names = [output_name(p) for p in paths]
-    seen: set[str] = set()
-    for path, name in zip(paths, names):
-        if name in seen:
-            raise LSegError(
-                f"several inputs are named '{name}' ({path}); outputs would overwrite each other "
-                "(use one --out per folder)"
-            )
-        seen.add(name)
-    out = check_output_folder(args.out)
-    if args.merge:
-        print(f"lseg features: merged {merge_summary(out, names, SUMMARY, {'command': 'features'})}")
+    files = FeatureFiles(args.format, args.save_dtype, args.feature_grid)
+    if (found := folder_inputs(args, files)) is None:
         return 0
-    rank, world = shard_from_env()
     settings = {
         "protocol": args.protocol,
         "size": args.size,
@@ -137,108 +101,14 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": checkpoint_id(args.checkpoint),
         "preset": args.preset,
     }
-
-    todo: list[tuple[Path, str]] = []
-    skipped = 0
-    mine = take_shard(list(zip(paths, names)), rank, world)
-    for path, name in mine:
-        sidecar = out / f"{name}.json"
-        if not args.overwrite and sidecar.is_file() and (out / f"{name}.{args.format}").is_file():
-            meta = read_sidecar(sidecar)
-            if meta is not None:
-                checked = SETTINGS + tuple(k for k in OPTIONAL_SETTINGS if k in meta)
-                differing = [k for k in checked if meta.get(k) != settings[k]]
-                if differing:
-                    key = differing[0]
-                    raise LSegError(
-                        f"{sidecar} was written with {key}={meta.get(key)!r}, this run uses "
-                        f"{settings[key]!r}; use another --out or pass --overwrite"
-                    )
-                skipped += 1
-                continue
-        todo.append((path, name))
-    console = Console(stderr=True)
-    if world > 1:
-        start_shard(out, rank, world)
-        console.print(f"rank {rank} of {world}: {len(mine)} image(s) in this shard")
-    if skipped:
-        console.print(f"skipping {skipped} image(s) whose features already exist in {out}")
-    if not todo:
-        console.print(f"nothing to do: all {len(mine)} image(s) are done")
-        _finish(out, rank, world, names, settings, len(mine), 0)
+    predictor = LSegPredictor(lambda: load_model_from_args(args), args.protocol, args.size)
+    done = run_folder(predictor, *found, files, settings, overwrite=args.overwrite)
+    if done.skipped == done.images:
+        Console(stderr=True).print(f"nothing to do: all {done.images} image(s) are done")
         return 0
-
-    model = load_model_from_args(args)
-    dtype = torch.float16 if args.save_dtype == "float16" else torch.float32
-    failed: list[str] = []
-
-    def load(path: Path) -> np.ndarray | LSegError:
-        try:
-            return np.require(load_image(path), requirements="W")  # torch wants writable arrays
-        except LSegError as error:
-            return error
-
-    # One image decoded ahead and one array being written behind the model: bounded memory.
-    with (
-        ThreadPoolExecutor(1) as loader,
-        ThreadPoolExecutor(1) as writer,
-        Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[current]}"),
-            console=console,
-            transient=True,
-        ) as progress,
-    ):
-        task = progress.add_task("features", total=len(todo), current="")
-        pending_image: Future = loader.submit(load, todo[0][0])
-        pending_write: Future | None = None
-        for index, (path, name) in enumerate(todo):
-            image = pending_image.result()
-            if index + 1 < len(todo):
-                pending_image = loader.submit(load, todo[index + 1][0])
-            progress.update(task, current=path.name)
-            if isinstance(image, LSegError):
-                failed.append(str(image))
-                progress.advance(task)
-                continue
-            features, meta = extract_features(model, image, args.protocol, args.size, args.feature_grid)
-            del image
-            array = features.to(dtype).cpu().numpy()
-            del features
-            meta = {
-                "image": str(path.resolve()),
-                **meta,
-                **settings,
-                "normalized": True,
-                "lseg_version": __version__,
-            }
-            if pending_write is not None:
-                pending_write.result()
-            make_output_folder(out)
-            pending_write = writer.submit(save_features, array, meta, out, name, args.format)
-            progress.advance(task)
-        if pending_write is not None:
-            pending_write.result()
-    done = len(todo) - len(failed)
     Console().print(
-        f"lseg features: {done} written, {skipped} skipped (already done), {len(failed)} failed -> {out}"
+        f"lseg features: {len(done.written)} written, {done.skipped} skipped (already done), "
+        f"{len(done.failures)} failed -> {found[1]}"
     )
-    _finish(out, rank, world, names, settings, len(mine), len(failed))
-    raise_failures(failed, len(todo))
+    raise_failures(done.failures, done.images - done.skipped)
     return 0
-
-
-def _finish(
-    out: Path, rank: int, world: int, names: list[str], settings: dict, mine: int, failed: int
-) -> None:
-    """Mark this rank done; the rank that finds every rank done merges the summary."""
-    from lseg.shard import finish_shard, merge_summary
-
-    if world > 1 and out.is_dir():
-        record = {"rank": rank, "world_size": world, "images": mine, "failed": failed}
-        if finish_shard(out, rank, world, record):
-            merge_summary(out, names, SUMMARY, {"command": "features", "settings": settings})

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import time
 
-import numpy as np
-
-from lseg.cli.common import add_compile_argument, add_model_arguments, load_model_from_args, raise_failures
+from lseg.cli.common import add_compile_argument, add_model_arguments, load_model_from_args
 from lseg.errors import LSegError
 from lseg.labels import parse_labels, validate_labels
 
@@ -19,7 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Segment images with the given labels. Writes NAME.labels.png (index map), "
         "NAME.overlay.png (colour overlay with legend), with --save-features NAME.features.npy, and "
         "NAME.json "
-        "(label shares; written last, so a rerun skips images already done). Under torchrun (or with "
+        "(label shares and settings; written last, so a rerun with the same settings skips images already "
+        "done, --overwrite redoes them). Under torchrun (or with "
         "RANK/WORLD_SIZE set) each process takes a disjoint shard of the inputs; the last one to finish "
         "writes segment-summary.json (or run again with --merge).",
     )
@@ -50,41 +48,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-SUMMARY = "segment-summary.json"
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import Progress
     from rich.table import Table
 
-    from lseg.features import read_sidecar
-    from lseg.files import check_output_folder, make_output_folder, save_array, save_image, write_json_atomic
-    from lseg.images import check_model_size, find_images, load_image
+    from lseg.cli.common import folder_inputs, raise_failures, run_folder
+    from lseg.images import check_model_size
     from lseg.inference import resolve_protocol
-    from lseg.shard import finish_shard, merge_summary, shard_from_env, start_shard, take_shard
-    from lseg.visualize import overlay
+    from lseg.predictor import LSegPredictor, SegmentFiles
 
     check_model_size(args.size)
     if args.batch_size < 1:
         raise LSegError(f"--batch-size must be at least 1, got {args.batch_size}")
     resolve_protocol(args.protocol, args.size)
-    paths = find_images(args.inputs)
-    stems = [p.stem for p in paths]
-    if len(set(stems)) != len(stems):
-        raise LSegError("several inputs share a file name; outputs would overwrite each other")
-    out = check_output_folder(args.out)
-    if args.merge:
-        summary = merge_summary(out, stems, SUMMARY, {"command": "segment"})
-        print(f"lseg segment: merged {summary}")
+    if (found := folder_inputs(args, SegmentFiles)) is None:
         return 0
     labels = parse_labels(args.labels, args.labels_file)
-    rank, world = shard_from_env()
-    console = Console(stderr=True)
     model = None
     if labels is None:
         model = load_model_from_args(args)
         labels = validate_labels(model.config.labels)
+
+    def load():  # only when some image is left to do
+        loaded = model or load_model_from_args(args)
+        loaded.release_text_encoder(labels)  # one label list per run: the text weights are not needed after
+        return loaded
+
     settings = {
         "labels": labels,
         "size": args.size,
@@ -94,77 +83,20 @@ def run(args: argparse.Namespace) -> int:
         "preset": args.preset,
         "save_features": args.save_features,
     }
-    mine = take_shard(paths, rank, world)
-    todo = [
-        p
-        for p in mine
-        if args.overwrite or (read_sidecar(out / f"{p.stem}.json") or {}).get("settings") != settings
-    ]
-    if world > 1:
-        start_shard(out, rank, world)
-        console.print(f"rank {rank} of {world}: {len(mine)} image(s) in this shard")
-    if len(todo) < len(mine):
-        console.print(f"skipping {len(mine) - len(todo)} image(s) already segmented in {out}")
-    if todo:
-        if model is None:
-            model = load_model_from_args(args)
-        model.release_text_encoder(labels)  # one label list per run: the text weights are not needed after
-    rows, failures = [], []
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("segmenting", total=len(todo))
-        for start in range(0, len(todo), args.batch_size):
-            chunk, images = [], []
-            for path in todo[start : start + args.batch_size]:
-                try:
-                    images.append(load_image(path))
-                    chunk.append(path)
-                except LSegError as error:
-                    failures.append(str(error))
-            if chunk:
-                started = time.perf_counter()
-                results = model.segment(
-                    images, labels=labels, size=args.size, protocol=args.protocol, batch_size=len(chunk)
-                )
-                features = (
-                    model.encode_image(images, size=args.size, protocol=args.protocol)
-                    if args.save_features
-                    else None
-                )
-                seconds = (time.perf_counter() - started) / len(chunk)
-                make_output_folder(out)
-                for index, (path, image, result) in enumerate(zip(chunk, images, results)):
-                    dtype = np.uint8 if len(labels) <= 256 else np.uint16
-                    save_image(result.label_map.astype(dtype), out / f"{path.stem}.labels.png")
-                    save_image(overlay(image, result.label_map, labels), out / f"{path.stem}.overlay.png")
-                    if features is not None:
-                        array = features[index].half().cpu().numpy()
-                        save_array(array, out / f"{path.stem}.features.npy")
-                    shares = result.shares()
-                    write_json_atomic(  # last: the image is done
-                        out / f"{path.stem}.json",
-                        {
-                            "image": str(path.resolve()),
-                            "image_size": list(image.shape[:2]),
-                            "shares": {k: round(v, 6) for k, v in shares.items() if v > 0},
-                            "seconds": round(seconds, 4),
-                            "settings": settings,
-                        },
-                    )
-                    top = sorted(shares.items(), key=lambda kv: -kv[1])[:3]
-                    top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in top if share > 0)
-                    rows.append((path.name, f"{image.shape[1]}x{image.shape[0]}", top, seconds))
-                del images, results, features
-            progress.advance(task, args.batch_size)
-    if rows:
-        table = Table(title=f"lseg segment: {len(rows)} image(s) -> {out}")
+    predictor = LSegPredictor(load, args.protocol, args.size)
+    files = SegmentFiles(labels, args.save_features)
+    done = run_folder(
+        predictor, *found, files, settings, overwrite=args.overwrite, batch_size=args.batch_size
+    )
+    if done.written:
+        table = Table(title=f"lseg segment: {len(done.written)} image(s) -> {found[1]}")
         for column in ("image", "size", "top labels", "s/image"):
             table.add_column(column)
-        for name, size, top, seconds in rows:
-            table.add_row(name, size, top, f"{seconds:.2f}")
+        for item in done.written:
+            top = sorted(item.shares.items(), key=lambda kv: -kv[1])[:3]
+            top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in top if share > 0)
+            height, width = item.image_size
+            table.add_row(item.path.name, f"{width}x{height}", top, f"{item.seconds:.2f}")
         Console().print(table)
-    if world > 1 and out.is_dir():
-        record = {"rank": rank, "world_size": world, "images": len(mine), "failed": len(failures)}
-        if finish_shard(out, rank, world, record):
-            merge_summary(out, stems, SUMMARY, {"command": "segment", "settings": settings})
-    raise_failures(failures, len(todo))
+    raise_failures(done.failures, done.images - done.skipped)
     return 0

@@ -3,14 +3,11 @@ scaled cosine similarities, so one model segments with whatever labels it is giv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub import CommitInfo
@@ -19,7 +16,6 @@ from torch import nn
 from lseg.device import resolve_device
 from lseg.errors import LSegError
 from lseg.images import ImageInput
-from lseg.labels import validate_labels
 from lseg.model.card import save_card
 from lseg.model.checkpoint import read_checkpoint, save_model
 from lseg.model.config import LSegConfig, load_preset
@@ -29,23 +25,7 @@ from lseg.model.hub import push_folder
 from lseg.model.image_encoder import build_image_encoder
 from lseg.model.text_encoder import build_text_encoder
 from lseg.model.weights import empty_model, load_state, resolve_dtype
-from lseg.precision import model_precision
-from lseg.processing import ImageBatch, LSegImageProcessor, pad_image, padded_size
-
-
-@dataclass
-class SegmentationResult:
-    """One image's segmentation at its original resolution."""
-
-    label_map: np.ndarray  # H x W int64, index into `labels`
-    scores: np.ndarray | None  # N x H x W float32 softmax probabilities (`return_scores=True` only)
-    labels: list[str]
-    confidence: np.ndarray | None = None  # H x W float32 top-1 probability (`return_confidence=True`)
-
-    def shares(self) -> dict[str, float]:
-        """Fraction of pixels assigned to each label."""
-        counts = np.bincount(self.label_map.ravel(), minlength=len(self.labels))
-        return {label: float(c) / self.label_map.size for label, c in zip(self.labels, counts)}
+from lseg.processing import LSegImageProcessor, SegmentationResult, pad_image, padded_size
 
 
 @dataclass
@@ -303,7 +283,6 @@ class LSeg(nn.Module):
         return LSegOutput(logits, pixels, F.normalize(label_embeds.to(pixels.dtype), dim=-1))
 
     # ----------------------------------------------------------------- user-facing API
-    @torch.inference_mode()
     def segment(
         self,
         images: ImageInput | Sequence[ImageInput],
@@ -316,73 +295,25 @@ class LSeg(nn.Module):
         return_scores: bool = False,
         return_confidence: bool = False,
     ) -> SegmentationResult | list[SegmentationResult]:
-        """Segment one image (or a list) with the given label words; results at original resolution.
-
-        `labels` is a list of strings or one comma-separated string; default: the config's labels.
+        """Segment one image (or a list) with label words (a list or "cat, dog"; default: the config's);
+        results at original resolution. A convenience over `lseg.predictor.LSegPredictor`, which
+        also gives features from the same pass.
 
         `size` is the long side the model sees (at scale 1 for multi-scale protocols); `protocol` is
-        single, slide, lseg-ms or openscene (`lseg.inference`). Up to `batch_size` consecutive images
-        that the model sees at the same size share a forward pass (so batching never changes results).
-
-        `dtype` is the precision of the forward pass: "float32", "bfloat16", "float16" or None/"auto"
-        (`lseg.precision`: bfloat16 autocast on CUDA, float32 on CPU, or the weights' own half dtype).
-        Only the label map is computed by default, in bounded memory; `return_scores=True` adds the
-        N x H x W softmax probabilities (4 bytes x labels x pixels: 7.2 GB for 150 labels on a
-        4000 x 3000 photo) and `return_confidence=True` the H x W probability of the chosen label.
+        single, slide, lseg-ms or openscene (`lseg.inference`); up to `batch_size` consecutive
+        same-size images share a forward pass. `dtype`: the forward's precision ("auto": bf16
+        autocast on CUDA, float32 on CPU; `lseg.precision`). The label map takes bounded memory;
+        `return_scores` adds N x H x W probabilities (7.2 GB for 150 labels on a 12 MP photo),
+        `return_confidence` the H x W probability of the chosen label.
         """
-        from lseg.inference import resolve_protocol, run_protocol
+        from lseg.predictor import LSegPredictor
 
-        if batch_size < 1:
-            raise LSegError(f"batch_size must be at least 1, got {batch_size}")
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        labels = validate_labels(self.config.labels if labels is None else labels)
-        compute = model_precision(self, dtype)
-        text = self.encode_text(labels)
-        spec, size = resolve_protocol(protocol, size)
-        processor = self.processor
-        results = []
-        with _eval_mode(self):
-            for start in range(0, len(items), batch_size):
-                batches = [
-                    processor.preprocess(item, size, device=self.device, dtype=self.dtype)
-                    for item in items[start : start + batch_size]
-                ]
-                for group in _same_size_runs(batches):
-                    # Stride-2 logits: `run_protocol` upsamples them in float32 to the input size,
-                    # as `forward` would (the same op, bit for bit in float32; more exact in bf16).
-                    logits = run_protocol(
-                        lambda pixel_values: self.head(self.pixel_embeddings(pixel_values), text),
-                        torch.cat([b.pixel_values for b in group]),
-                        spec,
-                        pad_value=self.pad_value,
-                        dtype=compute,
-                    )
-                    originals = [b.original_sizes[0] for b in group]
-                    if return_scores:
-                        for label_map, scores in processor.postprocess(logits, originals, return_scores=True):
-                            confidence = scores.amax(dim=0).cpu().numpy() if return_confidence else None
-                            results.append(
-                                SegmentationResult(
-                                    label_map.cpu().numpy(), scores.cpu().numpy(), labels, confidence
-                                )
-                            )
-                        continue
-                    for label_map, confidence in processor.label_maps(
-                        logits, originals, return_confidence=return_confidence
-                    ):
-                        results.append(
-                            SegmentationResult(
-                                label_map.cpu().numpy(),
-                                None,
-                                labels,
-                                confidence.cpu().numpy() if confidence is not None else None,
-                            )
-                        )
-                    del logits
-        return results[0] if single else results
+        extra = {"scores": return_scores, "confidence": return_confidence}
+        outputs = {"label_map", *(name for name, asked in extra.items() if asked)}
+        return LSegPredictor(self, protocol, size, dtype).predict(
+            images, labels, outputs, batch_size=batch_size
+        )
 
-    @torch.inference_mode()
     def encode_image(
         self,
         images: ImageInput | Sequence[ImageInput],
@@ -395,46 +326,11 @@ class LSeg(nn.Module):
         H x W is the size the model sees: the stride-2 grid of the logits `segment` takes the argmax of.
 
         A batch tensor B x 3 x H x W (uint8 or [0, 1] float) gives B x D x ceil(H/2) x ceil(W/2).
-        `dtype`: the forward pass's precision, as for `segment`; the result is float32.
+        `dtype`: the forward's precision, as for `segment`; float32 results (`LSegPredictor`).
         """
-        from lseg.inference import resolve_protocol, run_protocol
+        from lseg.predictor import LSegPredictor
 
-        spec, size = resolve_protocol(protocol, size)
-        compute = model_precision(self, dtype)
-        is_batch = isinstance(images, torch.Tensor) and images.ndim == 4
-        items = [images] if is_batch or not isinstance(images, (list, tuple)) else list(images)
-        outputs = []
-        with _eval_mode(self):
-            for item in items:
-                batch = self.processor.preprocess(item, size, device=self.device, dtype=self.dtype)
-                height, width = batch.sizes[0]
-                features = run_protocol(
-                    self.pixel_embeddings,
-                    batch.pixel_values,
-                    spec,
-                    out_size=((height + 1) // 2, (width + 1) // 2),
-                    pad_value=self.pad_value,
-                    dtype=compute,
-                )
-                outputs.append(F.normalize(features.float(), dim=1))
-        if is_batch:
-            return outputs[0]
-        squeezed = [o[0] for o in outputs]
-        return squeezed[0] if not isinstance(images, (list, tuple)) else squeezed
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode, restoring the caller's train/eval mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _same_size_runs(batches: list[ImageBatch]) -> list[list[ImageBatch]]:
-    """Consecutive one-image batches the model sees at the same size (one forward pass each)."""
-    runs = groupby(batches, key=lambda batch: tuple(batch.pixel_values.shape[-2:]))
-    return [list(run) for _, run in runs]
+        results = LSegPredictor(self, protocol, size, dtype).predict(images, outputs={"features"})
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            return torch.stack([result.features for result in results])
+        return [r.features for r in results] if isinstance(results, list) else results.features
