@@ -76,3 +76,20 @@ def test_output_folder_checks_refuse_files_and_create_lazily(tmp_path):
     target = check_output_folder(tmp_path / "new" / "deeper")
     assert not target.exists()
     assert make_output_folder(target).is_dir()
+
+
+def test_interrupted_writes_of_the_named_images_are_removed_and_nothing_else(tmp_path):
+    """A task killed mid-write (SIGKILL) leaves write_atomic's temporary file; the rerun that owns those
+    images removes it. A user's look-alike, other images' temporaries and finished files stay."""
+    from lseg.files import remove_interrupted_writes
+
+    names = [".007.overlay.png.7fd6fcd4.tmp", ".img.v2.json.0a1b2c3d.tmp", ".008.json.00000000.tmp",
+             ".007.overlay.png.notes.tmp", "007.overlay.png", ".007.tmp"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_text("x")
+    removed = remove_interrupted_writes(tmp_path, ["007", "img.v2"])
+    assert sorted(path.name for path in removed) == [
+        ".007.overlay.png.7fd6fcd4.tmp",
+        ".img.v2.json.0a1b2c3d.tmp",
+    ]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names[2:])

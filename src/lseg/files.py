@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
 from lseg.errors import LSegError
+
+_TEMPORARY = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{8}\.tmp")  # write_atomic's temporary files
 
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
@@ -38,6 +41,25 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_interrupted_writes(folder: str | Path, stems: Iterable[str]) -> list[Path]:
+    """Delete the temporary files `write_atomic` left in `folder` for outputs named `STEM.*` (a process
+    killed mid-write cannot remove its own). Only our exact pattern, `.NAME.<8 hex>.tmp`, of the given
+    stems: call it for images no other process is writing. The files removed."""
+    stems, removed = set(stems), []
+    folder = Path(folder)
+    if not stems or not folder.is_dir():
+        return removed
+    for entry in os.scandir(folder):
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False):
+            continue
+        target = match["target"].split(".")
+        if any(".".join(target[:end]) in stems for end in range(1, len(target))):
+            Path(entry.path).unlink(missing_ok=True)
+            removed.append(Path(entry.path))
+    return removed
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from lseg.errors import LSegError
 from lseg.features import GRIDS, read_sidecar, save_features
-from lseg.files import check_output_folder, make_output_folder, save_array, save_image, write_json_atomic
+from lseg.files import (
+    check_output_folder,
+    make_output_folder,
+    remove_interrupted_writes,
+    save_array,
+    save_image,
+    write_json_atomic,
+)
 from lseg.images import ImageInput, load_image
 from lseg.inference import InferenceProtocol, resolve_protocol, run_protocol, scaled_size
 from lseg.labels import validate_labels
@@ -219,6 +226,7 @@ class LSegPredictor:
         out = check_output_folder(out)
         rank, world = shard_from_env()
         mine = take_shard(list(inputs), rank, world)
+        remove_interrupted_writes(out, [path.stem for path in mine])  # this shard is written only here
         todo = [path for path in mine if overwrite or not files.is_done(out / f"{path.stem}.json", settings)]
         if world > 1:
             start_shard(out, rank, world)

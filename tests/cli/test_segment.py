@@ -301,3 +301,14 @@ def test_a_decoder_wider_than_the_machine_is_refused_before_anything_is_built(
     assert error.count("\n") == 0 and error.startswith("lseg: error: model config features 1000000000 ")
     assert "451.0 EiB of float32 decoder weights" in error and "cannot be built" in error
     assert "--size" not in error and not (tmp_path / "out").exists()
+
+
+def test_a_rerun_removes_what_a_killed_run_left_half_written(tmp_path, images, model_dir):
+    """A process killed mid-write leaves write_atomic's temporary file; the run that redoes the image
+    removes it, so the folder holds only finished outputs."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".a.overlay.png.0123abcd.tmp").write_bytes(b"half an image")
+    arguments = ["--labels", "cat, plant", "--checkpoint", model_dir, "--out", str(out), "--device", "cpu"]
+    code = main(["segment", str(images), *arguments])
+    assert code == 0 and not list(out.glob(".*.tmp")) and (out / "a.overlay.png").is_file()

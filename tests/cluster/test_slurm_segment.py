@@ -28,7 +28,15 @@ from tests.cluster.jobs import (
 pytestmark = pytest.mark.cluster
 
 IMAGES = 40
-OUTPUTS = (".labels.png", ".overlay.png", ".features.npy", ".json")
+# command -> (its options beside the model's, the files of each image with the sidecar last, its summary)
+COMMANDS = {
+    "segment": (
+        ["--labels", "road, sky, car, building", "--save-features", "--batch-size", "1"],
+        (".labels.png", ".overlay.png", ".features.npy", ".json"),
+        "segment-summary.json",
+    ),
+    "features": ([], (".npy", ".json"), "features-summary.json"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +50,27 @@ def inputs(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     for index in range(IMAGES):
         pixels = scenes[index]["image"].permute(1, 2, 0).numpy()
         Image.fromarray(pixels).save(images / f"{index:03d}.png")
-    options = ["--checkpoint", str(model), "--labels", "road, sky, car, building", "--size", "360",
-               "--save-features", "--batch-size", "1", "--device", "cpu"]  # fmt: skip
-    return images, folder, options
+    return images, folder, ["--checkpoint", str(model), "--size", "360", "--device", "cpu"]
 
 
 def sidecar_times(out: Path) -> dict[str, int]:
     return {path.name: path.stat().st_mtime_ns for path in out.glob("*.json") if path.name[0].isdigit()}
 
 
-def test_a_sharded_job_killed_mid_way_and_resubmitted_does_every_image_once(slurm_env, inputs, tmp_path):
-    """Task 1 is killed after a few of its images; the resubmitted job skips every image already done
-    (its files untouched), does the rest, and the folder then equals a one-process run byte for byte
-    (sidecars but for the seconds they took), with a complete segment-summary.json."""
-    images, _, options = inputs
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_sharded_job_killed_mid_way_and_resubmitted_does_every_image_once(
+    slurm_env, inputs, tmp_path, command
+):
+    """Task 1 is killed after a few of its images; the resubmitted job (the same script, `LSEG_COMMAND`
+    picking the command) skips every image already done (its files untouched), does the rest, and the
+    folder then equals a one-process run byte for byte (sidecars but for the seconds they took), with a
+    complete summary."""
+    images, _, model_options = inputs
+    extra, outputs, summary_name = COMMANDS[command]
+    options = [*model_options, *extra]
+    environment = {**slurm_env, "LSEG_COMMAND": command}
     single = subprocess.run(
-        [sys.executable, "-m", "lseg.cli.main", "segment", str(images), "--out", str(tmp_path / "single"),
+        [sys.executable, "-m", "lseg.cli.main", command, str(images), "--out", str(tmp_path / "single"),
          *options],
         env={**os.environ, **lseg_environment()}, capture_output=True, text=True, timeout=JOB_WITHIN_S,
     )  # fmt: skip
@@ -65,7 +78,7 @@ def test_a_sharded_job_killed_mid_way_and_resubmitted_does_every_image_once(slur
 
     out = tmp_path / "sharded"
     job = sbatch(
-        slurm_env, tmp_path, "segment.sbatch", BATCH_OF_2_ON_2_CPU_TASKS, [str(images), str(out), *options]
+        environment, tmp_path, "segment.sbatch", BATCH_OF_2_ON_2_CPU_TASKS, [str(images), str(out), *options]
     )
     odd = {f"{index:03d}.json" for index in range(1, IMAGES, 2)}  # task 1's shard
     deadline = time.monotonic() + JOB_WITHIN_S
@@ -76,10 +89,10 @@ def test_a_sharded_job_killed_mid_way_and_resubmitted_does_every_image_once(slur
     wait_until(slurm_env, job, {"COMPLETED", "FAILED", "CANCELLED"})
     before = sidecar_times(out)
     assert 3 <= len(odd & set(before)) < len(odd), "task 1 was not killed mid-way"
-    assert not (out / "segment-summary.json").exists()
+    assert not (out / summary_name).exists()
 
     resubmitted = sbatch(
-        slurm_env, tmp_path, "segment.sbatch", BATCH_OF_2_ON_2_CPU_TASKS, [str(images), str(out), *options]
+        environment, tmp_path, "segment.sbatch", BATCH_OF_2_ON_2_CPU_TASKS, [str(images), str(out), *options]
     )
     fields = wait_until(slurm_env, resubmitted, {"COMPLETED", "FAILED", "CANCELLED"})
     assert fields["JobState"] == "COMPLETED", job_output(tmp_path)[-3000:]
@@ -87,25 +100,23 @@ def test_a_sharded_job_killed_mid_way_and_resubmitted_does_every_image_once(slur
     even = {f"{index:03d}.json" for index in range(0, IMAGES, 2)}
     for shard in (odd, even):  # task 0 may have been stopped with task 1, or have finished its shard
         done = len(shard & set(before))
-        assert not done or f"skipping {done} image(s) already segmented" in output, output[-3000:]
+        assert not done or f"skipping {done} image(s)" in output, output[-3000:]
     after = sidecar_times(out)
     assert len(after) == IMAGES and all(after[name] == time for name, time in before.items())
     for index in range(IMAGES):
-        for suffix in OUTPUTS[:3]:
+        for suffix in outputs[:-1]:
             name = f"{index:03d}{suffix}"
             assert (out / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
         sidecar = json.loads((out / f"{index:03d}.json").read_text())
         reference = json.loads((tmp_path / "single" / f"{index:03d}.json").read_text())
-        assert {**sidecar, "seconds": 0} == {**reference, "seconds": 0}
+        assert {**sidecar, "seconds": 0} == {**reference, "seconds": 0}  # (features: no timing)
     made = {path.name for path in out.iterdir()}
-    assert made == {f"{index:03d}{suffix}" for index in range(IMAGES) for suffix in OUTPUTS} | {
-        "segment-summary.json",
-        ".lseg-shards",
-    }  # nothing half-made is left
-    summary = json.loads((out / "segment-summary.json").read_text())
+    expected = {f"{index:03d}{suffix}" for index in range(IMAGES) for suffix in outputs}
+    assert made == expected | {summary_name, ".lseg-shards"}  # nothing half-made is left
+    summary = json.loads((out / summary_name).read_text())
     assert summary["images"] == summary["done"] == IMAGES and summary["missing"] == []
     assert [record["name"] for record in summary["records"]] == [f"{index:03d}" for index in range(IMAGES)]
     assert sorted((rank["rank"], rank["images"], rank["failed"]) for rank in summary["ranks"]) == [
         (0, 20, 0), (1, 20, 0)
     ]  # fmt: skip
-    assert np.load(out / "000.features.npy").dtype == np.float16
+    assert np.load(out / f"000{outputs[-2]}").dtype == np.float16
