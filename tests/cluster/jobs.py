@@ -69,6 +69,26 @@ def controller_log(slurm_env: dict[str, str], job: str) -> str:
     return "\n".join(line for line in lines if f"JobId={job} " in line or f"job {job} " in line.lower())
 
 
+def wait_until_cleaned_up(slurm_env: dict[str, str], job: str, within_s: float = JOB_WITHIN_S) -> None:
+    """Until no process of `job` is left and the node is idle again. A requeued job waits out its
+    BeginTime (two minutes) for this; a test that releases it at once must wait itself, or the new
+    run is launched beside the old one's exiting processes and fails to start (exit 1, no output)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        alive = [
+            process
+            for process in psutil.process_iter(["environ"])
+            if (process.info["environ"] or {}).get("SLURM_JOB_ID") == job
+        ]
+        node = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%T"], env=slurm_env, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+        if not alive and node == "idle":
+            return
+        time.sleep(0.2)
+    pytest.fail(f"job {job} still has processes or the node is not idle after {within_s} s")
+
+
 def task_process(job: str, rank: int) -> psutil.Process:
     """The `lseg` process of task `rank` of a running job, found by its SLURM_JOB_ID and SLURM_PROCID."""
     found = [

@@ -23,6 +23,7 @@ from tests.cluster.jobs import (
     sbatch,
     task_process,
     wait_until,
+    wait_until_cleaned_up,
 )
 
 pytestmark = pytest.mark.cluster
@@ -87,6 +88,7 @@ def test_a_sharded_job_killed_mid_way_and_resubmitted_does_every_image_once(
         time.sleep(0.05)
     task_process(job, rank=1).kill()
     wait_until(slurm_env, job, {"COMPLETED", "FAILED", "CANCELLED"})
+    wait_until_cleaned_up(slurm_env, job)
     before = sidecar_times(out)
     assert 3 <= len(odd & set(before)) < len(odd), "task 1 was not killed mid-way"
     assert not (out / summary_name).exists()

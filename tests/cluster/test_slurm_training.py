@@ -29,6 +29,7 @@ from tests.cluster.jobs import (
     sbatch,
     task_process,
     wait_until,
+    wait_until_cleaned_up,
 )
 from tests.conftest import REPO_ROOT
 
@@ -131,6 +132,7 @@ def preempt(slurm_env: dict[str, str], job: str, how: str, work: Path) -> int:
     subprocess.run(command, env=slurm_env, check=True, timeout=30)
     pending = wait_until(slurm_env, job, {"PENDING", "COMPLETED", "FAILED", "CANCELLED"})
     assert pending["JobState"] == "PENDING", job_output(work)[-3000:]  # requeued, held until BeginTime
+    wait_until_cleaned_up(slurm_env, job)
     saved = torch.load(work / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     subprocess.run(
         ["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm_env, check=True, timeout=30
