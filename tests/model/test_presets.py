@@ -48,3 +48,14 @@ def test_a_bad_preset_file_is_one_clear_error(my_config, content, message):
         load_preset(str(path))
     with pytest.raises(LSegError):
         add_preset(path)
+
+
+def test_a_card_names_only_bundled_presets(my_config, tmp_path):
+    """A preset added from a user's file means nothing on another machine: the card leaves it out."""
+    from huggingface_hub import ModelCard
+
+    add_preset(my_config)
+    folder = LSeg.from_config("my_tiny").save_pretrained(tmp_path / "model")
+    assert "preset" not in ModelCard.load(folder / "README.md").data.lseg
+    tiny = LSeg.from_config("tiny").save_pretrained(tmp_path / "tiny")
+    assert ModelCard.load(tiny / "README.md").data.lseg["preset"] == "tiny"

@@ -31,6 +31,7 @@ from lseg.evaluate.labels import IGNORE_INDEX, LabelSpace, dataset_label_space
 from lseg.evaluate.metrics import SegmentationMetrics, confusion_matrix, metrics_from_confusion
 from lseg.inference import InferenceProtocol, resolve_protocol, run_protocol
 from lseg.precision import model_precision
+from lseg.predictor import same_size_runs
 from lseg.processing import LSegImageProcessor
 
 RANK_BY = ("miou", "pixel_accuracy")
@@ -201,17 +202,9 @@ def embed_labels(model: Any, labels: Sequence[str]) -> Tensor:
         raise LSegError(f"the model cannot embed the label text: {error}") from error
 
 
-def same_size_groups(batch: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-    """Consecutive samples whose images have one size: one forward pass each, never padded together
-    (a ViT's attention would see the other images' padding)."""
-    group: list[dict[str, Any]] = []
-    for sample in batch:
-        if group and tuple(sample["image"].shape) != tuple(group[0]["image"].shape):
-            yield group
-            group = []
-        group.append(sample)
-    if group:
-        yield group
+def image_shape(sample: dict[str, Any]) -> tuple[int, ...]:
+    """What `same_size_runs` groups samples by: images of one shape share a forward pass."""
+    return tuple(sample["image"].shape)
 
 
 def mask_logits(
@@ -366,7 +359,7 @@ def _score_shard(
     started = time.perf_counter()
     done = 0
     for batch in _samples(loader):
-        for group in same_size_groups(batch):
+        for group in same_size_runs(batch, key=image_shape):
             tick = time.perf_counter()
             resized = mask_logits(
                 lambda pixel_values: model(pixel_values, text).logits,

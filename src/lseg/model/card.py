@@ -110,8 +110,9 @@ def _description(config: LSegConfig) -> dict[str, Any]:
 
 
 def _preset(config: LSegConfig) -> str | None:
-    """The preset `config` was built from (its labels aside), if any."""
-    for name in preset_names():
+    """The bundled preset `config` was built from (its labels aside), if any: a name anyone can build
+    (a preset added from a user's file means nothing on another machine)."""
+    for name in preset_names(added=False):
         preset = load_preset(name)
         if dataclasses.replace(config, labels=preset.labels) == preset:
             return name

@@ -214,11 +214,11 @@ def add_preset(path: str | Path) -> list[str]:
     return [file.stem for file in found]
 
 
-def preset_names() -> list[str]:
+def preset_names(added: bool = True) -> list[str]:
+    """The bundled presets, and (`added`) those `add_preset` added in this process."""
     files = resources.files("lseg.model").joinpath("presets").iterdir()
-    return sorted(
-        {f.name.removesuffix(".json") for f in files if f.name.endswith(".json")} | set(_ADDED_PRESETS)
-    )
+    bundled = {f.name.removesuffix(".json") for f in files if f.name.endswith(".json")}
+    return sorted(bundled | (set(_ADDED_PRESETS) if added else set()))
 
 
 def load_preset(name: str | Path) -> LSegConfig:

@@ -13,10 +13,11 @@ from timm.optim import param_groups_weight_decay
 from lseg.data import IGNORE_INDEX, negative_words
 from lseg.errors import LSegError
 from lseg.evaluate.metrics import SegmentationMetrics
-from lseg.evaluate.runner import mask_logits, same_size_groups
+from lseg.evaluate.runner import image_shape, mask_logits
 from lseg.inference import PROTOCOLS
 from lseg.model import LSeg, LSegConfig, load_preset
 from lseg.precision import cpu_has_native_bfloat16
+from lseg.predictor import same_size_runs
 
 REFERENCE_BATCH = 16  # base learning rates are quoted for this global batch size
 
@@ -230,7 +231,7 @@ class LSegModule(L.LightningModule):
         same-size images per forward pass, logits resized to each original mask (`mask_logits`)."""
         text = self._text(batch[0]["dataset"])
         size = self.trainer.datamodule.val_size
-        for group in same_size_groups(batch):
+        for group in same_size_runs(batch, key=image_shape):
             logits = mask_logits(
                 lambda pixel_values: self.model(pixel_values, text).logits,
                 group,
