@@ -69,17 +69,22 @@ def controller_log(slurm_env: dict[str, str], job: str) -> str:
     return "\n".join(line for line in lines if f"JobId={job} " in line or f"job {job} " in line.lower())
 
 
+def job_processes(job: str) -> list[psutil.Process]:
+    """The processes running for `job` (their SLURM_JOB_ID), each with `info["environ"]`."""
+    return [
+        process
+        for process in psutil.process_iter(["environ"])
+        if (process.info["environ"] or {}).get("SLURM_JOB_ID") == job
+    ]
+
+
 def wait_until_cleaned_up(slurm_env: dict[str, str], job: str, within_s: float = JOB_WITHIN_S) -> None:
     """Until no process of `job` is left and the node is idle again. A requeued job waits out its
     BeginTime (two minutes) for this; a test that releases it at once must wait itself, or the new
     run is launched beside the old one's exiting processes and fails to start (exit 1, no output)."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        alive = [
-            process
-            for process in psutil.process_iter(["environ"])
-            if (process.info["environ"] or {}).get("SLURM_JOB_ID") == job
-        ]
+        alive = job_processes(job)
         node = subprocess.run(
             ["sinfo", "-h", "-N", "-o", "%T"], env=slurm_env, capture_output=True, text=True, timeout=30
         ).stdout.strip()
@@ -93,10 +98,8 @@ def task_process(job: str, rank: int) -> psutil.Process:
     """The `lseg` process of task `rank` of a running job, found by its SLURM_JOB_ID and SLURM_PROCID."""
     found = [
         process
-        for process in psutil.process_iter(["environ"])
-        if (process.info["environ"] or {}).get("SLURM_JOB_ID") == job
-        and process.info["environ"].get("SLURM_PROCID") == str(rank)
-        and "lseg" in " ".join(process.cmdline())
+        for process in job_processes(job)
+        if process.info["environ"].get("SLURM_PROCID") == str(rank) and "lseg" in " ".join(process.cmdline())
     ]
     assert len(found) == 1, found
     return found[0]
