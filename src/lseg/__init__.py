@@ -2,6 +2,7 @@
 
 from lseg.errors import LSegError
 from lseg.model import LSeg, LSegConfig, LSegOutput, SegmentationResult
+from lseg.pipelines import pipeline
 from lseg.processing import LSegImageProcessor
 from lseg.version import __version__
 
@@ -13,4 +14,5 @@ __all__ = [
     "LSegOutput",
     "SegmentationResult",
     "__version__",
+    "pipeline",
 ]

@@ -25,6 +25,7 @@ from lseg.precision import to_device
 
 if TYPE_CHECKING:
     from lseg.model.config import LSegConfig
+    from lseg.model.lseg import LSegOutput
 
 Size = tuple[int, int]
 # Resized logits held at once by `label_maps` (float32: 64 MB), whatever the image and label count.
@@ -224,6 +225,26 @@ class LSegImageProcessor:
         for resized in self.resize_logits(logits, target_sizes, sizes):
             results.append((resized.argmax(dim=0), resized.softmax(dim=0)))
         return results
+
+    def post_process_semantic_segmentation(
+        self,
+        outputs: LSegOutput | Tensor,
+        target_sizes: Sequence[Sequence[int]] | Tensor | None = None,
+        *,
+        sizes: Sequence[Sequence[int]] | None = None,
+    ) -> list[Tensor]:
+        """`LSeg.forward`'s output (or its B x N x h x w logits) -> one int64 label map per image, at
+        its `target_sizes` entry (H, W), else at the logits' size: transformers' image-processor
+        method of this name, so code written for its segmentation models works unchanged.
+
+        `sizes` (`ImageBatch.sizes`) crops each image's batch padding away first (images of different
+        sizes in one batch); without `target_sizes` the maps then keep those sizes. `postprocess` does
+        the work: the one resize, in bounded memory.
+        """
+        logits = getattr(outputs, "logits", outputs)
+        if target_sizes is None:
+            target_sizes = sizes if sizes is not None else [logits.shape[-2:]] * logits.shape[0]
+        return self.postprocess(logits, target_sizes, sizes)
 
     def label_maps(
         self,
