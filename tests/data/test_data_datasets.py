@@ -201,6 +201,48 @@ def test_image_folder_and_registry_folder(tmp_path, write_image, write_label):
         folder(tmp_path, "val")
 
 
+def _drives(root: Path, write_image, write_label) -> None:
+    """A folder dataset of three classes over two drives: each mask is 0 | 1 | 2 in thirds."""
+    mask = np.repeat(np.array([[0, 0, 1, 1, 2, 2]], np.uint8), 2, axis=0)
+    mask[0, 0] = 255
+    for stem in ("0001TP_1", "0006R0_1", "0006R0_2"):
+        write_image(root / "images" / "train" / f"{stem}.jpg", 2, 6)
+        write_label(root / "masks" / "train" / f"{stem}.png", mask)
+    (root / "names.txt").write_text("road\nsky\ncar\n")
+
+
+def test_a_folder_dataset_at_a_relative_root_reads_its_files(tmp_path, monkeypatch, write_image, write_label):
+    """Scanned paths are absolute: a relative root was joined twice (root/images/root/images/x.jpg)."""
+    _drives(tmp_path / "data", write_image, write_label)
+    monkeypatch.chdir(tmp_path)
+    dataset = build_dataset("folder", "data", "train")
+    assert dataset[0]["image"].shape == (3, 2, 6)
+
+
+def test_folder_sequences_keep_only_those_drives(tmp_path, write_image, write_label):
+    _drives(tmp_path, write_image, write_label)
+    kept = build_dataset("folder", tmp_path, "train", sequences=["0006R0"])
+    assert [Path(image).name for image, _ in kept.pairs] == ["0006R0_1.jpg", "0006R0_2.jpg"]
+    with pytest.raises(LSegError, match=r"no images of sequences \['Seq05VD'\]; it has 0001TP, 0006R0"):
+        build_dataset("folder", tmp_path, "train", sequences=["Seq05VD"])
+
+
+def test_dropped_classes_become_ignore_and_the_rest_are_renumbered(tmp_path, write_image, write_label):
+    """Training on seen classes only: an unseen class's pixels are never a target (ignore)."""
+    _drives(tmp_path, write_image, write_label)
+    dataset = build_dataset("folder", tmp_path, "train")
+    full = dataset[0]["mask"].clone()
+    dataset.drop_classes([1])
+    assert dataset.class_names == ["road", "car"]
+    expected = torch.tensor([0, 255, 1, 255])[full.clamp(max=3).where(full != 255, torch.tensor(3))]
+    assert torch.equal(dataset[0]["mask"], expected)
+    assert dataset.pixel_counts().tolist() == [3 * 3, 3 * 4]  # 3 images; road lost its ignored pixel
+    dataset.drop_classes([0])  # ids of the remaining classes: car is now 0
+    assert dataset.class_names == ["car"] and dataset[0]["mask"].unique().tolist() == [0, 255]
+    with pytest.raises(LSegError, match="cannot drop classes"):
+        dataset.drop_classes([0])
+
+
 def test_build_dataset_errors(tmp_path):
     with pytest.raises(LSegError, match="unknown dataset 'kitti'.*camvid, ade20k"):
         build_dataset("kitti", tmp_path, "train")

@@ -260,7 +260,7 @@ def test_sequences_score_only_those_drives(tmp_path, camvid_root, model_dir, cap
     capsys.readouterr()
     assert main(["evaluate", "--preset", "tiny", "--dataset", "ade20k", "--data-root", str(camvid_root),
                  "--out", str(tmp_path / "x"), "--sequences", "0006R0"]) == 1  # fmt: skip
-    _one_line_error(capsys, "--sequences selects CamVid drives")
+    _one_line_error(capsys, "--sequences selects drives (camvid, folder)")
 
 
 def test_checkpoint_without_text_encoder_is_rejected(tmp_path, camvid_root, model_dir, capsys):

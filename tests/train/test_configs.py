@@ -40,3 +40,19 @@ def test_camvid_ablation_override_parses_on_the_recipe(override, capsys):
         main(["train", *(arg for c in configs for arg in ("--config", str(c))), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "model:" in capsys.readouterr().out
+
+
+def test_camvid32_fold_override_holds_the_folds_unseen_classes_out(capsys, monkeypatch):
+    """benchmarks/camvid32_zeroshot.py trains each fold with this override of configs/camvid32.yaml."""
+    import importlib.util
+
+    path = REPO_ROOT / "benchmarks" / "camvid32_zeroshot.py"
+    spec = importlib.util.spec_from_file_location("camvid32_zeroshot", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *benchmark.train_arguments(REPO_ROOT / "runs" / "x", 2), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "unseen_file: configs/labels/camvid32_folds.yaml" in printed and "fold: 2" in printed

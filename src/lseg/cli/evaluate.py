@@ -45,8 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--sequences",
         nargs="+",
         metavar="ID",
-        help="camvid only: score only these drives (file-name prefixes such as 0006R0), e.g. one held "
-        "out of training",
+        help="camvid, folder: score only these drives (file-name prefixes such as 0006R0), e.g. one "
+        "held out of training",
     )
     parser.add_argument("--out", required=True, help="output folder for the reports")
     words = parser.add_mutually_exclusive_group()
@@ -91,7 +91,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--examples", type=int, default=4, help="best and worst images shown (default 4 each)"
     )
-    parser.add_argument("--fold", type=int, default=0, help="zero-shot fold (pascal-5i, coco-20i: 0-3)")
+    unseen = parser.add_mutually_exclusive_group()
+    unseen.add_argument(
+        "--unseen",
+        metavar="CLASS,CLASS",
+        help="classes held out of training: every class is still asked; adds seen / unseen mIoU and "
+        "their harmonic mean hIoU (generalised zero-shot)",
+    )
+    unseen.add_argument(
+        "--unseen-file",
+        help="the unseen classes: one per line, or a folds YAML file (folds, apart) read at --fold",
+    )
+    parser.add_argument(
+        "--seen-bias",
+        type=float,
+        default=0.0,
+        help="with --unseen: subtracted from the seen classes' logits (calibration; default 0)",
+    )
+    parser.add_argument(
+        "--fold",
+        type=int,
+        default=0,
+        help="zero-shot fold (pascal-5i, coco-20i: 0-3), or the fold of an --unseen-file folds file",
+    )
     parser.add_argument(
         "--background", default="others", help="zero-shot background word (default: others, as the paper)"
     )
@@ -101,6 +123,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------- argument checks
 def _check_args(args: argparse.Namespace) -> None:
+    from lseg.data import DATASETS
     from lseg.files import check_output_folder
     from lseg.images import check_model_size
     from lseg.inference import resolve_protocol
@@ -123,9 +146,16 @@ def _check_args(args: argparse.Namespace) -> None:
     if not args.checkpoint and not args.preset:
         raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
     check_output_folder(args.out)
-    if args.sequences is not None and args.dataset != "camvid":
-        raise LSegError(f"--sequences selects CamVid drives; --dataset {args.dataset} has none")
+    if args.sequences is not None and not (args.dataset in DATASETS and DATASETS[args.dataset].has_sequences):
+        raise LSegError(f"--sequences selects drives (camvid, folder); --dataset {args.dataset} has none")
+    unseen = args.unseen is not None or args.unseen_file is not None
+    if args.seen_bias and not unseen:
+        raise LSegError("--seen-bias calibrates seen against unseen classes; give --unseen or --unseen-file")
+    if unseen and args.label_space != "dataset":
+        raise LSegError("--unseen scores the dataset's classes; it does not apply to --label-space universal")
     if args.dataset in zeroshot_names():
+        if unseen:
+            raise LSegError("zero-shot benchmarks hold out whole folds already; --unseen is for datasets")
         if args.label_space != "dataset":
             raise LSegError(
                 "--label-space universal applies to segmentation datasets, not zero-shot benchmarks"
@@ -158,6 +188,7 @@ def _progress_bar(console: Any, description: str) -> tuple[Any, Any]:
 def _run_dataset(args: argparse.Namespace, device: Any, console: Any) -> list[Path]:
     from lseg.evaluate import build_label_space, default_split, evaluate, is_main_process, load_dataset
     from lseg.evaluate import report as R
+    from lseg.evaluate.labels import read_unseen
 
     split = args.split if args.split is not None else default_split(args.dataset)
     dataset = load_dataset(args.dataset, args.data_root, split, args.sequences)
@@ -168,6 +199,9 @@ def _run_dataset(args: argparse.Namespace, device: Any, console: Any) -> list[Pa
         labels_file=args.labels_file,
         synonyms=args.synonyms,
         taxonomy_column=args.taxonomy_column,
+    )
+    unseen = read_unseen(
+        dataset.class_names, args.unseen, args.unseen_file, args.fold if args.unseen_file else None
     )
     model = _load_model(args, device)
     bar, progress = _progress_bar(console, "evaluating")
@@ -181,6 +215,8 @@ def _run_dataset(args: argparse.Namespace, device: Any, console: Any) -> list[Pa
             device=device,
             progress=progress,
             num_examples=args.examples,
+            unseen=unseen,
+            seen_bias=args.seen_bias,
             **{name: getattr(args, name) for name in SETTINGS},
         )
     if not is_main_process():

@@ -52,6 +52,7 @@ class DatasetRecord:
     taxonomy_aliases: Mapping[str, str] = field(default_factory=dict)
     default_split: str | None = "val"
     evaluation_options: Mapping[str, Any] = field(default_factory=dict)
+    has_sequences: bool = False  # the builder takes `sequences` (drive ids: file-name prefixes)
 
 
 DATASETS: dict[str, DatasetRecord] = {}
@@ -180,6 +181,8 @@ class ListFileDataset(Dataset):
         self.unknown_ids = unknown_ids
         self.name = name or self.root.name
         self._table = None if id_map is None else _lookup_table(id_map, ignore_index)
+        self._source_classes = len(self.class_names)  # class ids in the label files
+        self._kept: torch.Tensor | None = None  # label-file class id -> id after `drop_classes` / ignore
         self._warned = False
 
     def __len__(self) -> int:
@@ -212,24 +215,46 @@ class ListFileDataset(Dataset):
             counts += torch.bincount(mask[mask != self.ignore_index], minlength=len(counts))
         return counts
 
+    def drop_classes(self, dropped: Sequence[int]) -> None:
+        """Make classes `dropped` (ids) unlabelled: their pixels become ignore, the remaining classes
+        are renumbered in order. Training on seen classes only (zero-shot protocols): an unseen class
+        is then never a target and, with its word not asked, never a negative."""
+        dropped = set(dropped)
+        if not dropped <= set(range(len(self.class_names))) or len(dropped) == len(self.class_names):
+            raise LSegError(f"cannot drop classes {sorted(dropped)} of {len(self.class_names)} ({self.name})")
+        keep = [i for i in range(len(self.class_names)) if i not in dropped]
+        renumber = torch.full((len(self.class_names) + 1,), self.ignore_index, dtype=torch.int64)
+        renumber[keep] = torch.arange(len(keep))  # the extra last entry maps ignore to ignore
+        kept = torch.arange(self._source_classes) if self._kept is None else self._kept
+        self._kept = renumber[kept.masked_fill(kept == self.ignore_index, len(self.class_names))]
+        self.class_names = [self.class_names[i] for i in keep]
+
     def _to_train_ids(self, raw: torch.Tensor, label_path: Path) -> torch.Tensor:
         mask = raw
         if self._table is not None:
             inside = (raw >= 0) & (raw < len(self._table))
             mask = torch.where(inside, self._table[raw.clamp(0, len(self._table) - 1)], -1)
-        bad = ((mask < 0) | (mask >= len(self.class_names))) & (mask != self.ignore_index)
-        if not bad.any():
+        bad = ((mask < 0) | (mask >= self._source_classes)) & (mask != self.ignore_index)
+        if bad.any():
+            mask = self._unknown_ids(raw, mask, bad, label_path)
+        if self._kept is None:
             return mask
+        labelled = mask != self.ignore_index
+        return torch.where(labelled, self._kept[mask.clamp(0, self._source_classes - 1)], mask)
+
+    def _unknown_ids(
+        self, raw: torch.Tensor, mask: torch.Tensor, bad: torch.Tensor, label_path: Path
+    ) -> torch.Tensor:
         ids = raw[bad].unique()[:10].tolist()
         if self.unknown_ids == "error":
             raise LSegError(
-                f"label {label_path} has ids {ids} that are neither one of the {len(self.class_names)} "
+                f"label {label_path} has ids {ids} that are neither one of the {self._source_classes} "
                 f"classes nor ignore ({self.ignore_index}); fix the labels or pass unknown_ids='ignore'"
             )
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"{self.name}: label {label_path} has ids {ids} outside the {len(self.class_names)} classes; "
+                f"{self.name}: label {label_path} has ids {ids} outside the {self._source_classes} classes; "
                 f"treating them as ignore ({self.ignore_index}); later occurrences are not reported",
                 stacklevel=3,
             )
@@ -249,8 +274,11 @@ def _split_folder(dataset: str, split: str, folders: Mapping[str, str]) -> str:
 
 
 def scan_pairs(images_dir: PathLike, masks_dir: PathLike) -> list[tuple[str, str]]:
-    """Pair every image in ``images_dir`` with the same-stem PNG in ``masks_dir`` (sorted by file name)."""
-    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    """Pair every image in ``images_dir`` with the same-stem PNG in ``masks_dir`` (sorted by file name).
+
+    Paths are absolute, so a dataset rooted at a relative folder does not join the folder twice.
+    """
+    images_dir, masks_dir = Path(os.path.abspath(images_dir)), Path(os.path.abspath(masks_dir))
     for folder in (images_dir, masks_dir):
         if not folder.is_dir():
             raise LSegError(f"folder {folder} not found")
@@ -266,11 +294,34 @@ def scan_pairs(images_dir: PathLike, masks_dir: PathLike) -> list[tuple[str, str
     return pairs
 
 
+def keep_sequences(
+    dataset: str, split: str | None, pairs: list[tuple[str, str]], sequences: Sequence[str] | None
+) -> list[tuple[str, str]]:
+    """The pairs whose image file name starts with one of `sequences` (drive ids such as "0006R0"),
+    to hold whole drives out of a training split; all pairs when `sequences` is None."""
+    if sequences is None:
+        return pairs
+    if isinstance(sequences, str) or not all(isinstance(s, str) for s in sequences):
+        raise LSegError(
+            f"{dataset} sequences must be a list of strings, got {sequences!r} (quote ids in YAML: "
+            "'0016E5' unquoted is the number 1600000.0)"
+        )
+    wanted = tuple(sequences)
+    kept = [pair for pair in pairs if Path(pair[0]).name.startswith(wanted)]
+    if not wanted or not kept:
+        found = sorted({Path(image).name.split("_")[0] for image, _ in pairs})
+        raise LSegError(
+            f"{dataset} {split}: no images of sequences {list(wanted)}; it has {', '.join(found)}"
+        )
+    return kept
+
+
 @register_dataset(
     "camvid",
     layout="ROOT/{train,val}.txt with lines 'train/X.png trainannot/X.png' (SegNet CamVid)",
     taxonomy_column="camvid-11",
     taxonomy_aliases=CAMVID_TAXONOMY_ALIASES,
+    has_sequences=True,
 )
 def camvid(
     root: PathLike,
@@ -287,23 +338,9 @@ def camvid(
     root = Path(root)
     _split_folder("camvid", split, {"train": "train", "val": "val", "test": "test"})
     _require("camvid", root, root / f"{split}.txt")
-    pairs = listed = _read_list_file(root / f"{split}.txt")
-    if sequences is not None:
-        if isinstance(sequences, str) or not all(isinstance(s, str) for s in sequences):
-            raise LSegError(
-                f"camvid sequences must be a list of strings, got {sequences!r} (quote ids in YAML: "
-                "'0016E5' unquoted is the number 1600000.0)"
-            )
-        wanted = tuple(sequences)
-        pairs = [pair for pair in pairs if Path(pair[0]).name.startswith(wanted)]
-        if not wanted or not pairs:
-            found = sorted({Path(image).name.split("_")[0] for image, _ in listed})
-            raise LSegError(
-                f"camvid {split}: no images of sequences {list(wanted)}; it has {', '.join(found)}"
-            )
     return ListFileDataset(
         root,
-        pairs,
+        keep_sequences("camvid", split, _read_list_file(root / f"{split}.txt"), sequences),
         CAMVID_CLASSES,
         transform=transform,
         name="camvid",
@@ -432,10 +469,12 @@ def image_folder(
     names_file: PathLike,
     transform: Transform | None = None,
     name: str = "folder",
+    sequences: Sequence[str] | None = None,
     **kw: Any,
 ) -> ListFileDataset:
-    """Any folder of images with same-stem PNG masks, and a class-names file (line index = label id)."""
-    pairs = scan_pairs(images_dir, masks_dir)
+    """Any folder of images with same-stem PNG masks, and a class-names file (line index = label id);
+    `sequences` keeps the images whose file names start with those ids (`keep_sequences`)."""
+    pairs = keep_sequences(name, Path(images_dir).name, scan_pairs(images_dir, masks_dir), sequences)
     return ListFileDataset(images_dir, pairs, read_names(names_file), transform=transform, name=name, **kw)
 
 
@@ -444,6 +483,7 @@ def image_folder(
     layout="ROOT/images/[SPLIT/]*.jpg, ROOT/masks/[SPLIT/]*.png (same stems) and ROOT/names.txt "
     "(one class name per line, line index = label id)",
     default_split=None,
+    has_sequences=True,
 )
 def folder(
     root: PathLike, split: str | None = None, transform: Transform | None = None, **kw: Any

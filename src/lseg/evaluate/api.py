@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, Subset
 from lseg.data import build_dataset, dataset_record
 from lseg.device import resolve_device
 from lseg.errors import LSegError
-from lseg.evaluate.labels import LabelSpace, build_label_space, load_synonyms
+from lseg.evaluate.labels import LabelSpace, UnseenClasses, build_label_space, load_synonyms, read_unseen
 from lseg.evaluate.runner import (
     EvaluationReport,
     EvaluationSettings,
@@ -54,13 +54,14 @@ def load_dataset(
     """A registry dataset to evaluate (MSeg ones in their own taxonomy, no transform), every listed
     image and label file checked up front so a missing one fails before any inference.
 
-    `sequences` (CamVid only) keeps those drives, e.g. a drive held out of training.
+    `sequences` (camvid, folder) keeps those drives, e.g. a drive held out of training.
     """
     split = default_split(name) if split is None else split
-    extra = dict(dataset_record(name).evaluation_options)
+    record = dataset_record(name)
+    extra = dict(record.evaluation_options)
     if sequences is not None:
-        if name != "camvid":
-            raise LSegError(f"sequences select CamVid drives; dataset '{name}' has none")
+        if not record.has_sequences:
+            raise LSegError(f"sequences select drives (camvid, folder); dataset '{name}' has none")
         extra["sequences"] = sequences
     dataset = build_dataset(name, root, split, **extra)
     missing = [
@@ -154,8 +155,10 @@ def evaluate(
     the dataset's classes through MSeg_master.tsv (column of the dataset's registry name, or
     `taxonomy_column`). `prompt_template` replaces the model's templates for this run; `device`
     defaults to the model's; `options` are the other `EvaluationSettings` (size, crop_size, stride,
-    batch_size, num_workers, max_images, rank_by, num_examples, dtype). Under torch.distributed each
-    rank scores a shard; `progress(done, total)` counts images over all ranks.
+    batch_size, num_workers, max_images, rank_by, num_examples, dtype; ``unseen``: class names held
+    out of training, or `UnseenClasses`, for seen / unseen mIoU and hIoU; ``seen_bias``: their
+    calibration). Under torch.distributed each rank scores a shard; `progress(done, total)` counts
+    images over all ranks.
     """
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     class_names = dataset_classes(dataset)
@@ -174,6 +177,8 @@ def evaluate(
             taxonomy_column=taxonomy_column,
         )
     device = _model_device(model) if device is None else resolve_device(device)
+    if not isinstance(unseen := options.get("unseen"), UnseenClasses | None):
+        options["unseen"] = read_unseen(class_names, unseen)
     settings = EvaluationSettings(protocol=protocol, device=device, **options)
     with _prompt_template(model, prompt_template) as templates:
         report = evaluate_dataset(model, dataset, space, settings, class_names=class_names, progress=progress)

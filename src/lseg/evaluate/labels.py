@@ -45,20 +45,17 @@ def _norm(name: str) -> str:
     return re.sub(r"[\s_\-]+", " ", name).strip().lower()
 
 
-def read_synonyms(path: str | Path, class_names: Sequence[str]) -> dict[str, str]:
-    """``{class name: word}`` from ``ClassName: word`` or ``ClassName<TAB>word`` lines.
-
-    Blank lines and lines starting with ``#`` are skipped. Class names match exactly, else ignoring case
-    and ``_``/``-``/space differences. Unknown class names, duplicates and empty words raise LSegError.
-    """
-    path = Path(path)
-    exact = set(class_names)
-    loose: dict[str, str] = {}
-    for name in class_names:
-        loose.setdefault(_norm(name), name)
-    mapping: dict[str, str] = {}
-    unknown: list[str] = []
-    for lineno, raw in enumerate(read_text(path, "synonyms file").splitlines(), 1):
+def _synonym_entries(path: Path) -> list[tuple[int, str, str]]:
+    """(line, class, word) of a synonyms file: ``ClassName: word`` / ``ClassName<TAB>word`` lines, or
+    a YAML file (.yaml, .yml) whose ``words`` mapping is the table (a folds file keeps its words there)."""
+    text = read_text(path, "synonyms file")
+    if path.suffix in (".yaml", ".yml"):
+        words = _read_yaml(path, text).get("words")
+        if not isinstance(words, Mapping):
+            raise LSegError(f"{path}: a YAML synonyms file needs a 'words' mapping of class name -> word")
+        return [(0, str(key), "" if word is None else str(word)) for key, word in words.items()]
+    entries = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -70,23 +67,132 @@ def read_synonyms(path: str | Path, class_names: Sequence[str]) -> dict[str, str
             raise LSegError(
                 f"{path}:{lineno}: expected 'ClassName: word' or 'ClassName<TAB>word', got {line!r}"
             )
-        key, word = key.strip(), word.strip()
+        entries.append((lineno, key.strip(), word.strip()))
+    return entries
+
+
+def _read_yaml(path: Path, text: str) -> dict:
+    import yaml
+
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise LSegError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(content, dict):
+        raise LSegError(f"{path}: expected a YAML mapping at the top level")
+    return content
+
+
+class _ClassNames:
+    """Finds a dataset class by name: exactly, else ignoring case and ``_``/``-``/space differences."""
+
+    def __init__(self, class_names: Sequence[str]) -> None:
+        self.names = list(class_names)
+        self.loose: dict[str, str] = {}
+        for name in self.names:
+            self.loose.setdefault(_norm(name), name)
+
+    def find(self, key: str) -> str | None:
+        return key if key in self.names else self.loose.get(_norm(key))
+
+    def unknown_error(self, what: str, unknown: Sequence[str]) -> LSegError:
+        shown = ", ".join(repr(u) for u in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        return LSegError(
+            f"{what} names {len(unknown)} unknown class(es): {shown}; "
+            f"known classes are e.g. {', '.join(self.names[:8])}"
+        )
+
+
+def read_synonyms(path: str | Path, class_names: Sequence[str]) -> dict[str, str]:
+    """``{class name: word}`` from a synonyms file (`_synonym_entries`).
+
+    Blank lines and lines starting with ``#`` are skipped. Class names match exactly, else ignoring case
+    and ``_``/``-``/space differences. Unknown class names, duplicates and empty words raise LSegError.
+    """
+    path = Path(path)
+    classes = _ClassNames(class_names)
+    mapping: dict[str, str] = {}
+    unknown: list[str] = []
+    for lineno, key, word in _synonym_entries(path):
+        where = f"{path}:{lineno}" if lineno else str(path)
         if not word:
-            raise LSegError(f"{path}:{lineno}: no word given for class {key!r}")
-        name = key if key in exact else loose.get(_norm(key))
+            raise LSegError(f"{where}: no word given for class {key!r}")
+        name = classes.find(key)
         if name is None:
             unknown.append(key)
             continue
         if name in mapping:
-            raise LSegError(f"{path}:{lineno}: class {name!r} is given twice")
+            raise LSegError(f"{where}: class {name!r} is given twice")
         mapping[name] = word
     if unknown:
-        shown = ", ".join(repr(u) for u in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-        raise LSegError(
-            f"synonyms file {path} names {len(unknown)} unknown class(es): {shown}; "
-            f"known classes are e.g. {', '.join(list(class_names)[:8])}"
-        )
+        raise classes.unknown_error(f"synonyms file {path}", unknown)
     return mapping
+
+
+@dataclass(frozen=True)
+class UnseenClasses:
+    """Class ids held out of training (``unseen``), and ids scored but reported apart (``apart``: too
+    few pixels to count in the seen or unseen mean); every other class is seen."""
+
+    unseen: tuple[int, ...]
+    apart: tuple[int, ...] = ()
+
+
+def read_unseen(
+    class_names: Sequence[str],
+    unseen: Sequence[str] | str | None = None,
+    unseen_file: str | Path | None = None,
+    fold: int | None = None,
+) -> UnseenClasses | None:
+    """The unseen classes of a generalised zero-shot run, by class name (matched as in `read_synonyms`).
+
+    `unseen` is a list or "A, B" string; `unseen_file` is a text file (one class per line or
+    comma-separated) or a folds YAML file (``folds``: a list of class lists, ``apart``: optional) read
+    at `fold`. None when neither is given.
+    """
+    if unseen is not None and unseen_file is not None:
+        raise LSegError("give either unseen classes or an unseen-classes file, not both")
+    apart: list[str] = []
+    source = "the unseen classes"
+    if unseen_file is not None:
+        path, source = Path(unseen_file), f"unseen-classes file {unseen_file}"
+        text = read_text(path, "unseen-classes file")
+        if path.suffix in (".yaml", ".yml"):
+            unseen, apart = _fold(path, _read_yaml(path, text), fold)
+        else:
+            unseen = [
+                part for line in text.splitlines() if not line.startswith("#") for part in line.split(",")
+            ]
+    elif fold is not None and unseen is None:
+        raise LSegError("a fold selects unseen classes from a folds file; give the file too")
+    if unseen is None:
+        return None
+    names = [part.strip() for part in (unseen.split(",") if isinstance(unseen, str) else unseen)]
+    names = [name for name in names if name]
+    classes = _ClassNames(class_names)
+    found = [classes.find(name) for name in [*names, *apart]]
+    unknown = [name for name, hit in zip([*names, *apart], found, strict=True) if hit is None]
+    if unknown:
+        raise classes.unknown_error(source, unknown)
+    ids = [classes.names.index(name) for name in found]
+    held, kept_apart = ids[: len(names)], ids[len(names) :]
+    if not held:
+        raise LSegError(f"{source} lists no class")
+    if len(set(held)) < len(held) or set(held) & set(kept_apart):
+        raise LSegError(f"{source} lists a class twice (or as both unseen and apart)")
+    if len(held) + len(kept_apart) >= len(class_names):
+        raise LSegError(f"{source} leaves no seen class of the {len(class_names)}")
+    return UnseenClasses(tuple(held), tuple(kept_apart))
+
+
+def _fold(path: Path, content: dict, fold: int | None) -> tuple[list[str], list[str]]:
+    folds = content.get("folds")
+    if not isinstance(folds, list) or not all(isinstance(f, list) for f in folds) or not folds:
+        raise LSegError(f"{path}: a folds file needs 'folds': a list of class-name lists")
+    if fold is None or not 0 <= fold < len(folds):
+        raise LSegError(f"{path} has folds 0-{len(folds) - 1}; choose one with fold (--fold N), got {fold}")
+    apart = content.get("apart") or []
+    return [str(name) for name in folds[fold]], [str(name) for name in apart]
 
 
 def load_synonyms(synonyms: Mapping[str, str] | str | Path, class_names: Sequence[str]) -> dict[str, str]:

@@ -12,6 +12,7 @@ FB-IoU is the mean IoU of the background class and of all other classes merged i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -130,3 +131,31 @@ class SegmentationMetrics(MulticlassConfusionMatrix):
     def compute(self) -> dict[str, float | list[float]]:
         """Metrics of everything seen so far (all ranks after sync)."""
         return metrics_from_confusion(self.confmat, self.background)
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """2ab / (a + b): the hIoU of seen and unseen mIoU (0 when both are 0, NaN when either is NaN)."""
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def seen_unseen_scores(
+    per_class_iou: Sequence[float], unseen: Sequence[int], apart: Sequence[int] = ()
+) -> dict[str, float]:
+    """Generalised zero-shot summary (ZS3Net, SPNet): mIoU over the seen classes, over the `unseen`
+    ones and their harmonic mean hIoU; classes `apart` (too few pixels) only get their own mean.
+
+    Every class was asked; means skip classes without a defined IoU, as `miou` does.
+    """
+    iou = torch.tensor(per_class_iou, dtype=torch.float64)
+    held, rare = set(unseen), set(apart)
+    seen = [i for i in range(len(iou)) if i not in held | rare]
+    scores = {
+        "miou_seen": _nanmean(iou[seen]),
+        "miou_unseen": _nanmean(iou[sorted(held)]),
+    }
+    scores["hiou"] = harmonic_mean(scores["miou_seen"], scores["miou_unseen"])
+    if rare:
+        scores["miou_apart"] = _nanmean(iou[sorted(rare)])
+    return scores

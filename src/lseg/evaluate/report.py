@@ -38,6 +38,7 @@ METRICS_FILE = "metrics.json"
 IOU_CHART = "per_class_iou.png"
 CONFUSION_CHART = "confusion_matrix.png"
 EXAMPLES_GRID = "best_worst.png"
+SEEN_UNSEEN = ("miou_seen", "miou_unseen", "hiou", "miou_apart")  # generalised zero-shot means
 
 
 # ----------------------------------------------------------------------------- JSON and provenance
@@ -125,8 +126,10 @@ def segmentation_summary(report: EvaluationReport) -> dict[str, Any]:
             "per_class_iou": report.per_class_iou(),
             "per_class_accuracy": dict(zip(report.class_names, m["per_class_accuracy"], strict=True)),
             "classes_scored": int(sum(not math.isnan(v) for v in m["per_class_iou"])),
+            **{key: m[key] for key in SEEN_UNSEEN if key in m},
         },
         "class_names": report.class_names,
+        **_unseen_summary(report),
         "labels": report.labels,
         "label_space": report.label_space,
         "protocol": asdict(report.protocol),
@@ -144,6 +147,19 @@ def segmentation_summary(report: EvaluationReport) -> dict[str, Any]:
         "worst": [asdict(e.score) for e in report.worst],
         "per_image": [asdict(s) for s in report.per_image],
         "confusion_matrix": report.confmat.tolist(),
+    }
+
+
+def _unseen_summary(report: EvaluationReport) -> dict[str, Any]:
+    """Which classes were unseen in training, scored apart, and the seen-class calibration."""
+    unseen = report.extra.get("unseen")
+    if unseen is None:
+        return {}
+    names = report.class_names
+    return {
+        "unseen_classes": [names[i] for i in unseen.unseen],
+        "apart_classes": [names[i] for i in unseen.apart],
+        "seen_bias": report.extra["seen_bias"],
     }
 
 
@@ -174,10 +190,14 @@ def dataset_payload(
         "prompt_templates": report.extra["prompt_templates"],
         **_pick(choices, "label_space", "labels_file", "synonyms", "max_images", "batch_size", "rank_by"),
     }
-    sequences = _pick(choices, "sequences") if choices["sequences"] else {}
+    scored = {"split": split, **(_pick(choices, "sequences") if choices["sequences"] else {})}
+    if report.extra.get("unseen") is not None:
+        config |= _pick(choices, "unseen", "unseen_file", "seen_bias")
+        if Path(choices["unseen_file"] or "").suffix in (".yaml", ".yml"):
+            scored["fold"] = choices["fold"]  # the fold of a folds file
     column = report.extra.get("taxonomy_column")
     return {
-        **_payload(report, choices, {"split": split, **sequences}, config),
+        **_payload(report, choices, scored, config),
         **({"taxonomy_column": column} if column else {}),
     }
 
@@ -439,7 +459,13 @@ def print_segmentation(report: EvaluationReport, title: str, console: Any = None
     """The headline metrics and per-class IoU of a dataset evaluation."""
     names = {"pixel accuracy": "pixel_accuracy", "mean class accuracy": "mean_class_accuracy"}
     names |= {"mIoU": "miou", "fwIoU": "fwiou"}
-    scalars = {name: report.metrics[key] for name, key in names.items()}
+    names |= {
+        "mIoU seen": "miou_seen",
+        "mIoU unseen": "miou_unseen",
+        "hIoU": "hiou",
+        "mIoU apart": "miou_apart",
+    }
+    scalars = {name: report.metrics[key] for name, key in names.items() if key in report.metrics}
     print_summary(title, scalars, report.per_class_iou(), console)
 
 

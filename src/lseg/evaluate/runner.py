@@ -27,8 +27,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from lseg.errors import LSegError
 from lseg.evaluate import report as reports
-from lseg.evaluate.labels import IGNORE_INDEX, LabelSpace, dataset_label_space
-from lseg.evaluate.metrics import SegmentationMetrics, confusion_matrix, metrics_from_confusion
+from lseg.evaluate.labels import IGNORE_INDEX, LabelSpace, UnseenClasses, dataset_label_space
+from lseg.evaluate.metrics import (
+    SegmentationMetrics,
+    confusion_matrix,
+    metrics_from_confusion,
+    seen_unseen_scores,
+)
 from lseg.inference import InferenceProtocol, resolve_protocol, run_protocol
 from lseg.precision import model_precision
 from lseg.predictor import same_size_runs
@@ -44,7 +49,9 @@ class EvaluationSettings:
     A protocol name resolves with `size`, `crop_size` and `stride` (`inference.resolve_protocol`: `size`
     resizes the image for single/slide, replaces the base size of lseg-ms); `dtype` is the forward
     passes' precision (`lseg.precision`; default: the model's); `rank_by` ("miou" or "pixel_accuracy")
-    picks the `num_examples` best and worst images; `max_images` scores the first N.
+    picks the `num_examples` best and worst images; `max_images` scores the first N. `unseen` (classes
+    held out of training) adds seen / unseen mIoU and hIoU; `seen_bias` is subtracted from the logits
+    of the seen classes before the argmax (the calibration of generalised zero-shot segmentation).
     """
 
     protocol: str | InferenceProtocol = "single"
@@ -59,6 +66,8 @@ class EvaluationSettings:
     max_images: int | None = None
     rank_by: str = "miou"
     num_examples: int = 4
+    unseen: UnseenClasses | None = None
+    seen_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -69,6 +78,8 @@ class EvaluationSettings:
             raise LSegError(f"size must be at least 8 pixels, got {self.size}")
         if self.max_images is not None and self.max_images < 1:
             raise LSegError(f"max_images must be >= 1, got {self.max_images}")
+        if self.seen_bias and self.unseen is None:
+            raise LSegError("seen_bias calibrates seen against unseen classes; give the unseen classes")
 
     def resolved_protocol(self) -> tuple[InferenceProtocol, int | None]:
         """The protocol and the image size it runs at (a protocol name resolves its own size rule)."""
@@ -259,6 +270,13 @@ def predict_classes(logits: Tensor, space: LabelSpace, num_classes: int) -> Tens
     return mapped.argmax(1)
 
 
+def seen_offsets(unseen: UnseenClasses, bias: float, logits: Tensor) -> Tensor:
+    """[N, 1, 1] offsets for N x H x W logits: `bias` for every seen class, 0 for the unseen ones."""
+    offsets = torch.full((logits.shape[0], 1, 1), bias, dtype=logits.dtype, device=logits.device)
+    offsets[list(unseen.unseen)] = 0
+    return offsets
+
+
 class ExampleTracker:
     """This rank's `k` best and `k` worst images by `rank_by`, keeping the predictions of those only.
 
@@ -372,6 +390,8 @@ def _score_shard(
                 model_dtype=getattr(model, "dtype", None),
                 window_batch_size=settings.window_batch_size,
             )
+            if settings.seen_bias:
+                resized = [r - seen_offsets(settings.unseen, settings.seen_bias, r) for r in resized]
             preds = [predict_classes(r[None], space, num_classes)[0] for r in resized]
             sync()
             shard.model_seconds += time.perf_counter() - tick
@@ -394,6 +414,13 @@ def _score_shard(
     sync()
     shard.seconds = time.perf_counter() - started
     return shard
+
+
+def _metrics(confmat: Tensor, unseen: UnseenClasses | None) -> dict[str, Any]:
+    metrics = metrics_from_confusion(confmat)
+    if unseen is not None:
+        metrics |= seen_unseen_scores(metrics["per_class_iou"], unseen.unseen, unseen.apart)
+    return metrics
 
 
 def evaluate_dataset(
@@ -424,6 +451,12 @@ def evaluate_dataset(
     settings = replace(settings or EvaluationSettings(), **options)
     class_names = list(class_names or dataset_classes(dataset))
     space = labels if isinstance(labels, LabelSpace) else dataset_label_space(class_names, labels)
+    if settings.unseen is not None:
+        if space.to_class is not None:
+            raise LSegError("unseen classes are scored in the dataset's label space, not the universal one")
+        if not set(settings.unseen.unseen + settings.unseen.apart) <= set(range(len(class_names))):
+            count = len(class_names)
+            raise LSegError(f"unseen class ids {settings.unseen} are not ids of the {count} classes")
     spec, size = settings.resolved_protocol()
     device = torch.device(settings.device)
     loader = shard_loader(dataset, settings, device)
@@ -461,7 +494,7 @@ def evaluate_dataset(
         labels=list(space.labels),
         label_space=space.name,
         confmat=confmat,
-        metrics=metrics_from_confusion(confmat),
+        metrics=_metrics(confmat, settings.unseen),
         per_image=records,
         best=best,
         worst=worst,
@@ -473,5 +506,8 @@ def evaluate_dataset(
         size=size,
         device=str(device),
         world_size=world,
-        extra={"taxonomy_column": space.column} if space.column else {},
+        extra={
+            **({"taxonomy_column": space.column} if space.column else {}),
+            **({"unseen": settings.unseen, "seen_bias": settings.seen_bias} if settings.unseen else {}),
+        },
     )

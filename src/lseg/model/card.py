@@ -38,6 +38,10 @@ METRIC_NAMES = {
     "miou": "mIoU",
     "fwiou": "fwIoU",
     "fb_iou": "FB-IoU",
+    "miou_seen": "mIoU seen",
+    "miou_unseen": "mIoU unseen",
+    "hiou": "hIoU",
+    "miou_apart": "mIoU apart",
     "pixel_accuracy": "pixel accuracy",
     "mean_class_accuracy": "mean class accuracy",
 }
@@ -178,6 +182,11 @@ def _label_set(report: Mapping[str, Any]) -> str:
         words = "MSeg universal classes" + (f" ({column})" if column else "")
     else:
         words = "class names"
+    if config.get("unseen") or config.get("unseen_file"):
+        held = config.get("unseen") or Path(config["unseen_file"]).name
+        words += f", unseen {held}" + (
+            f", seen bias {config['seen_bias']:g}" if config.get("seen_bias") else ""
+        )
     return words + (f", background '{config['background']}'" if config.get("background") else "")
 
 

@@ -18,20 +18,29 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from lseg.data import SyntheticStreetScenes, build_dataset, collate, train_transform
 from lseg.errors import LSegError
+from lseg.evaluate.labels import build_label_space, read_unseen
 from lseg.evaluate.runner import ShardSampler
-from lseg.labels import class_words
 from lseg.processing import LSegImageProcessor
 
 
 @dataclass
 class DatasetSpec:
     """One dataset: a registry name (camvid, ade20k, mseg-ade20k, mseg-coco-panoptic, folder, synthetic),
-    where it lives, and optionally the words used as its labels (default: its class names)."""
+    where it lives, and optionally the words used as its labels (default: its class names; `labels`
+    one per class, or `synonyms`: a synonyms file as `lseg evaluate --synonyms` reads it).
+
+    `unseen` (class names) or `unseen_file` (+ `fold` for a folds YAML file) hold classes out, as
+    `lseg evaluate --unseen` scores them: their pixels become ignore and their words are not asked.
+    """
 
     name: str
     root: str | None = None
     split: str = "train"
     labels: list[str] | None = None
+    synonyms: str | None = None
+    unseen: list[str] | None = None
+    unseen_file: str | None = None
+    fold: int | None = None
     options: dict[str, Any] = field(default_factory=dict)  # extra build_dataset keyword arguments
 
 
@@ -48,11 +57,14 @@ def build(spec: DatasetSpec | dict[str, Any], transform) -> tuple[Dataset, list[
         if spec.root is None:
             raise LSegError(f"dataset '{spec.name}' needs a root folder")
         dataset = build_dataset(spec.name, spec.root, spec.split, transform=transform, **spec.options)
-    labels = list(spec.labels) if spec.labels else class_words(dataset.class_names)  # as evaluation asks
-    if len(labels) != len(dataset.class_names):
-        raise LSegError(
-            f"dataset '{spec.name}' has {len(dataset.class_names)} classes, {len(labels)} labels were given"
-        )
+    names = dataset.class_names
+    labels = build_label_space(names, labels=spec.labels, synonyms=spec.synonyms).labels  # as evaluation asks
+    held_out = read_unseen(names, spec.unseen, spec.unseen_file, spec.fold)
+    if held_out is not None:
+        if not hasattr(dataset, "drop_classes"):
+            raise LSegError(f"dataset '{spec.name}' cannot hold classes out (unseen)")
+        dataset.drop_classes(held_out.unseen)
+        labels = [word for i, word in enumerate(labels) if i not in held_out.unseen]
     return dataset, labels
 
 

@@ -1,0 +1,160 @@
+"""Generalised zero-shot segmentation on CamVid's 31 fine classes: the four folds of
+configs/labels/camvid32_folds.yaml, each trained without its unseen classes (configs/camvid32.yaml,
+600 steps), calibrated on the held-out drive 0006R0 and scored on val; plus the same recipe on all 31.
+
+    python benchmarks/camvid32_zeroshot.py [--runs runs] [--folds 0 1 2 3] [--train]
+
+Per fold it writes RUNS/camvid32_foldF/{model, eval_val, eval_val_uncalibrated, eval_heldout} (each an
+`lseg evaluate` report) and RUNS/camvid32_summary.json; docs/results.md quotes its table. The seen-class
+bias is the one of BIASES with the best hIoU on the held-out drive, from one forward pass per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lseg import LSeg
+from lseg.evaluate import build_label_space, load_dataset
+from lseg.evaluate.labels import read_unseen
+from lseg.evaluate.metrics import SegmentationMetrics, seen_unseen_scores
+from lseg.evaluate.runner import EvaluationSettings, embed_labels, mask_logits, predict_classes, seen_offsets
+
+FOLDS = "configs/labels/camvid32_folds.yaml"
+DATA = "../shared/data/camvid32"
+TRAIN_DRIVE, HELDOUT_DRIVE = "0016E5", "0006R0"
+BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+SIZE = 480
+
+
+def train_arguments(out: Path, fold: int | None) -> list[str]:
+    """`lseg train` arguments of the recipe, without the fold's unseen classes (None: all classes)."""
+    spec = f"{{name: folder, root: {DATA}, synonyms: {FOLDS}, options: {{sequences: ['{TRAIN_DRIVE}']}}"
+    spec += f", unseen_file: {FOLDS}, fold: {fold}}}" if fold is not None else "}"
+    return [
+        "--config",
+        "configs/camvid32.yaml",
+        "--trainer.default_root_dir",
+        str(out),
+        "--data.train",
+        f"[{spec}]",
+    ]
+
+
+def train(out: Path, fold: int | None) -> float:
+    """Train the recipe; seconds taken."""
+    start = time.perf_counter()
+    subprocess.run(["lseg", "train", *train_arguments(out, fold)], check=True)
+    return time.perf_counter() - start
+
+
+def calibrate(model_dir: Path, fold: int) -> dict[float, dict[str, float]]:
+    """Seen / unseen mIoU and hIoU on the held-out drive for every bias of BIASES."""
+    model = LSeg.from_pretrained(model_dir).eval()
+    dataset = load_dataset("folder", DATA, "train", [HELDOUT_DRIVE])
+    space = build_label_space(dataset.class_names, synonyms=FOLDS)
+    unseen = read_unseen(dataset.class_names, unseen_file=FOLDS, fold=fold)
+    protocol, size = EvaluationSettings(size=SIZE).resolved_protocol()
+    metrics = {bias: SegmentationMetrics(len(dataset.class_names)) for bias in BIASES}
+    with torch.no_grad():
+        text = embed_labels(model, space.labels)
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            forward = lambda pixels: model(pixels, text).logits  # noqa: E731
+            (logits,) = mask_logits(
+                forward, [sample], model.processor, protocol, size, device=torch.device("cpu")
+            )
+            for bias, metric in metrics.items():
+                calibrated = logits - seen_offsets(unseen, bias, logits)
+                metric.update(
+                    predict_classes(calibrated[None], space, len(dataset.class_names)), sample["mask"][None]
+                )
+    return {
+        bias: seen_unseen_scores(metric.compute()["per_class_iou"], unseen.unseen, unseen.apart)
+        for bias, metric in metrics.items()
+    }
+
+
+def evaluate(model_dir: Path, out: Path, *extra: str, split: str = "val") -> dict:
+    """`lseg evaluate` of the model on val (or the held-out drive); its metrics.json."""
+    command = ["lseg", "evaluate", "--checkpoint", str(model_dir), "--dataset", "folder", "--data-root", DATA]
+    command += [
+        "--split",
+        split,
+        "--synonyms",
+        FOLDS,
+        "--size",
+        str(SIZE),
+        "--out",
+        str(out),
+        "--examples",
+        "0",
+    ]
+    subprocess.run([*command, *extra], check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def fold_result(runs: Path, fold: int, seconds: float | None) -> dict:
+    run = runs / f"camvid32_fold{fold}"
+    sweep = calibrate(run / "model", fold)
+    bias = max(BIASES, key=lambda b: (sweep[b]["hiou"], -b))
+    unseen = ["--unseen-file", FOLDS, "--fold", str(fold)]
+    val = evaluate(run / "model", run / "eval_val", *unseen, "--seen-bias", str(bias))
+    raw = evaluate(run / "model", run / "eval_val_uncalibrated", *unseen)
+    heldout = evaluate(run / "model", run / "eval_heldout", *unseen, "--seen-bias", str(bias),
+                       "--sequences", HELDOUT_DRIVE, split="train")  # fmt: skip
+    keys = ("miou_seen", "miou_unseen", "hiou", "miou_apart", "miou")
+    return {
+        "fold": fold,
+        "unseen": val["unseen_classes"],
+        "train_seconds": seconds,
+        "seen_bias": bias,
+        "heldout_sweep": {str(b): s for b, s in sweep.items()},
+        "val": {k: val["metrics"][k] for k in keys},
+        "val_uncalibrated": {k: raw["metrics"][k] for k in keys},
+        "heldout": {k: heldout["metrics"][k] for k in keys},
+        "val_per_class_iou": val["metrics"]["per_class_iou"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--folds", type=int, nargs="*", default=[0, 1, 2, 3])
+    parser.add_argument("--all", action="store_true", help="also the model trained on all 31 classes")
+    parser.add_argument("--train", action="store_true", help="train models that are not there yet")
+    args = parser.parse_args()
+    results: dict = {"folds": [], "size": SIZE, "biases": BIASES}
+    for fold in args.folds:
+        model = args.runs / f"camvid32_fold{fold}" / "model"
+        seconds = train(model.parent, fold) if args.train and not model.is_dir() else None
+        results["folds"].append(fold_result(args.runs, fold, seconds))
+        print(json.dumps(results["folds"][-1]["val"]), file=sys.stderr)
+    if args.all:
+        run = args.runs / "camvid32_all"
+        seconds = train(run, None) if args.train and not (run / "model").is_dir() else None
+        val = evaluate(run / "model", run / "eval_val")
+        heldout = evaluate(run / "model", run / "eval_heldout", "--sequences", HELDOUT_DRIVE, split="train")
+        results["all"] = {
+            "train_seconds": seconds,
+            "val_miou": val["metrics"]["miou"],
+            "heldout_miou": heldout["metrics"]["miou"],
+            "val_per_class_iou": val["metrics"]["per_class_iou"],
+            "classes_scored": val["metrics"]["classes_scored"],
+        }
+    (args.runs / "camvid32_summary.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = ("fold", "seen_bias", "val", "val_uncalibrated", "heldout")
+    print(json.dumps([{key: fold[key] for key in table} for fold in results["folds"]], indent=1))
+    if "all" in results:
+        print(json.dumps({k: v for k, v in results["all"].items() if k != "val_per_class_iou"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
