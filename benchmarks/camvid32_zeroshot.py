@@ -2,10 +2,12 @@
 configs/labels/camvid32_folds.yaml, each trained without its unseen classes (configs/camvid32.yaml,
 600 steps), calibrated on the held-out drive 0006R0 and scored on val; plus the same recipe on all 31.
 
-    python benchmarks/camvid32_zeroshot.py [--runs runs] [--folds 0 1 2 3] [--train]
+    python benchmarks/camvid32_zeroshot.py [--runs runs] [--folds 0 1 2 3] [--all] [--train]
+        [--variant NAME --config OVERRIDE.yaml ...]
 
-Per fold it writes RUNS/camvid32_foldF/{model, eval_val, eval_val_uncalibrated, eval_heldout} (each an
-`lseg evaluate` report) and RUNS/camvid32_summary.json; docs/results.md quotes its table. The seen-class
+Per fold it writes RUNS/camvid32_foldF[_NAME]/{model, eval_val, eval_val_uncalibrated, eval_heldout}
+(each an `lseg evaluate` report) and RUNS/camvid32[_NAME]_summary.json; docs/results.md quotes its
+tables. A variant trains with override configs stacked on the recipe (the ablation). The seen-class
 bias is the one of BIASES with the best hIoU on the held-out drive, from one forward pass per image.
 """
 
@@ -33,8 +35,9 @@ BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
 SIZE = 480
 
 
-def train_arguments(out: Path, fold: int | None) -> list[str]:
-    """`lseg train` arguments of the recipe, without the fold's unseen classes (None: all classes)."""
+def train_arguments(out: Path, fold: int | None, overrides: list[str] = ()) -> list[str]:
+    """`lseg train` arguments of the recipe (+ override configs), without the fold's unseen classes
+    (None: all classes)."""
     spec = f"{{name: folder, root: {DATA}, synonyms: {FOLDS}, options: {{sequences: ['{TRAIN_DRIVE}']}}"
     spec += f", unseen_file: {FOLDS}, fold: {fold}}}" if fold is not None else "}"
     return [
@@ -47,10 +50,10 @@ def train_arguments(out: Path, fold: int | None) -> list[str]:
     ]
 
 
-def train(out: Path, fold: int | None) -> float:
+def train(out: Path, fold: int | None, overrides: list[str]) -> float:
     """Train the recipe; seconds taken."""
     start = time.perf_counter()
-    subprocess.run(["lseg", "train", *train_arguments(out, fold)], check=True)
+    subprocess.run(["lseg", "train", *train_arguments(out, fold, overrides)], check=True)
     return time.perf_counter() - start
 
 
@@ -100,8 +103,7 @@ def evaluate(model_dir: Path, out: Path, *extra: str, split: str = "val") -> dic
     return json.loads((out / "metrics.json").read_text())
 
 
-def fold_result(runs: Path, fold: int, seconds: float | None) -> dict:
-    run = runs / f"camvid32_fold{fold}"
+def fold_result(run: Path, fold: int, seconds: float | None) -> dict:
     sweep = calibrate(run / "model", fold)
     bias = max(BIASES, key=lambda b: (sweep[b]["hiou"], -b))
     unseen = ["--unseen-file", FOLDS, "--fold", str(fold)]
@@ -129,16 +131,19 @@ def main() -> int:
     parser.add_argument("--folds", type=int, nargs="*", default=[0, 1, 2, 3])
     parser.add_argument("--all", action="store_true", help="also the model trained on all 31 classes")
     parser.add_argument("--train", action="store_true", help="train models that are not there yet")
+    parser.add_argument("--variant", default="", help="name of an ablation variant (run folder suffix)")
+    parser.add_argument("--config", action="append", default=[], help="override config of the variant")
     args = parser.parse_args()
-    results: dict = {"folds": [], "size": SIZE, "biases": BIASES}
+    suffix = f"_{args.variant}" if args.variant else ""
+    results: dict = {"folds": [], "size": SIZE, "biases": BIASES, "overrides": args.config}
     for fold in args.folds:
-        model = args.runs / f"camvid32_fold{fold}" / "model"
-        seconds = train(model.parent, fold) if args.train and not model.is_dir() else None
-        results["folds"].append(fold_result(args.runs, fold, seconds))
+        run = args.runs / f"camvid32_fold{fold}{suffix}"
+        seconds = train(run, fold, args.config) if args.train and not (run / "model").is_dir() else None
+        results["folds"].append(fold_result(run, fold, seconds))
         print(json.dumps(results["folds"][-1]["val"]), file=sys.stderr)
     if args.all:
-        run = args.runs / "camvid32_all"
-        seconds = train(run, None) if args.train and not (run / "model").is_dir() else None
+        run = args.runs / f"camvid32_all{suffix}"
+        seconds = train(run, None, args.config) if args.train and not (run / "model").is_dir() else None
         val = evaluate(run / "model", run / "eval_val")
         heldout = evaluate(run / "model", run / "eval_heldout", "--sequences", HELDOUT_DRIVE, split="train")
         results["all"] = {
@@ -148,7 +153,7 @@ def main() -> int:
             "val_per_class_iou": val["metrics"]["per_class_iou"],
             "classes_scored": val["metrics"]["classes_scored"],
         }
-    (args.runs / "camvid32_summary.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.runs / f"camvid32{suffix}_summary.json").write_text(json.dumps(results, indent=2) + "\n")
     table = ("fold", "seen_bias", "val", "val_uncalibrated", "heldout")
     print(json.dumps([{key: fold[key] for key in table} for fold in results["folds"]], indent=1))
     if "all" in results:

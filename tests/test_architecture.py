@@ -3,7 +3,9 @@ and function-level imports alike (imports under ``if TYPE_CHECKING:`` are left o
 
 * no import cycle among `lseg` modules (a function-level import only hides one);
 * the library (anything outside `lseg.cli`, `lseg.app` included) never imports `lseg.cli`;
-* no module imports a ``_private`` name of another `lseg` module: what is shared is public.
+* no module imports a ``_private`` name of another `lseg` module: what is shared is public;
+* layers only point down: cli -> app / train / evaluate -> predictor / pipelines -> model / processing /
+  data / inference / features -> images / files / labels / errors (`LAYERS`).
 
 A package's ``__init__`` counts as importing the submodules it re-exports, and ``from lseg.pkg import
 name`` as importing ``lseg.pkg.name`` when that is a submodule, else ``lseg.pkg``.
@@ -205,3 +207,33 @@ def test_only_the_scoring_core_builds_confusion_matrices():
         for line in builds_confusion_matrix(ast.parse(path.read_text(encoding="utf-8")))
     ]
     assert not bad, "confusion matrices built outside lseg.evaluate.metrics:\n" + "\n".join(bad)
+
+
+# Top-level units of `lseg` by layer, highest first; a unit imports only units of its layer or below.
+LAYERS = (
+    {"cli"},
+    {"app", "train", "evaluate"},
+    {"predictor", "pipelines", "lseg"},  # "lseg": the package itself, re-exporting `lseg.pipeline`
+    {"model", "processing", "data", "inference", "features", "export", "visualize", "shard"},
+    {"images", "files", "labels", "errors", "device", "precision", "version", "distributed"},
+)
+# The one upward edge, by design: `LSeg.segment` / `LSeg.encode_image` are one-line conveniences over
+# the predictor (imported inside those methods).
+UPWARD = {("lseg.model.lseg", "lseg.predictor")}
+
+
+def unit(module: str) -> str:
+    """`lseg.evaluate.runner` -> "evaluate"; the package itself (its re-exports) is "lseg"."""
+    return module.split(".")[1] if "." in module else "lseg"
+
+
+def test_layers_only_point_down():
+    level = {name: depth for depth, names in enumerate(LAYERS) for name in names}
+    units = {unit(module) for module in MODULES}
+    assert units <= set(level), f"give these modules a layer in LAYERS: {sorted(units - set(level))}"
+    bad = [
+        f"{i.importer}:{i.line} imports {i.imported}"
+        for i in IMPORTS
+        if level[unit(i.imported)] < level[unit(i.importer)] and (i.importer, i.imported) not in UPWARD
+    ]
+    assert not bad, "imports pointing up a layer:\n" + "\n".join(bad)
