@@ -40,14 +40,8 @@ def train_arguments(out: Path, fold: int | None, overrides: list[str] = ()) -> l
     (None: all classes)."""
     spec = f"{{name: folder, root: {DATA}, synonyms: {FOLDS}, options: {{sequences: ['{TRAIN_DRIVE}']}}"
     spec += f", unseen_file: {FOLDS}, fold: {fold}}}" if fold is not None else "}"
-    return [
-        "--config",
-        "configs/camvid32.yaml",
-        "--trainer.default_root_dir",
-        str(out),
-        "--data.train",
-        f"[{spec}]",
-    ]
+    configs = [arg for config in ["configs/camvid32.yaml", *overrides] for arg in ("--config", config)]
+    return [*configs, "--trainer.default_root_dir", str(out), "--data.train", f"[{spec}]"]
 
 
 def train(out: Path, fold: int | None, overrides: list[str]) -> float:
