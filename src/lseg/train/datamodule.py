@@ -58,6 +58,9 @@ def build(spec: DatasetSpec | dict[str, Any], transform) -> tuple[Dataset, list[
             raise LSegError(f"dataset '{spec.name}' needs a root folder")
         dataset = build_dataset(spec.name, spec.root, spec.split, transform=transform, **spec.options)
     names = dataset.class_names
+    if spec.labels and len(spec.labels) != len(names):
+        given = len(spec.labels)
+        raise LSegError(f"dataset '{spec.name}' has {len(names)} classes, {given} labels were given")
     labels = build_label_space(names, labels=spec.labels, synonyms=spec.synonyms).labels  # as evaluation asks
     held_out = read_unseen(names, spec.unseen, spec.unseen_file, spec.fold)
     if held_out is not None:
