@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from timm.models import get_pretrained_cfg
 
 from lseg.device import format_bytes, physical_memory
 from lseg.errors import LSegError
@@ -66,13 +69,18 @@ class LSegConfig:
     regularizer: str | None = None  # None | depthwise | bottleneck: spatial blocks after the logits
     regularizer_depth: int = 2
     regularizer_activation: str = "lrelu"  # relu | lrelu | tanh
-    mean: tuple[float, float, float] = CLIP_MEAN_STD[0]
-    std: tuple[float, float, float] = CLIP_MEAN_STD[1]
+    mean: tuple[float, float, float] | None = None  # None: the backbone's (`backbone_mean_std`)
+    std: tuple[float, float, float] | None = None
     labels: list[str] = field(default_factory=lambda: ["other"])  # default label set for `segment`
 
     def __post_init__(self) -> None:
-        """Refuse a decoder wider than this machine can hold before anything is allocated: torch's
+        """Take mean/std left out from the backbone, so its weights see the inputs they were trained on;
+        refuse a decoder wider than this machine can hold before anything is allocated: torch's
         allocation failure would read like an image or batch too large."""
+        if self.mean is None or self.std is None:
+            mean, std = backbone_mean_std(getattr(self.image_encoder, "name", ""))
+            self.mean = mean if self.mean is None else self.mean
+            self.std = std if self.std is None else self.std
         if not isinstance(self.features, int):  # wrongly typed: `from_dict` names the field
             return
         needed, memory = 4 * fusion_weight_count(self.features), physical_memory()  # float32 weights
@@ -98,8 +106,25 @@ class LSegConfig:
                 fields[key] = tuple(fields[key])
         return cls(**fields)
 
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> LSegConfig:
+        """The config a model was saved with (config.json, a training checkpoint's): one without
+        mean/std was written before they came from the backbone and trained with CLIP's, then the
+        default."""
+        return cls.from_dict({"mean": CLIP_MEAN_STD[0], "std": CLIP_MEAN_STD[1], **data})
+
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "text_encoder": self.text_encoder.to_dict()}
+
+
+def backbone_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation timm's `pretrained_cfg` records for a backbone (its default weights, or those
+    of a `name.tag`); CLIP's where timm records none (an unknown name fails when the model is built)."""
+    with contextlib.suppress(RuntimeError):  # a tag timm does not know
+        cfg = get_pretrained_cfg(name)
+        if cfg is not None and len(cfg.mean or ()) == 3 and len(cfg.std or ()) == 3:
+            return tuple(cfg.mean), tuple(cfg.std)
+    return CLIP_MEAN_STD
 
 
 def json_type_name(value: Any) -> str:
