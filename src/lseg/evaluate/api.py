@@ -31,7 +31,7 @@ from lseg.evaluate.runner import (
     evaluate_dataset,
     rank_world,
 )
-from lseg.evaluate.zeroshot import ZeroShotReport, benchmark_classes, score_episodes
+from lseg.evaluate.zeroshot import ZeroShotReport, ZeroShotSettings, benchmark_classes, score_episodes
 from lseg.inference import InferenceProtocol, get_protocol, run_protocol
 from lseg.precision import model_precision
 
@@ -194,30 +194,33 @@ def evaluate_zeroshot(
     fold: int = 0,
     *,
     synonyms: Mapping[str, str] | str | Path | None = None,
-    background: str = "others",
     size: int = 480,
     prompt_template: str | None = None,
     device: str | torch.device | None = None,
-    batch_size: int = 1,
-    num_workers: int = 0,
-    max_episodes: int | None = None,
     dtype: str | torch.dtype | None = None,
     progress: Progress | None = None,
+    **options: Any,
 ) -> ZeroShotReport:
     """Zero-shot mIoU and FB-IoU of `model` on one fold of pascal-5i, coco-20i or fss-1000.
 
     Each episode asks ``[background, class word]`` once at `size` x `size` (the paper's single
-    protocol); `synonyms` (``{class: word}`` or a synonyms file) replace class names as words. One
-    process only (not under torchrun). See `lseg.evaluate.zeroshot` for the episode rules.
+    protocol); `synonyms` (``{class: word}`` or a synonyms file) replace class names as words; `device`
+    defaults to the model's; `options` are the other `ZeroShotSettings` (background, batch_size,
+    num_workers, max_episodes, coco_episodes, seed). One process only (not under torchrun). See
+    `lseg.evaluate.zeroshot` for the episode rules.
     """
     if dist.is_available() and dist.is_initialized():
         raise LSegError("zero-shot benchmarks run in one process; run without torchrun")
     words = load_synonyms(synonyms, benchmark_classes(benchmark)) if synonyms is not None else {}
     device = _model_device(model) if device is None else resolve_device(device)
     model = model.to(device).eval()
+    processor = model.processor
+    settings = ZeroShotSettings(
+        image_size=size, mean=processor.mean, std=processor.std, device=device, **options
+    )
     spec = get_protocol("single")
     compute = model_precision(model, dtype, device)
-    pad_value = model.processor.pad_value(device, model.dtype)
+    pad_value = processor.pad_value(device, model.dtype)
 
     def predict(images: torch.Tensor, labels: list[str]) -> torch.Tensor:
         text = model.encode_text([labels[0], words.get(labels[1], labels[1])])
@@ -226,21 +229,7 @@ def evaluate_zeroshot(
         )
 
     with _prompt_template(model, prompt_template) as templates:
-        embed_labels(model, [background])
-        report = score_episodes(
-            predict,
-            benchmark,
-            root,
-            fold,
-            mean=model.processor.mean,
-            std=model.processor.std,
-            image_size=size,
-            background=background,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            max_episodes=max_episodes,
-            device=device,
-            progress=progress,
-        )
+        embed_labels(model, [settings.background])
+        report = score_episodes(predict, benchmark, root, fold, settings, progress=progress)
     labels = {name: words.get(name, name) for name in report.per_class_iou}
     return replace(report, labels=labels, prompt_templates=templates)

@@ -34,7 +34,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,28 @@ def register_benchmark(name: str, **record: Any) -> Callable[[type], type]:
         return builder
 
     return register
+
+
+@dataclass(frozen=True)
+class ZeroShotSettings:
+    """How a zero-shot fold is scored, in one place: the episodes' size and normalisation (the model's
+    mean/std), the `background` word asked beside each class, batching, the first `max_episodes` only,
+    and COCO-20i's sampling (`coco_episodes` with `seed`; None: every pair)."""
+
+    image_size: int = 480
+    mean: Sequence[float] = CLIP_MEAN_STD[0]
+    std: Sequence[float] = CLIP_MEAN_STD[1]
+    background: str = "others"
+    batch_size: int = 1
+    num_workers: int = 0
+    max_episodes: int | None = None
+    coco_episodes: int | None = 1000
+    seed: int = 0
+    device: str | torch.device = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise LSegError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 _FSS_TEST = slice(760, 1000)
@@ -353,24 +375,25 @@ def benchmark_classes(benchmark: str) -> list[str]:
 
 
 def build_episodes(
-    benchmark: str,
-    root: str | Path,
-    fold: int = 0,
-    *,
-    image_size: int = 480,
-    mean: Sequence[float] = CLIP_MEAN_STD[0],
-    std: Sequence[float] = CLIP_MEAN_STD[1],
-    coco_episodes: int | None = 1000,
-    seed: int = 0,
-    max_episodes: int | None = None,
+    benchmark: str, root: str | Path, fold: int = 0, settings: ZeroShotSettings | None = None, **options: Any
 ) -> EpisodeDataset:
-    """Episode dataset of a benchmark ('pascal', 'coco' or 'fss'; FSS-1000 has the single fold 0)."""
+    """Episode dataset of a benchmark ('pascal', 'coco' or 'fss'; FSS-1000 has the single fold 0), as
+    `settings` say (`options`: its fields, as a shorthand or overriding it)."""
+    settings = replace(settings or ZeroShotSettings(), **options)
     record = benchmark_record(benchmark)
     if not 0 <= fold < record.folds:
         raise LSegError(f"fold must be in 0..{record.folds - 1}, got {fold}")
-    sampling = {"num_episodes": coco_episodes, "seed": seed} if record.samples_episodes else {}
+    sampling = (
+        {"num_episodes": settings.coco_episodes, "seed": settings.seed} if record.samples_episodes else {}
+    )
     return record.builder(
-        root, fold, image_size=image_size, mean=mean, std=std, max_episodes=max_episodes, **sampling
+        root,
+        fold,
+        image_size=settings.image_size,
+        mean=settings.mean,
+        std=settings.std,
+        max_episodes=settings.max_episodes,
+        **sampling,
     )
 
 
@@ -389,49 +412,31 @@ def score_episodes(
     benchmark: str,
     root: str | Path,
     fold: int = 0,
+    settings: ZeroShotSettings | None = None,
     *,
-    mean: Sequence[float] = CLIP_MEAN_STD[0],
-    std: Sequence[float] = CLIP_MEAN_STD[1],
-    image_size: int = 480,
-    background: str = "others",
-    batch_size: int = 1,
-    num_workers: int = 0,
-    max_episodes: int | None = None,
-    coco_episodes: int | None = 1000,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    **options: Any,
 ) -> ZeroShotReport:
     """Score `predict_fn(images, [background, class_name]) -> logits [B, 2, h, w]` on one fold.
 
     Any predictor fits (e.g. a reference implementation); `lseg.evaluate.evaluate_zeroshot` scores an
-    `LSeg`. `background` defaults to "others", the word of the original zero-shot model. `max_episodes`
-    keeps the first N episodes (smoke tests); `progress(done, total)` is called after each batch.
+    `LSeg`. `settings` say how (`ZeroShotSettings`; `options`: its fields, as a shorthand or overriding
+    it); the background word defaults to "others", the word of the original zero-shot model.
+    `progress(done, total)` is called after each batch.
     """
     started = time.perf_counter()
-    if batch_size < 1:
-        raise LSegError(f"batch_size must be >= 1, got {batch_size}")
-    dataset = build_episodes(
-        benchmark,
-        root,
-        fold,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        coco_episodes=coco_episodes,
-        seed=seed,
-        max_episodes=max_episodes,
-    )
+    settings = replace(settings or ZeroShotSettings(), **options)
+    dataset = build_episodes(benchmark, root, fold, settings)
     class_index = {name: k for k, name in enumerate(dataset.classes)}
     # [background, class 1..K]: class k's IoU is its episodes' foreground IoU, FB-IoU the summed one's
     metric = SegmentationMetrics(len(dataset.classes) + 1, IGNORE_INDEX, background=0)
     episodes_per_class = torch.zeros(len(dataset.classes), dtype=torch.long)
-    batches = list(_class_batches(dataset.episodes, batch_size))
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    batches = list(_class_batches(dataset.episodes, settings.batch_size))
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=settings.num_workers)
     done = 0
     with torch.no_grad():
         for images, masks, names in loader:
-            logits = predict_fn(images.to(device), [background, *class_words(names[:1])])
+            logits = predict_fn(images.to(settings.device), [settings.background, *class_words(names[:1])])
             if logits.ndim != 4 or logits.shape[:2] != (len(names), 2):
                 raise ValueError(f"predict_fn must return [B, 2, h, w] logits, got {tuple(logits.shape)}")
             logits = resize_logits(logits.float(), masks.shape[-2:])
@@ -455,7 +460,7 @@ def score_episodes(
         fb_iou=scores["fb_iou"],
         per_class_iou=dict(zip(dataset.classes, iou.tolist(), strict=True)),
         seconds=time.perf_counter() - started,
-        device=str(device),
-        image_size=image_size,
-        background=background,
+        device=str(settings.device),
+        image_size=settings.image_size,
+        background=settings.background,
     )
