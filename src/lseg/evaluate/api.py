@@ -112,23 +112,17 @@ def _model_device(model: Any) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _prompt_template(model: Any, template: str | None) -> Iterator[list[str]]:
-    """Check the model can embed words; ask them with `template` for the block. Yields the templates."""
+def _asked_templates(model: Any, template: str | None) -> tuple[list[str], list[str] | None]:
+    """The prompt templates a run asks its words through (`template`, else the model's own), and those
+    to pass to `encode_text` (None: the text encoder's own); checks the model can embed words."""
     encoder = getattr(model, "text_encoder", None)
     if encoder is None or not hasattr(encoder, "encode"):
         raise LSegError("the model has no text encoder to embed the label words")
     if template is None:
-        yield list(encoder.prompt_templates)
-        return
+        return list(encoder.prompt_templates), None
     if "{}" not in template:
         raise LSegError(f"the prompt template must contain '{{}}' where the label goes, got {template!r}")
-    saved = encoder.prompt_templates
-    encoder.prompt_templates = [template]
-    try:
-        yield [template]
-    finally:
-        encoder.prompt_templates = saved
+    return [template], [template]
 
 
 # ----------------------------------------------------------------------------- segmentation datasets
@@ -179,9 +173,9 @@ def evaluate(
     device = _model_device(model) if device is None else resolve_device(device)
     if not isinstance(unseen := options.get("unseen"), UnseenClasses | None):
         options["unseen"] = read_unseen(class_names, unseen)
-    settings = EvaluationSettings(protocol=protocol, device=device, **options)
-    with _prompt_template(model, prompt_template) as templates:
-        report = evaluate_dataset(model, dataset, space, settings, class_names=class_names, progress=progress)
+    templates, asked = _asked_templates(model, prompt_template)
+    settings = EvaluationSettings(protocol=protocol, device=device, prompt_templates=asked, **options)
+    report = evaluate_dataset(model, dataset, space, settings, class_names=class_names, progress=progress)
     report.extra["prompt_templates"] = templates
     return report
 
@@ -221,15 +215,15 @@ def evaluate_zeroshot(
     spec = get_protocol("single")
     compute = model_precision(model, dtype, device)
     pad_value = processor.pad_value(device, model.dtype)
+    templates, asked = _asked_templates(model, prompt_template)
 
     def predict(images: torch.Tensor, labels: list[str]) -> torch.Tensor:
-        text = model.encode_text([labels[0], words.get(labels[1], labels[1])])
+        text = embed_labels(model, [labels[0], words.get(labels[1], labels[1])], asked)
         return run_protocol(
             lambda x: model(x, text).logits, images.to(model.dtype), spec, pad_value=pad_value, dtype=compute
         )
 
-    with _prompt_template(model, prompt_template) as templates:
-        embed_labels(model, [settings.background])
-        report = score_episodes(predict, benchmark, root, fold, settings, progress=progress)
+    embed_labels(model, [settings.background], asked)
+    report = score_episodes(predict, benchmark, root, fold, settings, progress=progress)
     labels = {name: words.get(name, name) for name in report.per_class_iou}
     return replace(report, labels=labels, prompt_templates=templates)

@@ -51,7 +51,8 @@ class EvaluationSettings:
     passes' precision (`lseg.precision`; default: the model's); `rank_by` ("miou" or "pixel_accuracy")
     picks the `num_examples` best and worst images; `max_images` scores the first N. `unseen` (classes
     held out of training) adds seen / unseen mIoU and hIoU; `seen_bias` is subtracted from the logits
-    of the seen classes before the argmax (the calibration of generalised zero-shot segmentation).
+    of the seen classes before the argmax (the calibration of generalised zero-shot segmentation);
+    `prompt_templates` ask the words through these instead of the text encoder's own.
     """
 
     protocol: str | InferenceProtocol = "single"
@@ -68,6 +69,7 @@ class EvaluationSettings:
     num_examples: int = 4
     unseen: UnseenClasses | None = None
     seen_bias: float = 0.0
+    prompt_templates: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -203,10 +205,11 @@ def dataset_classes(dataset: Dataset) -> list[str]:
     return list(names)
 
 
-def embed_labels(model: Any, labels: Sequence[str]) -> Tensor:
-    """`model.encode_text(labels)`, where a text encoder that cannot embed them is the user's error."""
+def embed_labels(model: Any, labels: Sequence[str], templates: Sequence[str] | None = None) -> Tensor:
+    """`model.encode_text(labels, templates)`, where a text encoder that cannot embed them is the user's
+    error; without `templates` a model whose `encode_text(labels)` takes none serves too."""
     try:
-        return model.encode_text(labels)
+        return model.encode_text(labels) if templates is None else model.encode_text(labels, templates)
     except LSegError:
         raise
     except Exception as error:
@@ -372,7 +375,7 @@ def _score_shard(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    text = embed_labels(model, space.labels).to(device)
+    text = embed_labels(model, space.labels, settings.prompt_templates).to(device)
     sync()
     started = time.perf_counter()
     done = 0
