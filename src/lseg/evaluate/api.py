@@ -8,19 +8,17 @@ files are written by `lseg.evaluate.report`.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
 from lseg.data import build_dataset, dataset_record
 from lseg.device import resolve_device
+from lseg.distributed import is_distributed
 from lseg.errors import LSegError
 from lseg.evaluate.labels import LabelSpace, UnseenClasses, build_label_space, load_synonyms, read_unseen
 from lseg.evaluate.runner import (
@@ -29,7 +27,6 @@ from lseg.evaluate.runner import (
     dataset_classes,
     embed_labels,
     evaluate_dataset,
-    rank_world,
 )
 from lseg.evaluate.zeroshot import ZeroShotReport, ZeroShotSettings, benchmark_classes, score_episodes
 from lseg.inference import InferenceProtocol, get_protocol, run_protocol
@@ -76,37 +73,7 @@ def load_dataset(
     return dataset
 
 
-# ----------------------------------------------------------------------------- processes and models
-@contextlib.contextmanager
-def distributed_device(requested: str | torch.device = "auto") -> Iterator[torch.device]:
-    """The device of this process; under `torchrun` (WORLD_SIZE > 1) the process group is set up for
-    the block (cuda:LOCAL_RANK, nccl; or gloo on CPU) and torn down after it."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_available() and dist.is_initialized():  # the caller owns the group
-        if requested == "auto" and torch.cuda.is_available():
-            yield torch.device("cuda", local_rank)
-        else:
-            yield resolve_device(requested)
-        return
-    device = resolve_device(requested)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield device
-        return
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield device
-    finally:
-        dist.destroy_process_group()
-
-
-def is_main_process() -> bool:
-    """Whether this process writes reports: rank 0, or the only process."""
-    return rank_world()[0] == 0
-
-
+# ----------------------------------------------------------------------------- models
 def _model_device(model: Any) -> torch.device:
     parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     return parameter.device if parameter is not None else torch.device("cpu")
@@ -203,7 +170,7 @@ def evaluate_zeroshot(
     num_workers, max_episodes, coco_episodes, seed). One process only (not under torchrun). See
     `lseg.evaluate.zeroshot` for the episode rules.
     """
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         raise LSegError("zero-shot benchmarks run in one process; run without torchrun")
     words = load_synonyms(synonyms, benchmark_classes(benchmark)) if synonyms is not None else {}
     device = _model_device(model) if device is None else resolve_device(device)

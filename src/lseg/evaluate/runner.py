@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from lseg.distributed import gather, rank_world
 from lseg.errors import LSegError
 from lseg.evaluate import report as reports
 from lseg.evaluate.labels import IGNORE_INDEX, LabelSpace, UnseenClasses, dataset_label_space
@@ -160,20 +160,6 @@ class ShardSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) without a process group."""
-    initialized = dist.is_available() and dist.is_initialized()
-    return (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
-
-
-def _gather(obj: Any) -> list[Any]:
-    if rank_world()[1] == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _first_line(error: Exception) -> str:
@@ -322,7 +308,7 @@ def gather_shards(shard: ShardScores) -> tuple[list[ImageScore], list[Example], 
     first) examples, and the slowest rank's seconds and model seconds. With fewer than 2k scored
     images, best takes the better half."""
     rank_by, k, kept = shard.tracker.rank_by, shard.tracker.k, shard.tracker.best + shard.tracker.worst
-    gathered = _gather((shard.records, [e for _, e in kept], shard.seconds, shard.model_seconds))
+    gathered = gather((shard.records, [e for _, e in kept], shard.seconds, shard.model_seconds))
     all_records = sorted((r for g in gathered for r in g[0]), key=lambda r: r.index)
     unique = {e.score.index: e for g in gathered for e in g[1]}.values()
     ordered = sorted(unique, key=lambda e: (-getattr(e.score, rank_by), e.score.index))  # best first
