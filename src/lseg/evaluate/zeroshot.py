@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
+from lseg.evaluate import report as reports
 from lseg.evaluate.metrics import SegmentationMetrics
 from lseg.files import write_text_atomic
 from lseg.images import load_image, open_image, resize_bilinear
@@ -198,17 +199,9 @@ class ZeroShotReport:
     def images_per_second(self) -> float:
         return self.episodes / self.seconds if self.seconds > 0 else math.nan
 
-    def summary(self) -> dict[str, object]:
-        """The JSON-ready part: words asked, metrics and timing."""
-        return {
-            "labels": {name: self.labels.get(name, name) for name in self.per_class_iou},
-            "metrics": {"miou": self.miou, "fb_iou": self.fb_iou, "per_class_iou": self.per_class_iou},
-            "timing": {
-                "images": self.episodes,
-                "seconds": self.seconds,
-                "images_per_second": self.images_per_second,
-            },
-        }
+    def summary(self) -> dict[str, Any]:
+        """The numbers of metrics.json (`report.zeroshot_summary`)."""
+        return reports.zeroshot_summary(self)
 
 
 def _find_root(
