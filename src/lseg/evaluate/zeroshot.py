@@ -58,16 +58,14 @@ from lseg.processing import LSegImageProcessor, resize_logits
 
 @dataclass(frozen=True)
 class BenchmarkRecord:
-    """A zero-shot benchmark: its `EpisodeDataset` class (built as `builder(root, fold, **options)`),
-    its name on the command line, its number of folds, other accepted names, and whether it samples
-    its episodes (`num_episodes`, `seed`)."""
+    """A zero-shot benchmark: its `EpisodeDataset` class (built as `builder(root, fold, settings)`, a
+    `ZeroShotSettings`), its name on the command line, its number of folds and other accepted names."""
 
     name: str
     builder: type[EpisodeDataset]
     display: str
     folds: int
     aliases: tuple[str, ...] = ()
-    samples_episodes: bool = False
 
 
 BENCHMARKS: dict[str, BenchmarkRecord] = {}
@@ -132,7 +130,8 @@ class EpisodeDataset(Dataset):
     """Zero-shot episodes yielding (normalised image [3, S, S], mask [S, S], class name).
 
     The mask is int64 with 1 = the episode's class, 0 = anything else, 255 = ignored.
-    `max_episodes` keeps only the first N episodes (smoke tests on partial data).
+    Images are resized and normalised as `settings` say; `max_episodes` keeps only the first N
+    episodes (smoke tests on partial data).
     """
 
     benchmark: str
@@ -142,21 +141,17 @@ class EpisodeDataset(Dataset):
         self,
         episodes: Sequence[Episode],
         classes: Sequence[str],
-        *,
-        image_size: int = 480,
-        mean: Sequence[float] = CLIP_MEAN_STD[0],
-        std: Sequence[float] = CLIP_MEAN_STD[1],
-        max_episodes: int | None = None,
+        settings: ZeroShotSettings,
     ) -> None:
-        self.processor = LSegImageProcessor(mean, std)  # the model's normalisation (checks mean/std)
-        episodes = list(episodes)[:max_episodes]
+        self.processor = LSegImageProcessor(settings.mean, settings.std)  # the model's (checks them)
+        episodes = list(episodes)[: settings.max_episodes]
         for episode in episodes:
             for path in (episode.image, episode.mask):
                 if not path.is_file():
                     raise LSegError(f"{self.benchmark}: missing {path}; expected layout {self.layout}")
         self.episodes = episodes
         self.classes = list(classes)
-        self.image_size = image_size
+        self.image_size = settings.image_size
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -221,7 +216,7 @@ class PascalEpisodes(EpisodeDataset):
     benchmark = "pascal"
     layout = "<root>/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png}"
 
-    def __init__(self, root: str | Path, fold: int, **kwargs: object) -> None:
+    def __init__(self, root: str | Path, fold: int, settings: ZeroShotSettings) -> None:
         base = _find_root(
             Path(root),
             ("VOCdevkit/VOC2012", "VOC2012", "."),
@@ -241,7 +236,7 @@ class PascalEpisodes(EpisodeDataset):
                     names[int(label) - 1],
                 )
             )
-        super().__init__(episodes, names[5 * fold : 5 * fold + 5], **kwargs)
+        super().__init__(episodes, names[5 * fold : 5 * fold + 5], settings)
 
     def binary_mask(self, episode: Episode) -> Tensor:
         """Class pixels 1, boundary pixels (255) ignored, the rest 0."""
@@ -252,16 +247,14 @@ class PascalEpisodes(EpisodeDataset):
         return mask
 
 
-@register_benchmark("coco", display="coco-20i", folds=4, aliases=("coco20i",), samples_episodes=True)
+@register_benchmark("coco", display="coco-20i", folds=4, aliases=("coco20i",))
 class CocoEpisodes(EpisodeDataset):
-    """COCO-20i val2014 episodes of one fold, sampled like HSNet (`num_episodes=None`: every pair)."""
+    """COCO-20i val2014 episodes of one fold, sampled like HSNet (`coco_episodes` None: every pair)."""
 
     benchmark = "coco"
     layout = "<root>/COCO2014/{val2014/<name>.jpg, annotations/val2014/<name>.png}"
 
-    def __init__(
-        self, root: str | Path, fold: int, *, num_episodes: int | None = 1000, seed: int = 0, **kwargs: object
-    ) -> None:
+    def __init__(self, root: str | Path, fold: int, settings: ZeroShotSettings) -> None:
         base = _find_root(
             Path(root), ("COCO2014", "."), ("val2014", "annotations/val2014"), "COCO-20i", self.layout
         )
@@ -278,18 +271,18 @@ class CocoEpisodes(EpisodeDataset):
                 names[label - 1],
             )
 
-        if num_episodes is None:
+        if settings.coco_episodes is None:
             episodes = [episode(label, stem) for label in labels for stem in per_class[label]]
         else:
             available = [label for label in labels if per_class[label]]
             if not available:
                 raise LSegError(f"COCO-20i fold {fold}: no mask under {base} contains a class of the fold")
-            rng = np.random.default_rng(seed)
+            rng = np.random.default_rng(settings.seed)
             episodes = []
-            for _ in range(num_episodes):
+            for _ in range(settings.coco_episodes):
                 label = available[rng.integers(len(available))]
                 episodes.append(episode(label, per_class[label][rng.integers(len(per_class[label]))]))
-        super().__init__(episodes, [names[label - 1] for label in labels], **kwargs)
+        super().__init__(episodes, [names[label - 1] for label in labels], settings)
 
 
 def _coco_class_index(annotations: Path) -> dict[str, list[int]]:
@@ -317,7 +310,7 @@ class FssEpisodes(EpisodeDataset):
     benchmark = "fss"
     layout = "<root>/fewshot_data/<class>/{<n>.jpg, <n>.png} for the 240 FSS-1000 test classes"
 
-    def __init__(self, root: str | Path, fold: int = 0, **kwargs: object) -> None:  # one fold
+    def __init__(self, root: str | Path, fold: int, settings: ZeroShotSettings) -> None:  # fold 0 only
         classes = _resource_lines("fewshot_fss.txt")[_FSS_TEST]
         root = Path(root)
         found = [
@@ -338,7 +331,7 @@ class FssEpisodes(EpisodeDataset):
             for image in sorted((base / name).glob("*.jpg"))
             if image.stem != "1"
         ]
-        super().__init__(episodes, classes, **kwargs)
+        super().__init__(episodes, classes, settings)
 
     def binary_mask(self, episode: Episode) -> Tensor:
         """Foreground where the grey level is >= 128."""
@@ -372,22 +365,10 @@ def build_episodes(
 ) -> EpisodeDataset:
     """Episode dataset of a benchmark ('pascal', 'coco' or 'fss'; FSS-1000 has the single fold 0), as
     `settings` say (`options`: its fields, as a shorthand or overriding it)."""
-    settings = replace(settings or ZeroShotSettings(), **options)
     record = benchmark_record(benchmark)
     if not 0 <= fold < record.folds:
         raise LSegError(f"fold must be in 0..{record.folds - 1}, got {fold}")
-    sampling = (
-        {"num_episodes": settings.coco_episodes, "seed": settings.seed} if record.samples_episodes else {}
-    )
-    return record.builder(
-        root,
-        fold,
-        image_size=settings.image_size,
-        mean=settings.mean,
-        std=settings.std,
-        max_episodes=settings.max_episodes,
-        **sampling,
-    )
+    return record.builder(root, fold, replace(settings or ZeroShotSettings(), **options))
 
 
 def _class_batches(episodes: Sequence[Episode], batch_size: int) -> Iterator[list[int]]:
