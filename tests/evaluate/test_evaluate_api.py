@@ -54,6 +54,8 @@ def test_a_prompt_template_is_passed_to_the_text_encoder_never_set_on_it(camvid_
     monkeypatch.setattr(type(encoder), "encode", spy)
     evaluate(model, load_dataset("camvid", camvid_root), prompt_template="a {}.", max_images=1)
     assert calls and all(current == own and list(asked) == ["a {}."] for current, asked in calls)
+    with pytest.raises(LSegError, match="must contain '{}' where the label goes"):
+        evaluate(model, load_dataset("camvid", camvid_root), prompt_template="no slot", max_images=1)
 
 
 def test_universal_label_space_takes_the_column_from_the_dataset_name(camvid_root, model, oracle):

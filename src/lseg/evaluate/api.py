@@ -87,9 +87,7 @@ def _asked_templates(model: Any, template: str | None) -> tuple[list[str], list[
         raise LSegError("the model has no text encoder to embed the label words")
     if template is None:
         return list(encoder.prompt_templates), None
-    if "{}" not in template:
-        raise LSegError(f"the prompt template must contain '{{}}' where the label goes, got {template!r}")
-    return [template], [template]
+    return [template], [template]  # the text encoder checks it
 
 
 # ----------------------------------------------------------------------------- segmentation datasets
