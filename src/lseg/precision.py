@@ -3,6 +3,8 @@
 Every path that runs the model (`lseg.predictor`, so `LSeg.segment` and `encode_image`, the evaluation runner,
 the CLI and the demo) asks here which dtype to compute in and how:
 
+* `parse_dtype`: the one reading of a user's dtype (auto, float32, bfloat16, float16 or a torch
+  dtype), for compute and for `LSeg.from_pretrained(dtype=...)`'s load-time cast alike;
 * `resolve_precision("auto" | "float32" | "bfloat16" | "float16" | torch.dtype, device, weights)`:
   "auto" (or None) is the weights' own dtype when they are already half precision, else bfloat16
   on CUDA (tensor cores) and float32 elsewhere;
@@ -30,6 +32,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DTYPE_CHOICES = ("auto", *DTYPES)
 
 
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A user's dtype choice (a name or torch dtype of `DTYPE_CHOICES`, as `--dtype` and the Python API
+    take it) as a torch dtype; None for "auto" or None, whose meaning is the caller's."""
+    if dtype is None or dtype == "auto":
+        return None
+    resolved = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if resolved not in DTYPES.values():
+        raise LSegError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    return resolved
+
+
 def resolve_precision(
     dtype: str | torch.dtype | None,
     device: torch.device | str = "cpu",
@@ -40,14 +53,11 @@ def resolve_precision(
     A dtype wider than the weights (float32 compute with bfloat16 weights) is refused: autocast only
     narrows, so cast the model back with `model.float()` first.
     """
-    device = torch.device(device)
-    if dtype is None or dtype == "auto":
+    resolved = parse_dtype(dtype)
+    if resolved is None:
         if weights_dtype != torch.float32:
             return weights_dtype
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    resolved = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if resolved not in DTYPES.values():
-        raise LSegError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if resolved != weights_dtype and weights_dtype != torch.float32:
         raise LSegError(
             f"the model's weights are {_name(weights_dtype)}; it cannot compute in {_name(resolved)} "

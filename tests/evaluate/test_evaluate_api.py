@@ -41,6 +41,23 @@ def test_evaluate_scores_a_dataset_and_restores_the_prompt_templates(camvid_root
     assert seen[-1] == (3, 3)
 
 
+def test_a_prompt_template_is_passed_to_the_text_encoder_never_set_on_it(camvid_root, model, monkeypatch):
+    encoder = model.text_encoder
+    own = list(encoder.prompt_templates)
+    calls = []
+    original = type(encoder).encode
+
+    def spy(self, labels, templates=None):
+        calls.append((list(self.prompt_templates), templates))
+        return original(self, labels, templates)
+
+    monkeypatch.setattr(type(encoder), "encode", spy)
+    evaluate(model, load_dataset("camvid", camvid_root), prompt_template="a {}.", max_images=1)
+    assert calls and all(current == own and list(asked) == ["a {}."] for current, asked in calls)
+    with pytest.raises(LSegError, match="must contain '{}' where the label goes"):
+        evaluate(model, load_dataset("camvid", camvid_root), prompt_template="no slot", max_images=1)
+
+
 def test_universal_label_space_takes_the_column_from_the_dataset_name(camvid_root, model, oracle):
     report = evaluate(model, load_dataset("camvid", camvid_root), label_space="universal", max_images=1)
     assert oracle == [194] and report.label_space == "universal" and report.metrics["miou"] == 1.0

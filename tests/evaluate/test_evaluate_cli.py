@@ -156,9 +156,9 @@ def test_synonyms_and_prompt_template_change_the_text_asked(tmp_path, camvid_roo
     asked = []
     original = LSeg.encode_text
 
-    def spy(self, labels):
+    def spy(self, labels, templates=None):
         asked.append(list(labels))
-        return original(self, labels)
+        return original(self, labels, templates)
 
     monkeypatch.setattr(LSeg, "encode_text", spy)
     synonyms = tmp_path / "synonyms.txt"

@@ -109,7 +109,7 @@ def test_dtype_casts_floating_weights_only(hub_cache):
     assert dtypes == {torch.bfloat16, torch.int64}  # BatchNorm's num_batches_tracked stays an integer
     assert model.dtype == torch.bfloat16
     assert LSeg.from_pretrained(REPO, cache_dir=cache, dtype=torch.float16).dtype == torch.float16
-    with pytest.raises(LSegError, match="dtype must be a floating type"):
+    with pytest.raises(LSegError, match="dtype must be one of auto, float32, bfloat16, float16"):
         LSeg.from_pretrained(REPO, cache_dir=cache, dtype="int8")
 
 

@@ -14,6 +14,7 @@ from lseg.precision import (
     autocast,
     fold_batchnorms,
     model_precision,
+    parse_dtype,
     prepare_for_inference,
     resolve_precision,
 )
@@ -54,6 +55,19 @@ def test_resolve_precision_rules():
         resolve_precision("int8", "cpu")
     with pytest.raises(LSegError, match="cannot compute in float32"):
         resolve_precision("float32", "cpu", torch.bfloat16)
+
+
+def test_compute_and_load_dtypes_accept_the_same_names(model, tmp_path):
+    """One reading of a dtype (`parse_dtype`): `--dtype`, `segment(dtype=)` and `from_pretrained(dtype=)`."""
+    chosen = [parse_dtype(d) for d in (None, "auto", "float32", "bfloat16", torch.float16)]
+    assert chosen == [None, None, torch.float32, torch.bfloat16, torch.float16]
+    folder = model.save_pretrained(tmp_path / "model")
+    assert LSeg.from_pretrained(folder, dtype="auto").dtype == torch.float32  # as stored
+    for wrong in ("int8", "float64", torch.float64, "half"):
+        with pytest.raises(LSegError, match="dtype must be one of auto, float32, bfloat16, float16, got"):
+            parse_dtype(wrong)
+    with pytest.raises(LSegError, match="dtype must be one of"):
+        LSeg.from_pretrained(folder, dtype="float64")
 
 
 def test_folded_batchnorm_and_channels_last_compute_the_same_function(model):

@@ -8,19 +8,17 @@ files are written by `lseg.evaluate.report`.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
 from lseg.data import build_dataset, dataset_record
 from lseg.device import resolve_device
+from lseg.distributed import is_distributed
 from lseg.errors import LSegError
 from lseg.evaluate.labels import LabelSpace, UnseenClasses, build_label_space, load_synonyms, read_unseen
 from lseg.evaluate.runner import (
@@ -29,9 +27,8 @@ from lseg.evaluate.runner import (
     dataset_classes,
     embed_labels,
     evaluate_dataset,
-    rank_world,
 )
-from lseg.evaluate.zeroshot import ZeroShotReport, benchmark_classes, score_episodes
+from lseg.evaluate.zeroshot import ZeroShotReport, ZeroShotSettings, benchmark_classes, score_episodes
 from lseg.inference import InferenceProtocol, get_protocol, run_protocol
 from lseg.precision import model_precision
 
@@ -76,59 +73,21 @@ def load_dataset(
     return dataset
 
 
-# ----------------------------------------------------------------------------- processes and models
-@contextlib.contextmanager
-def distributed_device(requested: str | torch.device = "auto") -> Iterator[torch.device]:
-    """The device of this process; under `torchrun` (WORLD_SIZE > 1) the process group is set up for
-    the block (cuda:LOCAL_RANK, nccl; or gloo on CPU) and torn down after it."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_available() and dist.is_initialized():  # the caller owns the group
-        if requested == "auto" and torch.cuda.is_available():
-            yield torch.device("cuda", local_rank)
-        else:
-            yield resolve_device(requested)
-        return
-    device = resolve_device(requested)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield device
-        return
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield device
-    finally:
-        dist.destroy_process_group()
-
-
-def is_main_process() -> bool:
-    """Whether this process writes reports: rank 0, or the only process."""
-    return rank_world()[0] == 0
-
-
+# ----------------------------------------------------------------------------- models
 def _model_device(model: Any) -> torch.device:
     parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _prompt_template(model: Any, template: str | None) -> Iterator[list[str]]:
-    """Check the model can embed words; ask them with `template` for the block. Yields the templates."""
+def _asked_templates(model: Any, template: str | None) -> tuple[list[str], list[str] | None]:
+    """The prompt templates a run asks its words through (`template`, else the model's own), and those
+    to pass to `encode_text` (None: the text encoder's own); checks the model can embed words."""
     encoder = getattr(model, "text_encoder", None)
     if encoder is None or not hasattr(encoder, "encode"):
         raise LSegError("the model has no text encoder to embed the label words")
     if template is None:
-        yield list(encoder.prompt_templates)
-        return
-    if "{}" not in template:
-        raise LSegError(f"the prompt template must contain '{{}}' where the label goes, got {template!r}")
-    saved = encoder.prompt_templates
-    encoder.prompt_templates = [template]
-    try:
-        yield [template]
-    finally:
-        encoder.prompt_templates = saved
+        return list(encoder.prompt_templates), None
+    return [template], [template]  # the text encoder checks it
 
 
 # ----------------------------------------------------------------------------- segmentation datasets
@@ -179,9 +138,9 @@ def evaluate(
     device = _model_device(model) if device is None else resolve_device(device)
     if not isinstance(unseen := options.get("unseen"), UnseenClasses | None):
         options["unseen"] = read_unseen(class_names, unseen)
-    settings = EvaluationSettings(protocol=protocol, device=device, **options)
-    with _prompt_template(model, prompt_template) as templates:
-        report = evaluate_dataset(model, dataset, space, settings, class_names=class_names, progress=progress)
+    templates, asked = _asked_templates(model, prompt_template)
+    settings = EvaluationSettings(protocol=protocol, device=device, prompt_templates=asked, **options)
+    report = evaluate_dataset(model, dataset, space, settings, class_names=class_names, progress=progress)
     report.extra["prompt_templates"] = templates
     return report
 
@@ -194,53 +153,42 @@ def evaluate_zeroshot(
     fold: int = 0,
     *,
     synonyms: Mapping[str, str] | str | Path | None = None,
-    background: str = "others",
     size: int = 480,
     prompt_template: str | None = None,
     device: str | torch.device | None = None,
-    batch_size: int = 1,
-    num_workers: int = 0,
-    max_episodes: int | None = None,
     dtype: str | torch.dtype | None = None,
     progress: Progress | None = None,
+    **options: Any,
 ) -> ZeroShotReport:
     """Zero-shot mIoU and FB-IoU of `model` on one fold of pascal-5i, coco-20i or fss-1000.
 
     Each episode asks ``[background, class word]`` once at `size` x `size` (the paper's single
-    protocol); `synonyms` (``{class: word}`` or a synonyms file) replace class names as words. One
-    process only (not under torchrun). See `lseg.evaluate.zeroshot` for the episode rules.
+    protocol); `synonyms` (``{class: word}`` or a synonyms file) replace class names as words; `device`
+    defaults to the model's; `options` are the other `ZeroShotSettings` (background, batch_size,
+    num_workers, max_episodes, coco_episodes, seed). One process only (not under torchrun). See
+    `lseg.evaluate.zeroshot` for the episode rules.
     """
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         raise LSegError("zero-shot benchmarks run in one process; run without torchrun")
     words = load_synonyms(synonyms, benchmark_classes(benchmark)) if synonyms is not None else {}
     device = _model_device(model) if device is None else resolve_device(device)
     model = model.to(device).eval()
+    processor = model.processor
+    settings = ZeroShotSettings(
+        image_size=size, mean=processor.mean, std=processor.std, device=device, **options
+    )
     spec = get_protocol("single")
     compute = model_precision(model, dtype, device)
-    pad_value = model.processor.pad_value(device, model.dtype)
+    pad_value = processor.pad_value(device, model.dtype)
+    templates, asked = _asked_templates(model, prompt_template)
 
     def predict(images: torch.Tensor, labels: list[str]) -> torch.Tensor:
-        text = model.encode_text([labels[0], words.get(labels[1], labels[1])])
+        text = embed_labels(model, [labels[0], words.get(labels[1], labels[1])], asked)
         return run_protocol(
             lambda x: model(x, text).logits, images.to(model.dtype), spec, pad_value=pad_value, dtype=compute
         )
 
-    with _prompt_template(model, prompt_template) as templates:
-        embed_labels(model, [background])
-        report = score_episodes(
-            predict,
-            benchmark,
-            root,
-            fold,
-            mean=model.processor.mean,
-            std=model.processor.std,
-            image_size=size,
-            background=background,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            max_episodes=max_episodes,
-            device=device,
-            progress=progress,
-        )
+    embed_labels(model, [settings.background], asked)
+    report = score_episodes(predict, benchmark, root, fold, settings, progress=progress)
     labels = {name: words.get(name, name) for name in report.per_class_iou}
     return replace(report, labels=labels, prompt_templates=templates)

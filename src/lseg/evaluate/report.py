@@ -163,6 +163,19 @@ def _unseen_summary(report: EvaluationReport) -> dict[str, Any]:
     }
 
 
+def zeroshot_summary(report: ZeroShotReport) -> dict[str, Any]:
+    """Every number of a zero-shot fold, JSON-ready: the words asked, metrics and timing."""
+    return {
+        "labels": {name: report.labels.get(name, name) for name in report.per_class_iou},
+        "metrics": {"miou": report.miou, "fb_iou": report.fb_iou, "per_class_iou": report.per_class_iou},
+        "timing": {
+            "images": report.episodes,
+            "seconds": report.seconds,
+            "images_per_second": report.images_per_second,
+        },
+    }
+
+
 def _pick(choices: Mapping[str, Any], *names: str) -> dict[str, Any]:
     return {name: choices[name] for name in names}
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from lseg.distributed import gather, rank_world
 from lseg.errors import LSegError
 from lseg.evaluate import report as reports
 from lseg.evaluate.labels import IGNORE_INDEX, LabelSpace, UnseenClasses, dataset_label_space
@@ -51,7 +51,8 @@ class EvaluationSettings:
     passes' precision (`lseg.precision`; default: the model's); `rank_by` ("miou" or "pixel_accuracy")
     picks the `num_examples` best and worst images; `max_images` scores the first N. `unseen` (classes
     held out of training) adds seen / unseen mIoU and hIoU; `seen_bias` is subtracted from the logits
-    of the seen classes before the argmax (the calibration of generalised zero-shot segmentation).
+    of the seen classes before the argmax (the calibration of generalised zero-shot segmentation);
+    `prompt_templates` ask the words through these instead of the text encoder's own.
     """
 
     protocol: str | InferenceProtocol = "single"
@@ -68,6 +69,7 @@ class EvaluationSettings:
     num_examples: int = 4
     unseen: UnseenClasses | None = None
     seen_bias: float = 0.0
+    prompt_templates: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -160,20 +162,6 @@ class ShardSampler(DistributedSampler):
         return len(self.indices)
 
 
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) without a process group."""
-    initialized = dist.is_available() and dist.is_initialized()
-    return (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
-
-
-def _gather(obj: Any) -> list[Any]:
-    if rank_world()[1] == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _first_line(error: Exception) -> str:
     """DataLoader workers re-raise with the worker traceback in the message; keep the user-facing line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -203,10 +191,11 @@ def dataset_classes(dataset: Dataset) -> list[str]:
     return list(names)
 
 
-def embed_labels(model: Any, labels: Sequence[str]) -> Tensor:
-    """`model.encode_text(labels)`, where a text encoder that cannot embed them is the user's error."""
+def embed_labels(model: Any, labels: Sequence[str], templates: Sequence[str] | None = None) -> Tensor:
+    """`model.encode_text(labels, templates)`, where a text encoder that cannot embed them is the user's
+    error; without `templates` a model whose `encode_text(labels)` takes none serves too."""
     try:
-        return model.encode_text(labels)
+        return model.encode_text(labels) if templates is None else model.encode_text(labels, templates)
     except LSegError:
         raise
     except Exception as error:
@@ -319,7 +308,7 @@ def gather_shards(shard: ShardScores) -> tuple[list[ImageScore], list[Example], 
     first) examples, and the slowest rank's seconds and model seconds. With fewer than 2k scored
     images, best takes the better half."""
     rank_by, k, kept = shard.tracker.rank_by, shard.tracker.k, shard.tracker.best + shard.tracker.worst
-    gathered = _gather((shard.records, [e for _, e in kept], shard.seconds, shard.model_seconds))
+    gathered = gather((shard.records, [e for _, e in kept], shard.seconds, shard.model_seconds))
     all_records = sorted((r for g in gathered for r in g[0]), key=lambda r: r.index)
     unique = {e.score.index: e for g in gathered for e in g[1]}.values()
     ordered = sorted(unique, key=lambda e: (-getattr(e.score, rank_by), e.score.index))  # best first
@@ -372,7 +361,7 @@ def _score_shard(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    text = embed_labels(model, space.labels).to(device)
+    text = embed_labels(model, space.labels, settings.prompt_templates).to(device)
     sync()
     started = time.perf_counter()
     done = 0

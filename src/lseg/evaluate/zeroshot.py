@@ -34,7 +34,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
+from lseg.evaluate import report as reports
 from lseg.evaluate.metrics import SegmentationMetrics
 from lseg.files import write_text_atomic
 from lseg.images import load_image, open_image, resize_bilinear
@@ -57,16 +58,14 @@ from lseg.processing import LSegImageProcessor, resize_logits
 
 @dataclass(frozen=True)
 class BenchmarkRecord:
-    """A zero-shot benchmark: its `EpisodeDataset` class (built as `builder(root, fold, **options)`),
-    its name on the command line, its number of folds, other accepted names, and whether it samples
-    its episodes (`num_episodes`, `seed`)."""
+    """A zero-shot benchmark: its `EpisodeDataset` class (built as `builder(root, fold, settings)`, a
+    `ZeroShotSettings`), its name on the command line, its number of folds and other accepted names."""
 
     name: str
     builder: type[EpisodeDataset]
     display: str
     folds: int
     aliases: tuple[str, ...] = ()
-    samples_episodes: bool = False
 
 
 BENCHMARKS: dict[str, BenchmarkRecord] = {}
@@ -83,6 +82,28 @@ def register_benchmark(name: str, **record: Any) -> Callable[[type], type]:
         return builder
 
     return register
+
+
+@dataclass(frozen=True)
+class ZeroShotSettings:
+    """How a zero-shot fold is scored, in one place: the episodes' size and normalisation (the model's
+    mean/std), the `background` word asked beside each class, batching, the first `max_episodes` only,
+    and COCO-20i's sampling (`coco_episodes` with `seed`; None: every pair)."""
+
+    image_size: int = 480
+    mean: Sequence[float] = CLIP_MEAN_STD[0]
+    std: Sequence[float] = CLIP_MEAN_STD[1]
+    background: str = "others"
+    batch_size: int = 1
+    num_workers: int = 0
+    max_episodes: int | None = None
+    coco_episodes: int | None = 1000
+    seed: int = 0
+    device: str | torch.device = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise LSegError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 _FSS_TEST = slice(760, 1000)
@@ -109,7 +130,8 @@ class EpisodeDataset(Dataset):
     """Zero-shot episodes yielding (normalised image [3, S, S], mask [S, S], class name).
 
     The mask is int64 with 1 = the episode's class, 0 = anything else, 255 = ignored.
-    `max_episodes` keeps only the first N episodes (smoke tests on partial data).
+    Images are resized and normalised as `settings` say; `max_episodes` keeps only the first N
+    episodes (smoke tests on partial data).
     """
 
     benchmark: str
@@ -119,21 +141,17 @@ class EpisodeDataset(Dataset):
         self,
         episodes: Sequence[Episode],
         classes: Sequence[str],
-        *,
-        image_size: int = 480,
-        mean: Sequence[float] = CLIP_MEAN_STD[0],
-        std: Sequence[float] = CLIP_MEAN_STD[1],
-        max_episodes: int | None = None,
+        settings: ZeroShotSettings,
     ) -> None:
-        self.processor = LSegImageProcessor(mean, std)  # the model's normalisation (checks mean/std)
-        episodes = list(episodes)[:max_episodes]
+        self.processor = LSegImageProcessor(settings.mean, settings.std)  # the model's (checks them)
+        episodes = list(episodes)[: settings.max_episodes]
         for episode in episodes:
             for path in (episode.image, episode.mask):
                 if not path.is_file():
                     raise LSegError(f"{self.benchmark}: missing {path}; expected layout {self.layout}")
         self.episodes = episodes
         self.classes = list(classes)
-        self.image_size = image_size
+        self.image_size = settings.image_size
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -176,17 +194,9 @@ class ZeroShotReport:
     def images_per_second(self) -> float:
         return self.episodes / self.seconds if self.seconds > 0 else math.nan
 
-    def summary(self) -> dict[str, object]:
-        """The JSON-ready part: words asked, metrics and timing."""
-        return {
-            "labels": {name: self.labels.get(name, name) for name in self.per_class_iou},
-            "metrics": {"miou": self.miou, "fb_iou": self.fb_iou, "per_class_iou": self.per_class_iou},
-            "timing": {
-                "images": self.episodes,
-                "seconds": self.seconds,
-                "images_per_second": self.images_per_second,
-            },
-        }
+    def summary(self) -> dict[str, Any]:
+        """The numbers of metrics.json (`report.zeroshot_summary`)."""
+        return reports.zeroshot_summary(self)
 
 
 def _find_root(
@@ -206,7 +216,7 @@ class PascalEpisodes(EpisodeDataset):
     benchmark = "pascal"
     layout = "<root>/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png}"
 
-    def __init__(self, root: str | Path, fold: int, **kwargs: object) -> None:
+    def __init__(self, root: str | Path, fold: int, settings: ZeroShotSettings) -> None:
         base = _find_root(
             Path(root),
             ("VOCdevkit/VOC2012", "VOC2012", "."),
@@ -226,7 +236,7 @@ class PascalEpisodes(EpisodeDataset):
                     names[int(label) - 1],
                 )
             )
-        super().__init__(episodes, names[5 * fold : 5 * fold + 5], **kwargs)
+        super().__init__(episodes, names[5 * fold : 5 * fold + 5], settings)
 
     def binary_mask(self, episode: Episode) -> Tensor:
         """Class pixels 1, boundary pixels (255) ignored, the rest 0."""
@@ -237,16 +247,14 @@ class PascalEpisodes(EpisodeDataset):
         return mask
 
 
-@register_benchmark("coco", display="coco-20i", folds=4, aliases=("coco20i",), samples_episodes=True)
+@register_benchmark("coco", display="coco-20i", folds=4, aliases=("coco20i",))
 class CocoEpisodes(EpisodeDataset):
-    """COCO-20i val2014 episodes of one fold, sampled like HSNet (`num_episodes=None`: every pair)."""
+    """COCO-20i val2014 episodes of one fold, sampled like HSNet (`coco_episodes` None: every pair)."""
 
     benchmark = "coco"
     layout = "<root>/COCO2014/{val2014/<name>.jpg, annotations/val2014/<name>.png}"
 
-    def __init__(
-        self, root: str | Path, fold: int, *, num_episodes: int | None = 1000, seed: int = 0, **kwargs: object
-    ) -> None:
+    def __init__(self, root: str | Path, fold: int, settings: ZeroShotSettings) -> None:
         base = _find_root(
             Path(root), ("COCO2014", "."), ("val2014", "annotations/val2014"), "COCO-20i", self.layout
         )
@@ -263,18 +271,18 @@ class CocoEpisodes(EpisodeDataset):
                 names[label - 1],
             )
 
-        if num_episodes is None:
+        if settings.coco_episodes is None:
             episodes = [episode(label, stem) for label in labels for stem in per_class[label]]
         else:
             available = [label for label in labels if per_class[label]]
             if not available:
                 raise LSegError(f"COCO-20i fold {fold}: no mask under {base} contains a class of the fold")
-            rng = np.random.default_rng(seed)
+            rng = np.random.default_rng(settings.seed)
             episodes = []
-            for _ in range(num_episodes):
+            for _ in range(settings.coco_episodes):
                 label = available[rng.integers(len(available))]
                 episodes.append(episode(label, per_class[label][rng.integers(len(per_class[label]))]))
-        super().__init__(episodes, [names[label - 1] for label in labels], **kwargs)
+        super().__init__(episodes, [names[label - 1] for label in labels], settings)
 
 
 def _coco_class_index(annotations: Path) -> dict[str, list[int]]:
@@ -302,7 +310,7 @@ class FssEpisodes(EpisodeDataset):
     benchmark = "fss"
     layout = "<root>/fewshot_data/<class>/{<n>.jpg, <n>.png} for the 240 FSS-1000 test classes"
 
-    def __init__(self, root: str | Path, fold: int = 0, **kwargs: object) -> None:  # one fold
+    def __init__(self, root: str | Path, fold: int, settings: ZeroShotSettings) -> None:  # fold 0 only
         classes = _resource_lines("fewshot_fss.txt")[_FSS_TEST]
         root = Path(root)
         found = [
@@ -323,7 +331,7 @@ class FssEpisodes(EpisodeDataset):
             for image in sorted((base / name).glob("*.jpg"))
             if image.stem != "1"
         ]
-        super().__init__(episodes, classes, **kwargs)
+        super().__init__(episodes, classes, settings)
 
     def binary_mask(self, episode: Episode) -> Tensor:
         """Foreground where the grey level is >= 128."""
@@ -353,25 +361,14 @@ def benchmark_classes(benchmark: str) -> list[str]:
 
 
 def build_episodes(
-    benchmark: str,
-    root: str | Path,
-    fold: int = 0,
-    *,
-    image_size: int = 480,
-    mean: Sequence[float] = CLIP_MEAN_STD[0],
-    std: Sequence[float] = CLIP_MEAN_STD[1],
-    coco_episodes: int | None = 1000,
-    seed: int = 0,
-    max_episodes: int | None = None,
+    benchmark: str, root: str | Path, fold: int = 0, settings: ZeroShotSettings | None = None, **options: Any
 ) -> EpisodeDataset:
-    """Episode dataset of a benchmark ('pascal', 'coco' or 'fss'; FSS-1000 has the single fold 0)."""
+    """Episode dataset of a benchmark ('pascal', 'coco' or 'fss'; FSS-1000 has the single fold 0), as
+    `settings` say (`options`: its fields, as a shorthand or overriding it)."""
     record = benchmark_record(benchmark)
     if not 0 <= fold < record.folds:
         raise LSegError(f"fold must be in 0..{record.folds - 1}, got {fold}")
-    sampling = {"num_episodes": coco_episodes, "seed": seed} if record.samples_episodes else {}
-    return record.builder(
-        root, fold, image_size=image_size, mean=mean, std=std, max_episodes=max_episodes, **sampling
-    )
+    return record.builder(root, fold, replace(settings or ZeroShotSettings(), **options))
 
 
 def _class_batches(episodes: Sequence[Episode], batch_size: int) -> Iterator[list[int]]:
@@ -389,49 +386,31 @@ def score_episodes(
     benchmark: str,
     root: str | Path,
     fold: int = 0,
+    settings: ZeroShotSettings | None = None,
     *,
-    mean: Sequence[float] = CLIP_MEAN_STD[0],
-    std: Sequence[float] = CLIP_MEAN_STD[1],
-    image_size: int = 480,
-    background: str = "others",
-    batch_size: int = 1,
-    num_workers: int = 0,
-    max_episodes: int | None = None,
-    coco_episodes: int | None = 1000,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    **options: Any,
 ) -> ZeroShotReport:
     """Score `predict_fn(images, [background, class_name]) -> logits [B, 2, h, w]` on one fold.
 
     Any predictor fits (e.g. a reference implementation); `lseg.evaluate.evaluate_zeroshot` scores an
-    `LSeg`. `background` defaults to "others", the word of the original zero-shot model. `max_episodes`
-    keeps the first N episodes (smoke tests); `progress(done, total)` is called after each batch.
+    `LSeg`. `settings` say how (`ZeroShotSettings`; `options`: its fields, as a shorthand or overriding
+    it); the background word defaults to "others", the word of the original zero-shot model.
+    `progress(done, total)` is called after each batch.
     """
     started = time.perf_counter()
-    if batch_size < 1:
-        raise LSegError(f"batch_size must be >= 1, got {batch_size}")
-    dataset = build_episodes(
-        benchmark,
-        root,
-        fold,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        coco_episodes=coco_episodes,
-        seed=seed,
-        max_episodes=max_episodes,
-    )
+    settings = replace(settings or ZeroShotSettings(), **options)
+    dataset = build_episodes(benchmark, root, fold, settings)
     class_index = {name: k for k, name in enumerate(dataset.classes)}
     # [background, class 1..K]: class k's IoU is its episodes' foreground IoU, FB-IoU the summed one's
     metric = SegmentationMetrics(len(dataset.classes) + 1, IGNORE_INDEX, background=0)
     episodes_per_class = torch.zeros(len(dataset.classes), dtype=torch.long)
-    batches = list(_class_batches(dataset.episodes, batch_size))
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    batches = list(_class_batches(dataset.episodes, settings.batch_size))
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=settings.num_workers)
     done = 0
     with torch.no_grad():
         for images, masks, names in loader:
-            logits = predict_fn(images.to(device), [background, *class_words(names[:1])])
+            logits = predict_fn(images.to(settings.device), [settings.background, *class_words(names[:1])])
             if logits.ndim != 4 or logits.shape[:2] != (len(names), 2):
                 raise ValueError(f"predict_fn must return [B, 2, h, w] logits, got {tuple(logits.shape)}")
             logits = resize_logits(logits.float(), masks.shape[-2:])
@@ -455,7 +434,7 @@ def score_episodes(
         fb_iou=scores["fb_iou"],
         per_class_iou=dict(zip(dataset.classes, iou.tolist(), strict=True)),
         seconds=time.perf_counter() - started,
-        device=str(device),
-        image_size=image_size,
-        background=background,
+        device=str(settings.device),
+        image_size=settings.image_size,
+        background=settings.background,
     )

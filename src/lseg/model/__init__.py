@@ -7,6 +7,8 @@ from lseg.model.config import (
     add_preset,
     load_preset,
     preset_names,
+    register_image_encoder,
+    register_text_encoder,
 )
 from lseg.model.lseg import LSeg, LSegOutput, SegmentationResult
 
@@ -20,4 +22,6 @@ __all__ = [
     "add_preset",
     "load_preset",
     "preset_names",
+    "register_image_encoder",
+    "register_text_encoder",
 ]

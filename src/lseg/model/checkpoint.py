@@ -86,7 +86,7 @@ def read_config(path: Path) -> LSegConfig:
             f"{path} has format_version {version}, newer than this lseg reads ({FORMAT_VERSION}); "
             "upgrade lseg (pip install -U lseg)"
         )
-    return LSegConfig.from_dict(payload)
+    return LSegConfig.from_saved(payload)
 
 
 def _read_safetensors(weights_path: Path, dtype: torch.dtype | None = None) -> Loaded:
@@ -118,7 +118,7 @@ def _read_checkpoint_file(path: Path, dtype: torch.dtype | None) -> Loaded:
     if not isinstance(model_config, dict) or not any(k.startswith("model.") for k in state):
         raise LSegError(f"{path} is neither an lseg training checkpoint nor an original LSeg checkpoint")
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    return LSegConfig.from_dict(model_config), weights, str(path)
+    return LSegConfig.from_saved(model_config), weights, str(path)
 
 
 def _is_repo_id(text: str) -> bool:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from timm.models import get_pretrained_cfg
 
 from lseg.device import format_bytes, physical_memory
 from lseg.errors import LSegError
@@ -24,7 +27,7 @@ CLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 class ImageEncoderConfig:
     """Which timm backbone, and how its features are reassembled for the DPT decoder."""
 
-    type: str = "vit"  # vit | cnn | hybrid
+    type: str = "vit"  # a registered image encoder type (IMAGE_ENCODERS): vit | cnn | hybrid
     name: str = "vit_large_patch16_384"
     pretrained: bool = True
     pretrained_source: str = "hub"  # hub | package: weights a pip package ships (lseg.model.packaged_weights)
@@ -40,7 +43,7 @@ class ImageEncoderConfig:
 class TextEncoderConfig:
     """Which frozen text encoder embeds the label words."""
 
-    type: str = "open_clip"  # open_clip | minilm
+    type: str = "open_clip"  # a registered text encoder type (TEXT_ENCODERS): open_clip | minilm
     model: str = "ViT-B-32"  # open_clip model name, or a custom text tower when `custom` is set
     pretrained: str | None = "openai"  # open_clip pretrained tag; None = random weights
     custom: dict[str, int] | None = None  # embed_dim + open_clip text_cfg of a random tiny tower
@@ -50,7 +53,9 @@ class TextEncoderConfig:
         """The fields this encoder type reads: a MiniLM encoder has no open_clip model, tag or tower,
         and writing open_clip's defaults for it would describe another model."""
         data = dataclasses.asdict(self)
-        return {key: data[key] for key in TEXT_ENCODER_FIELDS.get(self.type, data)}
+        record = TEXT_ENCODERS.get(self.type)
+        fields = {"type", *TEXT_ENCODERS.shared, *record.rules} if record else data
+        return {key: value for key, value in data.items() if key in fields}
 
 
 @dataclass
@@ -64,13 +69,18 @@ class LSegConfig:
     regularizer: str | None = None  # None | depthwise | bottleneck: spatial blocks after the logits
     regularizer_depth: int = 2
     regularizer_activation: str = "lrelu"  # relu | lrelu | tanh
-    mean: tuple[float, float, float] = CLIP_MEAN_STD[0]
-    std: tuple[float, float, float] = CLIP_MEAN_STD[1]
+    mean: tuple[float, float, float] | None = None  # None: the backbone's (`backbone_mean_std`)
+    std: tuple[float, float, float] | None = None
     labels: list[str] = field(default_factory=lambda: ["other"])  # default label set for `segment`
 
     def __post_init__(self) -> None:
-        """Refuse a decoder wider than this machine can hold before anything is allocated: torch's
+        """Take mean/std left out from the backbone, so its weights see the inputs they were trained on;
+        refuse a decoder wider than this machine can hold before anything is allocated: torch's
         allocation failure would read like an image or batch too large."""
+        if self.mean is None or self.std is None:
+            mean, std = backbone_mean_std(getattr(self.image_encoder, "name", ""))
+            self.mean = mean if self.mean is None else self.mean
+            self.std = std if self.std is None else self.std
         if not isinstance(self.features, int):  # wrongly typed: `from_dict` names the field
             return
         needed, memory = 4 * fusion_weight_count(self.features), physical_memory()  # float32 weights
@@ -85,21 +95,36 @@ class LSegConfig:
     def from_dict(cls, data: dict[str, Any]) -> LSegConfig:
         """Build from `config.json`-style data, checking every field (LSegError names the bad one)."""
         fields = _check_fields(data, cls, "", MODEL_RULES)
-        image = ImageEncoderConfig(
-            **_check_fields(
-                fields.pop("image_encoder", {}), ImageEncoderConfig, "image_encoder.", IMAGE_RULES
-            )
-        )
-        text = TextEncoderConfig(
-            **_check_fields(fields.pop("text_encoder", {}), TextEncoderConfig, "text_encoder.", TEXT_RULES)
-        )
+        for key, config_class, registry in (
+            ("image_encoder", ImageEncoderConfig, IMAGE_ENCODERS),
+            ("text_encoder", TextEncoderConfig, TEXT_ENCODERS),
+        ):
+            part = fields.get(key, {})
+            fields[key] = config_class(**_check_fields(part, config_class, f"{key}.", registry.rules(part)))
         for key in ("mean", "std"):
             if key in fields:
                 fields[key] = tuple(fields[key])
-        return cls(image_encoder=image, text_encoder=text, **fields)
+        return cls(**fields)
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> LSegConfig:
+        """The config a model was saved with (config.json, a training checkpoint's): one without
+        mean/std was written before they came from the backbone and trained with CLIP's, then the
+        default."""
+        return cls.from_dict({"mean": CLIP_MEAN_STD[0], "std": CLIP_MEAN_STD[1], **data})
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "text_encoder": self.text_encoder.to_dict()}
+
+
+def backbone_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation timm's `pretrained_cfg` records for a backbone (its default weights, or those
+    of a `name.tag`); CLIP's where timm records none (an unknown name fails when the model is built)."""
+    with contextlib.suppress(RuntimeError):  # a tag timm does not know
+        cfg = get_pretrained_cfg(name)
+        if cfg is not None and len(cfg.mean or ()) == 3 and len(cfg.std or ()) == 3:
+            return tuple(cfg.mean), tuple(cfg.std)
+    return CLIP_MEAN_STD
 
 
 def json_type_name(value: Any) -> str:
@@ -107,7 +132,7 @@ def json_type_name(value: Any) -> str:
     return "null" if value is None else f"a {'list' if isinstance(value, list) else type(value).__name__}"
 
 
-def _is_int(value: Any, minimum: int) -> bool:
+def is_int(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
@@ -115,53 +140,88 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_str_list(value: Any) -> bool:
+def is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-Rule = tuple[Callable[[Any], bool], str]
-IMAGE_RULES: dict[str, Rule] = {
-    "type": (lambda v: v in ("vit", "cnn", "hybrid"), "one of vit, cnn, hybrid"),
-    "name": (lambda v: isinstance(v, str) and bool(v), "a timm model name"),
-    "pretrained": (lambda v: isinstance(v, bool), "true or false"),
-    "pretrained_source": (lambda v: v in ("hub", "package"), "one of hub, package"),
-    "hooks": (
-        lambda v: v is None or (isinstance(v, list) and all(_is_int(h, 0) for h in v)),
-        "null or a list of block indices (integers >= 0)",
-    ),
-    "channels": (
-        lambda v: v is None or (isinstance(v, list) and all(_is_int(c, 1) for c in v)),
-        "null or a list of positive integers",
-    ),
-    "readout": (lambda v: v in ("project", "add", "ignore"), "one of project, add, ignore"),
-    "pos_embed_interpolation": (lambda v: v in ("bicubic", "bilinear"), "one of bicubic, bilinear"),
-    "pos_embed_antialias": (lambda v: isinstance(v, bool), "true or false"),
-    "kwargs": (
-        lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
-        "an object of timm.create_model arguments",
-    ),
-}
-TEXT_ENCODER_FIELDS = {
-    "open_clip": ("type", "model", "pretrained", "custom", "prompt_templates"),
-    "minilm": ("type", "prompt_templates"),  # one model, all-MiniLM-L6-v2, from its pip package
-}
-TEXT_RULES: dict[str, Rule] = {
-    "type": (lambda v: v in ("open_clip", "minilm"), "one of open_clip, minilm"),
-    "model": (lambda v: isinstance(v, str) and bool(v), "an open_clip model name"),
-    "pretrained": (lambda v: v is None or isinstance(v, str), "null or an open_clip pretrained tag"),
-    "custom": (
-        lambda v: v is None or (isinstance(v, dict) and _is_int(v.get("embed_dim"), 1)),
-        "null or an object with a positive integer embed_dim and open_clip text_cfg fields",
-    ),
-    "prompt_templates": (
-        lambda v: _is_str_list(v) and bool(v) and all("{}" in t for t in v),
-        "a non-empty list of strings, each with '{}' where the label goes",
-    ),
-}
+Rule = tuple[Callable[[Any], bool], str]  # (valid(value), what a valid value is, for the error)
+
+
+@dataclass(frozen=True)
+class EncoderRecord:
+    """An encoder type in one place (timm's `register_model` is the model): the builder its config's
+    `type` picks, and the rules of the config fields this type reads besides the shared ones."""
+
+    name: str
+    builder: Callable[..., Any]
+    rules: Mapping[str, Rule] = field(default_factory=dict)
+
+
+class EncoderRegistry(dict[str, EncoderRecord]):
+    """Encoder types by name; config validation, `build_*_encoder` and the docs' lists read it."""
+
+    def __init__(self, kind: str, shared: Mapping[str, Rule]) -> None:
+        super().__init__()
+        self.kind, self.shared = kind, shared  # "image" / "text"; the rules of the fields all types read
+
+    def register(self, name: str, rules: Mapping[str, Rule] | None = None) -> Callable[[type], type]:
+        """Class decorator adding an encoder type `name`; `rules` check the config fields it reads
+        beyond the shared ones (a text encoder's config.json holds only those and the shared)."""
+
+        def register(builder: type) -> type:
+            if name in self:
+                raise ValueError(f"{self.kind} encoder type {name!r} is already registered")
+            self[name] = EncoderRecord(name, builder, rules or {})
+            return builder
+
+        return register
+
+    def record(self, name: str) -> EncoderRecord:
+        if name not in self:
+            raise LSegError(f"unknown {self.kind} encoder type '{name}'; valid: {', '.join(self)}")
+        return self[name]
+
+    def rules(self, data: Any) -> dict[str, Rule]:
+        """The rules of an encoder config: `type` a registered one, the shared fields and every type's
+        fields (a saved config lists fields its type never reads), the chosen type's own rules first."""
+        kind = data.get("type") if isinstance(data, dict) else None
+        chosen = self.get(kind) if isinstance(kind, str) else None
+        return {
+            "type": (lambda v: isinstance(v, str) and v in self, f"one of {', '.join(self)}"),
+            **self.shared,
+            **{key: rule for record in self.values() for key, rule in record.rules.items()},
+            **(chosen.rules if chosen else {}),
+        }
+
+
+IMAGE_ENCODERS = EncoderRegistry(
+    "image",
+    {
+        "name": (lambda v: isinstance(v, str) and bool(v), "a timm model name"),
+        "pretrained": (lambda v: isinstance(v, bool), "true or false"),
+        "pretrained_source": (lambda v: v in ("hub", "package"), "one of hub, package"),
+        "kwargs": (
+            lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+            "an object of timm.create_model arguments",
+        ),
+    },
+)
+TEXT_ENCODERS = EncoderRegistry(
+    "text",
+    {
+        "prompt_templates": (
+            lambda v: is_str_list(v) and bool(v) and all("{}" in t for t in v),
+            "a non-empty list of strings, each with '{}' where the label goes",
+        ),
+    },
+)
+register_image_encoder = IMAGE_ENCODERS.register  # in model/image_encoder.py
+register_text_encoder = TEXT_ENCODERS.register  # in model/text_encoder.py
+
 MODEL_RULES: dict[str, Rule] = {
     "image_encoder": (lambda v: isinstance(v, dict), "an object"),
     "text_encoder": (lambda v: isinstance(v, dict), "an object"),
-    "features": (lambda v: _is_int(v, 1), "a positive integer"),
+    "features": (lambda v: is_int(v, 1), "a positive integer"),
     "use_bn": (lambda v: isinstance(v, bool), "true or false"),
     "logit_scale": (
         lambda v: _is_number(v) and 0 < v <= MAX_LOGIT_SCALE,
@@ -169,7 +229,7 @@ MODEL_RULES: dict[str, Rule] = {
     ),
     "learn_logit_scale": (lambda v: isinstance(v, bool), "true or false"),
     "regularizer": (lambda v: v in (None, "depthwise", "bottleneck"), "null or one of depthwise, bottleneck"),
-    "regularizer_depth": (lambda v: _is_int(v, 1), "a positive integer"),
+    "regularizer_depth": (lambda v: is_int(v, 1), "a positive integer"),
     "regularizer_activation": (lambda v: v in ("relu", "lrelu", "tanh"), "one of relu, lrelu, tanh"),
     "mean": (
         lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) for x in v),
@@ -179,7 +239,7 @@ MODEL_RULES: dict[str, Rule] = {
         lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v),
         "3 positive numbers (R, G, B)",
     ),
-    "labels": (lambda v: _is_str_list(v) and bool(v), "a non-empty list of strings"),
+    "labels": (lambda v: is_str_list(v) and bool(v), "a non-empty list of strings"),
 }
 
 

@@ -20,12 +20,25 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lseg.errors import LSegError
-from lseg.model.config import ImageEncoderConfig
+from lseg.model.config import IMAGE_ENCODERS, ImageEncoderConfig, Rule, is_int, register_image_encoder
 from lseg.model.hub import hub_access
 from lseg.model.packaged_weights import load_packaged_weights
 
 STRIDES = (4, 8, 16, 32)
 TIMM_POS_EMBED_RESIZE = ("bicubic", True)  # how timm resizes position embeddings for other image sizes
+VIT_RULES: dict[str, Rule] = {  # the config fields a ViT's token reassembly reads (vit and hybrid)
+    "hooks": (
+        lambda v: v is None or (isinstance(v, list) and all(is_int(h, 0) for h in v)),
+        "null or a list of block indices (integers >= 0)",
+    ),
+    "channels": (
+        lambda v: v is None or (isinstance(v, list) and all(is_int(c, 1) for c in v)),
+        "null or a list of positive integers",
+    ),
+    "readout": (lambda v: v in ("project", "add", "ignore"), "one of project, add, ignore"),
+    "pos_embed_interpolation": (lambda v: v in ("bicubic", "bilinear"), "one of bicubic, bilinear"),
+    "pos_embed_antialias": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 class ProjectReadout(nn.Module):
@@ -166,6 +179,7 @@ def create_timm_model(cfg: ImageEncoderConfig, **kwargs) -> nn.Module:
         return _timm_create(cfg, True, **kwargs)
 
 
+@register_image_encoder("vit", VIT_RULES)
 class ViTEncoder(nn.Module):
     """timm Vision Transformer + DPT reassembly of the hooked blocks' tokens."""
 
@@ -222,6 +236,7 @@ class ViTEncoder(nn.Module):
         ]
 
 
+@register_image_encoder("cnn")
 class CNNEncoder(nn.Module):
     """Any timm CNN with `features_only`; picks the maps whose reduction is 4, 8, 16 and 32."""
 
@@ -248,6 +263,7 @@ class CNNEncoder(nn.Module):
         return list(self.model(images))
 
 
+@register_image_encoder("hybrid", VIT_RULES)
 class HybridViTEncoder(nn.Module):
     """DPT-Hybrid: ResNet stages of the patch embedding give strides 4 and 8, ViT blocks 16 and 32."""
 
@@ -308,10 +324,6 @@ class HybridViTEncoder(nn.Module):
         return [cnn_maps[0], cnn_maps[1], *vit_maps]
 
 
-ENCODERS = {"vit": ViTEncoder, "cnn": CNNEncoder, "hybrid": HybridViTEncoder}
-
-
 def build_image_encoder(cfg: ImageEncoderConfig) -> nn.Module:
-    if cfg.type not in ENCODERS:
-        raise LSegError(f"unknown image encoder type '{cfg.type}'; valid: {', '.join(ENCODERS)}")
-    return ENCODERS[cfg.type](cfg)
+    """The encoder of the config's registered `type`."""
+    return IMAGE_ENCODERS.record(cfg.type).builder(cfg)

@@ -24,7 +24,8 @@ from lseg.model.head import LSegHead, upsample_logits
 from lseg.model.hub import push_folder
 from lseg.model.image_encoder import build_image_encoder
 from lseg.model.text_encoder import build_text_encoder
-from lseg.model.weights import empty_model, load_state, resolve_dtype
+from lseg.model.weights import empty_model, load_state
+from lseg.precision import parse_dtype
 from lseg.processing import LSegImageProcessor, SegmentationResult, pad_image, padded_size
 
 
@@ -113,13 +114,14 @@ class LSeg(nn.Module):
 
         Hub repos are read through the Hugging Face cache: `revision` (branch, tag or commit),
         `cache_dir`, `local_files_only` and `token` are passed to it. The model is returned on `device`
-        (auto, cpu, cuda, cuda:N), its floating weights cast to `dtype` (e.g. torch.bfloat16) if given,
-        tensor by tensor as they are read: the weights are never all in memory in float32.
+        (auto, cpu, cuda, cuda:N), its floating weights cast to `dtype` (float32, bfloat16 or float16, a
+        name or torch dtype, as `lseg.precision.parse_dtype` reads it; None or "auto": as stored) tensor
+        by tensor as they are read: the weights are never all in memory in float32.
 
         The model is returned in eval mode (as Hugging Face's `from_pretrained`): the tensor API then
         uses the decoder's running BatchNorm statistics instead of overwriting them with each batch's.
         """
-        target, cast = resolve_device(device), resolve_dtype(dtype)  # fail before reading any weights
+        target, cast = resolve_device(device), parse_dtype(dtype)  # fail before reading any weights
         config, state, source = read_checkpoint(
             id_or_path,
             revision=revision,

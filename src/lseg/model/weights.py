@@ -1,5 +1,5 @@
 """Low-level weight handling shared by every checkpoint format: reading Lightning `.ckpt` files
-without running their code, strict state loading that names what differs, and dtype choice.
+without running their code, strict state loading that names what differs.
 
 Depends on nothing else in lseg.model, so both the original-checkpoint importer and the checkpoint
 dispatch (lseg.model.checkpoint) build on it without importing each other.
@@ -111,13 +111,3 @@ def empty_model(build: Callable[[], nn.Module]) -> nn.Module:
 
     with init_empty_weights(include_buffers=False):
         return build()
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """A floating torch dtype from `torch.bfloat16` or its name ("bfloat16", "float16"); None stays None."""
-    if dtype is None:
-        return None
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise LSegError(f"dtype must be a floating type such as float32, float16 or bfloat16, got {dtype!r}")
-    return resolved
