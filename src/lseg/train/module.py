@@ -270,17 +270,8 @@ class LSegModule(L.LightningModule):
         colours[-1] = 0  # ignore -> black
         rows = []
         for image, mask, prediction in self._preview:
-            mask = torch.where(mask == IGNORE_INDEX, len(labels), mask)
-            rows.append(
-                torch.cat(
-                    [
-                        image,
-                        colours[mask].permute(2, 0, 1),
-                        colours[prediction].permute(2, 0, 1),
-                    ],
-                    dim=2,
-                )
-            )
+            maps = colours[torch.stack([torch.where(mask == IGNORE_INDEX, len(labels), mask), prediction])]
+            rows.append(torch.cat([image, *maps.permute(0, 3, 1, 2)], dim=2))
         width = max(r.shape[-1] for r in rows)
         grid = torch.cat([F.pad(r, (0, width - r.shape[-1])) for r in rows], dim=1)
         experiment.add_image("val/preview", grid, self.global_step)
