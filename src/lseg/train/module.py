@@ -133,9 +133,6 @@ class LSegModule(L.LightningModule):
     def label_sets(self) -> dict[str, list[str]]:
         return self.trainer.datamodule.label_sets
 
-    def _text(self, key: str) -> torch.Tensor:
-        return self.model.encode_text(self.label_sets[key])
-
     def _training_text(self, key: str) -> torch.Tensor:
         """Label embeddings for one training step: the dataset's words, each asked through one of the
         model's prompt templates drawn at random (`label_augmentation`; inference averages them all),
@@ -229,7 +226,7 @@ class LSegModule(L.LightningModule):
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         """Score untransformed samples exactly as `lseg evaluate --protocol single --size val_size`:
         same-size images per forward pass, logits resized to each original mask (`mask_logits`)."""
-        text = self._text(batch[0]["dataset"])
+        text = self.model.encode_text(self.label_sets[batch[0]["dataset"]])
         size = self.trainer.datamodule.val_size
         for group in same_size_runs(batch, key=image_shape):
             logits = mask_logits(
