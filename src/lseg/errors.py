@@ -6,3 +6,8 @@ class LSegError(Exception):
 
     The message must say what is wrong and how to fix it; the CLI prints it without a traceback.
     """
+
+
+def first_line(error: BaseException, default: str | None = None) -> str:
+    """The first line of a library's error message (fit for one of ours), else `default` or its type."""
+    return (str(error).strip().splitlines() or [default or type(error).__name__])[0]

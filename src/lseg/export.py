@@ -38,13 +38,12 @@ class LabelledLSeg(nn.Module):
         return self.model(pixel_values, self.label_embeds).logits.argmax(dim=1)
 
 
-def require_onnx() -> Any:
+def require_onnx() -> None:
     try:
-        import onnx
+        import onnx  # noqa: F401
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError as error:
         raise LSegError("ONNX export needs onnx and onnxscript: pip install 'lseg[export]'") from error
-    return onnx
 
 
 def export_onnx(

@@ -192,11 +192,6 @@ def plan_protocol(protocol: InferenceProtocol, height: int, width: int) -> list[
     return passes
 
 
-def _check_images(images: Tensor) -> None:
-    if images.ndim != 4:
-        raise ValueError(f"expected a [B, 3, H, W] image batch, got shape {tuple(images.shape)}")
-
-
 def _accumulate(
     forward: Forward,
     images: Tensor,
@@ -301,7 +296,8 @@ def run_protocol(
     is resized to the target size (`lseg.images.resize_bilinear`) before averaging. See `plan_protocol`
     for the sizes and windows visited.
     """
-    _check_images(images)
+    if images.ndim != 4:
+        raise ValueError(f"expected a [B, 3, H, W] image batch, got shape {tuple(images.shape)}")
     h, w = images.shape[-2:]
     many = isinstance(out_size, list)
     targets = [(h, w) if s is None else (int(s[0]), int(s[1])) for s in (out_size if many else [out_size])]

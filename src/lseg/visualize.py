@@ -18,10 +18,6 @@ def palette(count: int) -> np.ndarray:
     return np.asarray(colours, dtype=np.uint8).reshape(-1, 3)
 
 
-def colorize(label_map: np.ndarray, count: int) -> np.ndarray:
-    return palette(count)[label_map]
-
-
 LEGEND_LABEL_CHARS = 40
 
 

@@ -236,9 +236,7 @@ def build_app(
             run, inputs=inputs, outputs=[picture, table, gallery, label_map, timing], api_name="segment"
         )
         gr.Examples(
-            examples=[
-                [str(path), words, DEFAULT_SIZE, "single", True] for path, words in example_images(scratch)
-            ],
+            examples=[[str(path), words, DEFAULT_SIZE, "single", True] for path, words in examples],
             inputs=inputs,
         )
     return app

@@ -382,85 +382,52 @@ def ade20k(
     )
 
 
-def _mseg(
-    dataset: str,
-    data_root: Path,
-    images: Path,
-    labels: Path,
-    column: str,
-    list_file: PathLike | None,
-    taxonomy: Literal["universal", "dataset"],
-    transform: Transform | None,
-    **kw: Any,
-) -> ListFileDataset:
-    """An MSeg relabeled dataset, in the universal taxonomy (for multi-dataset training) or its own."""
-    if taxonomy not in ("universal", "dataset"):
-        raise LSegError(f"{dataset}: taxonomy must be 'universal' or 'dataset', got {taxonomy!r}")
-    _require(dataset, data_root)
-    if list_file is None:
-        _require(dataset, data_root / images, data_root / labels)
-    pairs = list_file or scan_pairs(data_root / images, data_root / labels)
-    if taxonomy == "universal":
-        names, id_map = universal_names(), to_universal_id_map(column)
-    else:
-        names, id_map = bundled_names(column), None
-    return ListFileDataset(data_root, pairs, names, transform=transform, name=dataset, id_map=id_map, **kw)
+def _mseg_dataset(
+    name: str, subfolder: str, labels: str, splits: Mapping[str, str], column: str, layout: str
+) -> Callable[..., ListFileDataset]:
+    """Register the builder of the MSeg relabeled dataset `name` under ``root/subfolder``: its images
+    in ``images/SPLIT_FOLDER``, relabeled PNGs in ``labels/SPLIT_FOLDER``, in taxonomy column `column`."""
+
+    def build(
+        root: PathLike,
+        split: str,
+        transform: Transform | None = None,
+        list_file: PathLike | None = None,
+        taxonomy: Literal["universal", "dataset"] = "universal",
+        **kw: Any,
+    ) -> ListFileDataset:
+        """The MSeg dataset in the universal taxonomy (for multi-dataset training) or its own
+        (``taxonomy="dataset"``). ``list_file`` lines are relative to ``root/subfolder``, as in MSeg's
+        ``dataset_lists/COLUMN/list/{train,val}.txt``; without it the folders are scanned."""
+        folder = _split_folder(name, split, splits)
+        if taxonomy not in ("universal", "dataset"):
+            raise LSegError(f"{name}: taxonomy must be 'universal' or 'dataset', got {taxonomy!r}")
+        data_root, images, masks = Path(root) / subfolder, Path("images") / folder, Path(labels) / folder
+        _require(name, data_root)
+        if list_file is None:
+            _require(name, data_root / images, data_root / masks)
+        pairs = list_file or scan_pairs(data_root / images, data_root / masks)
+        if taxonomy == "universal":
+            names, id_map = universal_names(), to_universal_id_map(column)
+        else:
+            names, id_map = bundled_names(column), None
+        return ListFileDataset(data_root, pairs, names, transform=transform, name=name, id_map=id_map, **kw)
+
+    build.__name__ = build.__qualname__ = name.replace("-", "_")
+    options = {"taxonomy_column": column, "evaluation_options": {"taxonomy": "dataset"}}
+    return register_dataset(name, layout=layout, **options)(build)
 
 
-@register_dataset(
-    "mseg-ade20k",
-    layout="ROOT/ADE20K/images/{training,validation}/*.jpg and "
+mseg_ade20k = _mseg_dataset(
+    "mseg-ade20k", "ADE20K", "annotations_semseg150_relabeled", {"train": "training", "val": "validation"},
+    "ade20k-150-relabeled", "ROOT/ADE20K/images/{training,validation}/*.jpg and "
     "ROOT/ADE20K/annotations_semseg150_relabeled/{training,validation}/*.png (MSeg)",
-    taxonomy_column="ade20k-150-relabeled",
-    evaluation_options={"taxonomy": "dataset"},
-)
-def mseg_ade20k(
-    root: PathLike,
-    split: str,
-    transform: Transform | None = None,
-    list_file: PathLike | None = None,
-    taxonomy: Literal["universal", "dataset"] = "universal",
-    **kw: Any,
-) -> ListFileDataset:
-    """MSeg ADE20K-150-relabeled under ``root/ADE20K``.
-
-    ``list_file`` lines are relative to ``root/ADE20K``, as in MSeg's
-    ``dataset_lists/ade20k-150-relabeled/list/{train,val}.txt``; without it the folders are scanned.
-    """
-    folder = _split_folder("mseg-ade20k", split, {"train": "training", "val": "validation"})
-    labels = Path("annotations_semseg150_relabeled") / folder
-    return _mseg(
-        "mseg-ade20k", Path(root) / "ADE20K", Path("images") / folder, labels, "ade20k-150-relabeled",
-        list_file, taxonomy, transform, **kw,
-    )  # fmt: skip
-
-
-@register_dataset(
-    "mseg-coco-panoptic",
-    layout="ROOT/COCOPanoptic/images/{train,val}2017/*.jpg and "
+)  # fmt: skip
+mseg_coco_panoptic = _mseg_dataset(
+    "mseg-coco-panoptic", "COCOPanoptic", "semantic_relabeled133", {"train": "train2017", "val": "val2017"},
+    "coco-panoptic-133-relabeled", "ROOT/COCOPanoptic/images/{train,val}2017/*.jpg and "
     "ROOT/COCOPanoptic/semantic_relabeled133/{train,val}2017/*.png (MSeg)",
-    taxonomy_column="coco-panoptic-133-relabeled",
-    evaluation_options={"taxonomy": "dataset"},
-)
-def mseg_coco_panoptic(
-    root: PathLike,
-    split: str,
-    transform: Transform | None = None,
-    list_file: PathLike | None = None,
-    taxonomy: Literal["universal", "dataset"] = "universal",
-    **kw: Any,
-) -> ListFileDataset:
-    """MSeg COCO-Panoptic-133-relabeled under ``root/COCOPanoptic``.
-
-    ``list_file`` lines are relative to ``root/COCOPanoptic``, as in MSeg's
-    ``dataset_lists/coco-panoptic-133-relabeled/list/{train,val}.txt``; without it the folders are scanned.
-    """
-    folder = _split_folder("mseg-coco-panoptic", split, {"train": "train2017", "val": "val2017"})
-    labels = Path("semantic_relabeled133") / folder
-    return _mseg(
-        "mseg-coco-panoptic", Path(root) / "COCOPanoptic", Path("images") / folder, labels,
-        "coco-panoptic-133-relabeled", list_file, taxonomy, transform, **kw,
-    )  # fmt: skip
+)  # fmt: skip
 
 
 def image_folder(

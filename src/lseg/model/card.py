@@ -357,4 +357,3 @@ def _leave(path: Path) -> None:
         "updated: move it away to let lseg write one)",
         stacklevel=3,
     )
-    return None

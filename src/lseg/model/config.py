@@ -140,6 +140,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_rgb(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(x) for x in value)
+
+
 def is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
@@ -231,14 +235,8 @@ MODEL_RULES: dict[str, Rule] = {
     "regularizer": (lambda v: v in (None, "depthwise", "bottleneck"), "null or one of depthwise, bottleneck"),
     "regularizer_depth": (lambda v: is_int(v, 1), "a positive integer"),
     "regularizer_activation": (lambda v: v in ("relu", "lrelu", "tanh"), "one of relu, lrelu, tanh"),
-    "mean": (
-        lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) for x in v),
-        "3 numbers (R, G, B)",
-    ),
-    "std": (
-        lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v),
-        "3 positive numbers (R, G, B)",
-    ),
+    "mean": (_is_rgb, "3 numbers (R, G, B)"),
+    "std": (lambda v: _is_rgb(v) and all(x > 0 for x in v), "3 positive numbers (R, G, B)"),
     "labels": (lambda v: is_str_list(v) and bool(v), "a non-empty list of strings"),
 }
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from lseg.errors import LSegError
+from lseg.errors import LSegError, first_line
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -57,8 +57,9 @@ def hub_access(what: str) -> Iterator[None]:
     except LSegError:
         raise
     except (OSError, RuntimeError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        reason = "the Hugging Face Hub is unreachable and they are not cached" if not online else first_line
+        reason = (
+            "the Hugging Face Hub is unreachable and they are not cached" if not online else first_line(error)
+        )
         raise LSegError(f"cannot load {what}: {reason}; {OFFLINE_HELP}") from error
     finally:
         constants.HF_HUB_OFFLINE = previous
@@ -97,7 +98,7 @@ def push_folder(
                 repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision
             )
         except (OSError, ValueError) as error:
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise LSegError(
-                f"cannot push to {repo_id}: {first_line} (a write token: `hf auth login`, HF_TOKEN or token=)"
+                f"cannot push to {repo_id}: {first_line(error)} "
+                "(a write token: `hf auth login`, HF_TOKEN or token=)"
             ) from error

@@ -19,7 +19,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lseg.errors import LSegError
+from lseg.errors import LSegError, first_line
 from lseg.model.config import IMAGE_ENCODERS, ImageEncoderConfig, Rule, is_int, register_image_encoder
 from lseg.model.hub import hub_access
 from lseg.model.packaged_weights import load_packaged_weights
@@ -136,12 +136,21 @@ def _make_pos_embed(interpolation: str, antialias: bool):
     return pos_embed
 
 
-def _use_pos_embed_resize(vit: nn.Module, cfg: ImageEncoderConfig) -> None:
-    """Install `_make_pos_embed` on a timm ViT when the config's resize differs from timm's default."""
+def _tap_blocks(vit: nn.Module, cfg: ImageEncoderConfig, default: list[int], what: str) -> list[int]:
+    """The blocks a timm ViT is tapped at (the config's `hooks`, else `default`), checked; installs the
+    config's position-embedding resize (`_make_pos_embed`) when it differs from timm's, and drops what
+    runs after the last hook: the blocks after it, the final norm and the head (DDP requires every
+    trainable parameter to receive a gradient)."""
     if (cfg.pos_embed_interpolation, cfg.pos_embed_antialias) != TIMM_POS_EMBED_RESIZE:
         vit._pos_embed = MethodType(
             _make_pos_embed(cfg.pos_embed_interpolation, cfg.pos_embed_antialias), vit
         )
+    depth = len(vit.blocks)
+    hooks = list(cfg.hooks or default)
+    if len(hooks) != len(default) or not all(0 <= h < depth for h in hooks):
+        raise LSegError(f"{what} hooks must be {len(default)} block indices in [0, {depth - 1}], got {hooks}")
+    vit.prune_intermediate_layers(hooks, prune_norm=True, prune_head=True)
+    return hooks
 
 
 def _timm_create(cfg: ImageEncoderConfig, pretrained: bool, **kwargs) -> nn.Module:
@@ -151,9 +160,8 @@ def _timm_create(cfg: ImageEncoderConfig, pretrained: bool, **kwargs) -> nn.Modu
     except (TypeError, ValueError, AssertionError) as error:
         if not cfg.kwargs:
             raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise LSegError(
-            f"timm cannot build '{cfg.name}' with image_encoder.kwargs {cfg.kwargs}: {reason}; "
+            f"timm cannot build '{cfg.name}' with image_encoder.kwargs {cfg.kwargs}: {first_line(error)}; "
             "fix or remove those arguments"
         ) from error
 
@@ -193,14 +201,8 @@ class ViTEncoder(nn.Module):
                 f"readout '{cfg.readout}' needs a class token and '{cfg.name}' has none; "
                 "set image_encoder.readout to 'ignore'"
             )
-        _use_pos_embed_resize(self.model, cfg)
         depth = len(self.model.blocks)
-        self.hooks = list(cfg.hooks or [round(depth * (i + 1) / 4) - 1 for i in range(4)])
-        if len(self.hooks) != 4 or not all(0 <= h < depth for h in self.hooks):
-            raise LSegError(f"ViT hooks must be 4 block indices in [0, {depth - 1}], got {self.hooks}")
-        # Blocks after the last hook, the final norm and the head never run: drop them (DDP requires
-        # every trainable parameter to receive a gradient).
-        self.model.prune_intermediate_layers(self.hooks, prune_norm=True, prune_head=True)
+        self.hooks = _tap_blocks(self.model, cfg, [round(depth * (i + 1) / 4) - 1 for i in range(4)], "ViT")
         dim = self.model.embed_dim
         patch = self.model.patch_embed.patch_size[0]
         self.pad_multiple = math.lcm(patch, 32)
@@ -273,12 +275,8 @@ class HybridViTEncoder(nn.Module):
         backbone = getattr(self.model.patch_embed, "backbone", None)
         if backbone is None or not hasattr(backbone, "stages"):
             raise LSegError(f"'{cfg.name}' is not a timm hybrid ViT with a ResNet patch embedding")
-        _use_pos_embed_resize(self.model, cfg)
         depth = len(self.model.blocks)
-        self.hooks = list(cfg.hooks or [depth * 2 // 3 - 1, depth - 1])
-        if len(self.hooks) != 2 or not all(0 <= h < depth for h in self.hooks):
-            raise LSegError(f"hybrid ViT hooks must be 2 block indices in [0, {depth - 1}], got {self.hooks}")
-        self.model.prune_intermediate_layers(self.hooks, prune_norm=True, prune_head=True)
+        self.hooks = _tap_blocks(self.model, cfg, [depth * 2 // 3 - 1, depth - 1], "hybrid ViT")
         dim = self.model.embed_dim
         cnn_channels = [info["num_chs"] for info in backbone.feature_info if info["reduction"] in (4, 8)][-2:]
         vit_channels = (cfg.channels or [dim, dim])[-2:]

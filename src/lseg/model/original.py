@@ -27,47 +27,28 @@ NEVER_USED = (  # present in the original files, never executed by the original 
     re.compile(r"net\.pretrained\.model\.(head|norm)\..*"),  # hooks are taken before the final norm
     re.compile(r"net\.scratch\.refinenet4\.resConfUnit1\..*"),
 )
+# Key prefix (a regex) -> our prefix, the rest of the key kept: a block number `(\d)` counts from 1
+# in the original, from 0 in ours.
 SCRATCH_RULES = (
-    (re.compile(r"net\.scratch\.layer(\d)_rn\.(.*)"), lambda m: f"decoder.project.{int(m[1]) - 1}.{m[2]}"),
-    (
-        re.compile(r"net\.scratch\.refinenet(\d)\.resConfUnit1\.(.*)"),
-        lambda m: f"decoder.fusion.{int(m[1]) - 1}.skip_unit.{m[2]}",
-    ),
-    (
-        re.compile(r"net\.scratch\.refinenet(\d)\.resConfUnit2\.(.*)"),
-        lambda m: f"decoder.fusion.{int(m[1]) - 1}.unit.{m[2]}",
-    ),
-    (
-        re.compile(r"net\.scratch\.refinenet(\d)\.out_conv\.(.*)"),
-        lambda m: f"decoder.fusion.{int(m[1]) - 1}.out_conv.{m[2]}",
-    ),
-    (re.compile(r"net\.scratch\.head1\.(.*)"), lambda m: f"head.project.{m[1]}"),
-    (
-        re.compile(r"net\.scratch\.head_block\.depthwise\.depthwise\.(.*)"),
-        lambda m: f"head.regularizer.labelwise.conv.{m[1]}",
-    ),
-    (re.compile(r"net\.clip_pretrained\.(.*)"), lambda m: f"text_encoder.model.{m[1]}"),
+    (r"net\.scratch\.layer(\d)_rn\.", "decoder.project.{}."),
+    (r"net\.scratch\.refinenet(\d)\.resConfUnit1\.", "decoder.fusion.{}.skip_unit."),
+    (r"net\.scratch\.refinenet(\d)\.resConfUnit2\.", "decoder.fusion.{}.unit."),
+    (r"net\.scratch\.refinenet(\d)\.out_conv\.", "decoder.fusion.{}.out_conv."),
+    (r"net\.scratch\.head1\.", "head.project."),
+    (r"net\.scratch\.head_block\.depthwise\.depthwise\.", "head.regularizer.labelwise.conv."),
+    (r"net\.clip_pretrained\.", "text_encoder.model."),
 )
 VIT_RULES = (
-    (re.compile(r"net\.pretrained\.model\.(.*)"), lambda m: f"image_encoder.model.{m[1]}"),
-    (
-        re.compile(r"net\.pretrained\.act_postprocess(\d)\.0\.(.*)"),
-        lambda m: f"image_encoder.reassemble.{int(m[1]) - 1}.readout.{m[2]}",
-    ),
-    (
-        re.compile(r"net\.pretrained\.act_postprocess(\d)\.3\.(.*)"),
-        lambda m: f"image_encoder.reassemble.{int(m[1]) - 1}.project.{m[2]}",
-    ),
-    (
-        re.compile(r"net\.pretrained\.act_postprocess(\d)\.4\.(.*)"),
-        lambda m: f"image_encoder.reassemble.{int(m[1]) - 1}.resample.{m[2]}",
-    ),
+    (r"net\.pretrained\.model\.", "image_encoder.model."),
+    (r"net\.pretrained\.act_postprocess(\d)\.0\.", "image_encoder.reassemble.{}.readout."),
+    (r"net\.pretrained\.act_postprocess(\d)\.3\.", "image_encoder.reassemble.{}.project."),
+    (r"net\.pretrained\.act_postprocess(\d)\.4\.", "image_encoder.reassemble.{}.resample."),
 )
 RESNET_RULES = (
-    (re.compile(r"net\.pretrained\.layer1\.0\.(.*)"), lambda m: f"image_encoder.model.conv1.{m[1]}"),
-    (re.compile(r"net\.pretrained\.layer1\.1\.(.*)"), lambda m: f"image_encoder.model.bn1.{m[1]}"),
-    (re.compile(r"net\.pretrained\.layer1\.4\.(.*)"), lambda m: f"image_encoder.model.layer1.{m[1]}"),
-    (re.compile(r"net\.pretrained\.layer([234])\.(.*)"), lambda m: f"image_encoder.model.layer{m[1]}.{m[2]}"),
+    (r"net\.pretrained\.layer1\.0\.", "image_encoder.model.conv1."),
+    (r"net\.pretrained\.layer1\.1\.", "image_encoder.model.bn1."),
+    (r"net\.pretrained\.layer1\.4\.", "image_encoder.model.layer1."),
+    (r"net\.pretrained\.layer(?=[234]\.)", "image_encoder.model.layer"),
 )
 
 
@@ -114,30 +95,20 @@ def _image_config(state: dict[str, torch.Tensor], source: str) -> tuple[ImageEnc
         ]
         readout = "project" if "net.pretrained.act_postprocess1.0.project.0.weight" in state else "ignore"
         name = KNOWN_VITS.get((dim, patch, grid))
-        kwargs = (
-            {}
-            if name
-            else {
-                "embed_dim": dim,
-                "depth": depth,
-                "num_heads": max(1, dim // 64),
-                "patch_size": patch,
-                "img_size": grid * patch,
-            }
+        custom = dict(
+            embed_dim=dim, depth=depth, num_heads=max(1, dim // 64), patch_size=patch, img_size=grid * patch
         )
-        if name is None:
-            name = "vit_base_patch16_384"
         hooks = [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]
         image = ImageEncoderConfig(
             type="vit",
-            name=name,
+            name=name or "vit_base_patch16_384",
             pretrained=False,
             hooks=hooks,
             channels=channels,
             readout=readout,
             pos_embed_interpolation="bilinear",
             pos_embed_antialias=False,
-            kwargs=kwargs,
+            kwargs={} if name else custom,  # a known ViT's own settings, else its shapes on a ViT-B/16
         )
         return image, {"rules": VIT_RULES, "mean_std": ((0.5,) * 3, (0.5,) * 3)}
     if "net.pretrained.layer1.0.weight" in state:
@@ -206,10 +177,10 @@ def convert_state_dict(
     for key, tensor in state.items():
         if any(p.match(key) for p in NEVER_USED):
             continue
-        for pattern, target in rules:
-            match = pattern.match(key)
-            if match:
-                converted[target(match)] = tensor.float() if tensor.is_floating_point() else tensor
+        for pattern, prefix in rules:
+            if match := re.match(pattern, key):
+                ours = prefix.format(*(int(block) - 1 for block in match.groups())) + key[match.end() :]
+                converted[ours] = tensor.float() if tensor.is_floating_point() else tensor
                 break
         else:
             unknown.append(key)

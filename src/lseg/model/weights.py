@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from lseg.errors import LSegError
+from lseg.errors import LSegError, first_line
 
 
 def read_lightning_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -44,8 +44,7 @@ def read_lightning_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
             "Lightning or the original LSeg release"
         ) from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:  # truncated, empty, corrupt zip
-        text = str(error).strip()
-        detail = text.splitlines()[0] if text else "the file is empty or truncated"
+        detail = first_line(error, "the file is empty or truncated")
         raise LSegError(f"cannot read checkpoint {path}: {detail}") from error
 
 

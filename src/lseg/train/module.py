@@ -133,9 +133,6 @@ class LSegModule(L.LightningModule):
     def label_sets(self) -> dict[str, list[str]]:
         return self.trainer.datamodule.label_sets
 
-    def _text(self, key: str) -> torch.Tensor:
-        return self.model.encode_text(self.label_sets[key])
-
     def _training_text(self, key: str) -> torch.Tensor:
         """Label embeddings for one training step: the dataset's words, each asked through one of the
         model's prompt templates drawn at random (`label_augmentation`; inference averages them all),
@@ -229,7 +226,7 @@ class LSegModule(L.LightningModule):
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         """Score untransformed samples exactly as `lseg evaluate --protocol single --size val_size`:
         same-size images per forward pass, logits resized to each original mask (`mask_logits`)."""
-        text = self._text(batch[0]["dataset"])
+        text = self.model.encode_text(self.label_sets[batch[0]["dataset"]])
         size = self.trainer.datamodule.val_size
         for group in same_size_runs(batch, key=image_shape):
             logits = mask_logits(
@@ -270,17 +267,8 @@ class LSegModule(L.LightningModule):
         colours[-1] = 0  # ignore -> black
         rows = []
         for image, mask, prediction in self._preview:
-            mask = torch.where(mask == IGNORE_INDEX, len(labels), mask)
-            rows.append(
-                torch.cat(
-                    [
-                        image,
-                        colours[mask].permute(2, 0, 1),
-                        colours[prediction].permute(2, 0, 1),
-                    ],
-                    dim=2,
-                )
-            )
+            maps = colours[torch.stack([torch.where(mask == IGNORE_INDEX, len(labels), mask), prediction])]
+            rows.append(torch.cat([image, *maps.permute(0, 3, 1, 2)], dim=2))
         width = max(r.shape[-1] for r in rows)
         grid = torch.cat([F.pad(r, (0, width - r.shape[-1])) for r in rows], dim=1)
         experiment.add_image("val/preview", grid, self.global_step)
