@@ -233,3 +233,26 @@ def test_training_on_a_folder_dataset_names_it_by_its_root(tmp_path, tiny_model)
     folder = tiny_model.save_pretrained(tmp_path / "model", metrics=report)
     train = ModelCard.load(folder / "README.md").data.lseg["results"]["train"]
     assert (train["dataset"], train["split"]) == ("streets", "val")
+
+
+def test_a_part_of_a_split_or_another_protocol_never_replaces_the_whole_splits_result(tmp_path, tiny_model):
+    folder = tiny_model.save_pretrained(tmp_path / "model", metrics=TRAINING)
+    sized = {**EVALUATION, "config": {**EVALUATION["config"], "size": 480}, "timing": {"images": 101}}
+    quick = {  # a smoke check: `--max-images 8 --size 240` scored 8 images
+        **sized,
+        "config": {**sized["config"], "max_images": 8, "size": 240},
+        "timing": {"images": 8},
+        "metrics": {"miou": 0.125},
+    }
+    drive = {**sized, "dataset": {**EVALUATION["dataset"], "split": "train", "sequences": ["0006R0"]}}
+    multi = {**sized, "config": {**sized["config"], "protocol": "lseg-ms"}, "metrics": {"miou": 0.625}}
+    whole = {**sized, "config": {**sized["config"], "max_images": 500}, "metrics": {"miou": 0.25}}  # > 101
+    for report in (sized, quick, drive, multi, whole):
+        update_card_metrics(folder, report)
+    results = ModelCard.load(folder / "README.md").data.lseg["results"]["evaluate"]
+    assert [(r["split"], r["protocol"], r["metrics"]["miou"]) for r in results] == [
+        ("val", "single at 480", 0.25),  # the whole split again (500 >= its 101 images): replaced
+        ("val[:8]", "single at 240", 0.125),
+        ("train (0006R0)", "single at 480", 0.5),
+        ("val", "lseg-ms at 480", 0.625),
+    ]

@@ -2,7 +2,7 @@
 
 The metadata says what the Hub needs to list the model (library, task, license, tags), what the model
 is (preset, image and text encoders, default labels) and how well it did (training's validation and
-the latest `lseg evaluate` run of each dataset, split and label set), the scores also as the
+the latest `lseg evaluate` run of each dataset, split, label set and protocol), the scores also as the
 `model-index` the Hub shows as evaluation results.
 
 A README.md is the user's file unless lseg wrote it and nobody changed it since: the card carries the
@@ -81,7 +81,7 @@ def update_card_metrics(folder: str | Path, report: Mapping[str, Any]) -> Path |
     """Record `report` (metrics.json of `lseg evaluate`) in the card of model folder `folder`.
 
     Rewrites only README.md: an unedited lseg card keeps everything, an earlier result of the same
-    dataset, split and label set aside (this report replaces it); a folder without a card gets one;
+    dataset, split, label set and protocol aside (this report replaces it); a folder without a card gets one;
     any other README.md is left alone (a warning says so). Returns the card's path, or None when it
     was left alone.
     """
@@ -125,7 +125,7 @@ def _preset(config: LSegConfig) -> str | None:
 
 def _record(metadata: dict[str, Any], report: Mapping[str, Any]) -> None:
     """Store the scalar scores of `report`: training's as its one result, an evaluation's as the result
-    of its dataset, split and label set, in place of an earlier run of the same three."""
+    of its dataset, split, label set and protocol, in place of an earlier run of the same four."""
     scores = report.get("metrics") if isinstance(report, Mapping) else None
     if not isinstance(scores, Mapping):
         raise LSegError("metrics must be a report with a 'metrics' mapping, as lseg evaluate's metrics.json")
@@ -134,10 +134,12 @@ def _record(metadata: dict[str, Any], report: Mapping[str, Any]) -> None:
     command = report.get("command") if report.get("command") in COMMANDS else "evaluate"
     record = {
         "dataset": _dataset_name(dataset),
-        "split": dataset.get("split"),
+        "split": _scored_split(report),
         "fold": dataset.get("fold"),
         "label_set": _label_set(report) if command == "evaluate" else None,
-        "protocol": config.get("protocol"),
+        "protocol": f"{config['protocol']} at {config['size']}"
+        if config.get("size")
+        else config.get("protocol"),
         "date": report.get("created"),
         "metrics": {  # scores only: counts (classes_scored) are integers
             key: float(value)
@@ -160,6 +162,22 @@ def _record(metadata: dict[str, Any], report: Mapping[str, Any]) -> None:
     else:
         evaluations.append(record)
     results["evaluate"] = evaluations
+
+
+def _scored_split(report: Mapping[str, Any]) -> str | None:
+    """The split, or the part of it that was scored: a ``--sequences`` choice, and ``[:N]`` (the
+    slicing of Hugging Face datasets) when ``--max-images`` cut it, so a quick check on a few images
+    never stands in for the whole split's result."""
+    dataset, config = report.get("dataset") or {}, report.get("config") or {}
+    split = dataset.get("split")
+    if split is None:
+        return None
+    if dataset.get("sequences"):
+        split += f" ({', '.join(dataset['sequences'])})"
+    limit = config.get("max_images")
+    if limit is not None and (report.get("timing") or {}).get("images") == limit:
+        split += f"[:{limit}]"
+    return split
 
 
 def _dataset_name(dataset: Mapping[str, Any]) -> str | None:
@@ -191,7 +209,7 @@ def _label_set(report: Mapping[str, Any]) -> str:
 
 
 def _key(record: Mapping[str, Any]) -> tuple[Any, ...]:
-    return tuple(record.get(key) for key in ("dataset", "split", "fold", "label_set"))
+    return tuple(record.get(key) for key in ("dataset", "split", "fold", "label_set", "protocol"))
 
 
 def _evaluations(results: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -270,7 +288,7 @@ def _body(metadata: dict[str, Any]) -> str:
             "",
             "## Evaluation",
             "",
-            "`lseg evaluate`, the latest run of each dataset, split and label set:",
+            "`lseg evaluate`, the latest run of each dataset, split, label set and protocol:",
             "",
             *_evaluation_table(evaluations),
         ]
