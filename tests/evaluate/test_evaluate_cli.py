@@ -73,8 +73,8 @@ def test_evaluating_a_model_folder_records_the_scores_in_its_card_only(tmp_path,
 
 
 def test_the_card_keeps_every_dataset_split_and_label_set_evaluated(tmp_path, camvid_root, model_dir):
-    """A second dataset or label set adds its result; re-evaluating one replaces only that one; a folder
-    dataset is named by its root."""
+    """A second dataset or label set adds its result; re-evaluating one replaces only that one; a check on
+    part of a split is a result of its own; a folder dataset is named by its root."""
     folder = tmp_path / "model"
     shutil.copytree(model_dir, folder)
     streets = tmp_path / "streets"  # the fake CamVid as a `folder` dataset, split train
@@ -92,21 +92,24 @@ def test_the_card_keeps_every_dataset_split_and_label_set_evaluated(tmp_path, ca
     argv = ["evaluate", "--checkpoint", str(folder), "--dataset", "folder", "--data-root", str(streets),
             "--split", "train", "--out", str(tmp_path / "streets-report"), "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
-    assert evaluate(folder, camvid_root, tmp_path / "again", "--max-images", "1") == 0  # camvid names again
+    assert evaluate(folder, camvid_root, tmp_path / "again") == 0  # camvid names again: replaces the first
+    assert evaluate(folder, camvid_root, tmp_path / "quick", "--max-images", "1") == 0  # 1 of 3 images
     card = ModelCard.load(folder / "README.md")
     results = card.data.lseg["results"]["evaluate"]
     assert [(r["dataset"], r["split"], r["label_set"]) for r in results] == [
         ("camvid", "val", "class names"),
         ("camvid", "val", "synonyms camvid_synonyms.txt"),
         ("streets", "train", "class names"),
+        ("camvid", "val[:1]", "class names"),
     ]
-    for record, report in zip(results, ["again", "synonyms", "streets-report"]):
+    for record, report in zip(results, ["again", "synonyms", "streets-report", "quick"]):
         assert record["metrics"]["miou"] == pytest.approx(read_metrics(tmp_path / report)["metrics"]["miou"])
     model_index = card.data.to_dict()["model-index"][0]["results"]
     assert [(r["dataset"]["name"], r["dataset"]["split"], r["dataset"]["config"]) for r in model_index] == [
         ("camvid", "val", "class names"),
         ("camvid", "val", "synonyms camvid_synonyms.txt"),
         ("streets", "train", "class names"),
+        ("camvid", "val[:1]", "class names"),
     ]
     assert "| streets | train | class names | single |" in card.text and "| folder |" not in card.text
 
