@@ -31,7 +31,7 @@ from lseg.evaluate.runner import EvaluationSettings, embed_labels, mask_logits, 
 FOLDS = "configs/labels/camvid32_folds.yaml"
 DATA = "../shared/data/camvid32"
 TRAIN_DRIVE, HELDOUT_DRIVE = "0016E5", "0006R0"
-BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 25.0, 30.0)
 SIZE = 480
 
 
