@@ -59,14 +59,12 @@ def _synonym_entries(path: Path) -> list[tuple[int, str, str]]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        if "\t" in line:
-            key, _, word = line.partition("\t")
-        elif ":" in line:
-            key, _, word = line.partition(":")
-        else:
+        separator = "\t" if "\t" in line else ":"
+        if separator not in line:
             raise LSegError(
                 f"{path}:{lineno}: expected 'ClassName: word' or 'ClassName<TAB>word', got {line!r}"
             )
+        key, _, word = line.partition(separator)
         entries.append((lineno, key.strip(), word.strip()))
     return entries
 

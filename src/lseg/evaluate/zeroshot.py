@@ -79,6 +79,7 @@ def register_benchmark(name: str, **record: Any) -> Callable[[type], type]:
         if name in BENCHMARKS:
             raise ValueError(f"benchmark {name!r} is already registered")
         BENCHMARKS[name] = BenchmarkRecord(name, builder, **record)
+        builder.benchmark = name
         return builder
 
     return register
@@ -134,7 +135,7 @@ class EpisodeDataset(Dataset):
     episodes (smoke tests on partial data).
     """
 
-    benchmark: str
+    benchmark: str  # its name in `BENCHMARKS`, set by `register_benchmark`
     layout: str
 
     def __init__(
@@ -217,7 +218,6 @@ def _find_root(
 class PascalEpisodes(EpisodeDataset):
     """PASCAL-5i validation episodes of one fold (packaged HSNet lists)."""
 
-    benchmark = "pascal"
     layout = "<root>/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png}"
 
     def __init__(self, root: str | Path, fold: int, settings: ZeroShotSettings) -> None:
@@ -252,7 +252,6 @@ class PascalEpisodes(EpisodeDataset):
 class CocoEpisodes(EpisodeDataset):
     """COCO-20i val2014 episodes of one fold, sampled like HSNet (`coco_episodes` None: every pair)."""
 
-    benchmark = "coco"
     layout = "<root>/COCO2014/{val2014/<name>.jpg, annotations/val2014/<name>.png}"
 
     def __init__(self, root: str | Path, fold: int, settings: ZeroShotSettings) -> None:
@@ -308,7 +307,6 @@ def _coco_class_index(annotations: Path) -> dict[str, list[int]]:
 class FssEpisodes(EpisodeDataset):
     """FSS-1000 test episodes: the 240 test classes, images 2..10 of each as queries."""
 
-    benchmark = "fss"
     layout = "<root>/fewshot_data/<class>/{<n>.jpg, <n>.png} for the 240 FSS-1000 test classes"
 
     def __init__(self, root: str | Path, fold: int, settings: ZeroShotSettings) -> None:  # fold 0 only
