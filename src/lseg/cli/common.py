@@ -11,6 +11,9 @@ from lseg.errors import LSegError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from lseg.images import DEFAULT_MAX_IMAGE_PIXELS
+    from lseg.precision import DTYPE_CHOICES
+
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--checkpoint", help="model folder (save_pretrained), .ckpt file, or hub repo id")
     group.add_argument(
@@ -20,19 +23,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "are random",
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    add_dtype_argument(parser)
-    add_image_limit_argument(parser)
-
-
-def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
-    from lseg.precision import DTYPE_CHOICES
-
     parser.add_argument(
         "--dtype",
         default="auto",
         choices=DTYPE_CHOICES,
         help="precision of the model's passes: auto (default: bfloat16 autocast on CUDA, float32 on CPU), "
         "float32, bfloat16 (CPU: bf16 weights, ~5x faster on CPUs with AVX512-BF16/AMX) or float16",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"refuse image files claiming more pixels than this (default {DEFAULT_MAX_IMAGE_PIXELS:,}, "
+        "PIL's decompression-bomb limit; 0 = no limit, for trusted files only)",
     )
 
 
@@ -45,41 +48,33 @@ def add_compile_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_model_named(args: argparse.Namespace) -> None:
+    """Fail before any work when neither `--checkpoint` nor `--preset` names a model."""
+    if not args.checkpoint and not args.preset:
+        raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
+
+
 def named_model(args: argparse.Namespace):
     """The model `--checkpoint` or `--preset` names, on the CPU as stored."""
     from lseg import LSeg
 
-    if args.checkpoint:
-        return LSeg.from_pretrained(args.checkpoint)
-    if args.preset:
-        return LSeg.from_config(args.preset)
-    raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
+    check_model_named(args)
+    return LSeg.from_pretrained(args.checkpoint) if args.checkpoint else LSeg.from_config(args.preset)
 
 
-def load_model_from_args(args: argparse.Namespace):
-    """The model the arguments name, on `--device`, prepared for `--dtype` (and `--compile`)."""
+def load_model_from_args(args: argparse.Namespace, device: Any = None):
+    """The model the arguments name, on `device` (default: `--device`, this shard's GPU), prepared for
+    `--dtype` (and `--compile`)."""
     from lseg.device import resolve_device
     from lseg.precision import prepare_for_inference
     from lseg.shard import shard_device
 
-    device = shard_device(resolve_device(args.device))
-    model = named_model(args)
-    model = prepare_for_inference(model, getattr(args, "dtype", "auto"), device)
+    if device is None:
+        device = shard_device(resolve_device(args.device))
+    model = prepare_for_inference(named_model(args), getattr(args, "dtype", "auto"), device)
     if getattr(args, "compile", False):
         model.compile_for_inference()
     return model
-
-
-def add_image_limit_argument(parser: argparse.ArgumentParser) -> None:
-    from lseg.images import DEFAULT_MAX_IMAGE_PIXELS
-
-    parser.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=DEFAULT_MAX_IMAGE_PIXELS,
-        help=f"refuse image files claiming more pixels than this (default {DEFAULT_MAX_IMAGE_PIXELS:,}, "
-        "PIL's decompression-bomb limit; 0 = no limit, for trusted files only)",
-    )
 
 
 def folder_inputs(args: argparse.Namespace, files: Any) -> tuple[list[Path], Path] | None:

@@ -44,13 +44,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lseg.app.demo import launch, require_gradio
-    from lseg.cli.common import load_model_from_args
+    from lseg.cli.common import check_model_named, load_model_from_args
 
     require_gradio()  # fail before loading a large model
     if not 0 < args.port < 65536:
         raise LSegError(f"--port must be between 1 and 65535, got {args.port}")
-    if not args.checkpoint and not args.preset:
-        raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
+    check_model_named(args)
     started = time.perf_counter()
     model = load_model_from_args(args)
     source = args.checkpoint or f"preset {args.preset}"

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from lseg.cli.common import add_model_arguments, check_model_named, load_model_from_args
 from lseg.errors import LSegError
 
 SETTINGS = ("size", "crop_size", "stride", "batch_size", "num_workers", "max_images", "rank_by")  # options
@@ -24,7 +25,6 @@ def zeroshot_names() -> list[str]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from lseg.cli.common import add_model_arguments
     from lseg.data import DATASETS
 
     parser = subparsers.add_parser(
@@ -143,8 +143,7 @@ def _check_args(args: argparse.Namespace) -> None:
             f"--prompt-template must contain '{{}}' where the label goes, got {args.prompt_template!r}"
         )
     resolve_protocol(args.protocol, args.size, args.crop_size, args.stride)  # fails early on bad values
-    if not args.checkpoint and not args.preset:
-        raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
+    check_model_named(args)
     check_output_folder(args.out)
     if args.sequences is not None and not (args.dataset in DATASETS and DATASETS[args.dataset].has_sequences):
         raise LSegError(f"--sequences selects drives (camvid, folder); --dataset {args.dataset} has none")
@@ -164,14 +163,6 @@ def _check_args(args: argparse.Namespace) -> None:
             raise LSegError("zero-shot benchmarks ask one class at a time; use --synonyms, not --labels-file")
         if args.protocol != "single":
             raise LSegError("zero-shot benchmarks use the single protocol (one 480 x 480 pass), as the paper")
-
-
-def _load_model(args: argparse.Namespace, device: Any) -> Any:
-    from lseg import LSeg
-    from lseg.precision import prepare_for_inference
-
-    model = LSeg.from_pretrained(args.checkpoint) if args.checkpoint else LSeg.from_config(args.preset)
-    return prepare_for_inference(model, args.dtype, device)
 
 
 def _progress_bar(console: Any, description: str) -> tuple[Any, Any]:
@@ -203,7 +194,7 @@ def _run_dataset(args: argparse.Namespace, device: Any, console: Any) -> list[Pa
     unseen = read_unseen(
         dataset.class_names, args.unseen, args.unseen_file, args.fold if args.unseen_file else None
     )
-    model = _load_model(args, device)
+    model = load_model_from_args(args, device)
     bar, progress = _progress_bar(console, "evaluating")
     with bar:
         report = evaluate(
@@ -237,7 +228,7 @@ def _run_zeroshot(args: argparse.Namespace, device: Any, console: Any) -> list[P
     from lseg.evaluate.zeroshot import benchmark_classes
 
     synonyms = read_synonyms(args.synonyms, benchmark_classes(args.dataset)) if args.synonyms else None
-    model = _load_model(args, device)
+    model = load_model_from_args(args, device)
     bar, progress = _progress_bar(console, "zero-shot episodes")
     with bar:
         report = evaluate_zeroshot(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lseg.errors import LSegError
+from lseg.cli.common import add_compile_argument, add_model_arguments, check_model_named
 
 FORMATS = ("npy", "pt")
 DTYPES = ("float16", "float32")
@@ -64,8 +64,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--merge", action="store_true", help="only merge the inputs' NAME.json into features-summary.json"
     )
-    from lseg.cli.common import add_compile_argument, add_model_arguments
-
     add_model_arguments(parser)
     add_compile_argument(parser)
     parser.set_defaults(run=run)
@@ -86,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from lseg.predictor import FeatureFiles, LSegPredictor
 
     check_model_size(args.size)
-    if not args.checkpoint and not args.preset:
-        raise LSegError("give --checkpoint DIR_OR_ID (a trained model) or --preset NAME")
+    check_model_named(args)
     files = FeatureFiles(args.format, args.save_dtype, args.feature_grid)
     if (found := folder_inputs(args, files)) is None:
         return 0

@@ -12,6 +12,7 @@ from lseg.errors import LSegError
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 OUT_OF_MEMORY = "out of memory; use a smaller --size or --batch-size, or another --device"
+ALLOCATION_FAILURE = re.compile("out of memory|can't allocate memory")  # torch's RuntimeError messages
 SUBCOMMANDS = ["quickstart", "segment", "evaluate", "features", "query", "convert", "export", "train", "demo"]
 
 
@@ -56,11 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except LSegError as error:
         print(f"lseg: error: {one_line(str(error))}", file=sys.stderr)
         return 1
-    except MemoryError:
-        print(f"lseg: error: {OUT_OF_MEMORY}", file=sys.stderr)
-        return 1
-    except RuntimeError as error:  # torch reports allocation failures as RuntimeError subclasses
-        if "out of memory" not in str(error) and "can't allocate memory" not in str(error):
+    except (MemoryError, RuntimeError) as error:  # torch reports allocation failures as RuntimeErrors
+        if isinstance(error, RuntimeError) and not ALLOCATION_FAILURE.search(str(error)):
             raise
         print(f"lseg: error: {OUT_OF_MEMORY}", file=sys.stderr)
         return 1

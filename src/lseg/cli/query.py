@@ -48,13 +48,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "text"
 
 
-def find_feature_files(inputs: list[str]) -> list[Path]:
-    """Files as given; folders expand to their (non-hidden) .npy/.pt files, sorted."""
-    from lseg.images import expand_paths
-
-    return expand_paths(inputs, {".npy", ".pt"}, "feature file")
-
-
 # --------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
@@ -62,10 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
     from lseg.cli.common import load_model_from_args, raise_failures
     from lseg.features import colormap, load_features, read_sidecar, resize_map, similarity_maps
-    from lseg.files import check_output_folder, make_output_folder
-    from lseg.files import save_array as save_npy
-    from lseg.files import save_image as save_png
-    from lseg.images import load_image
+    from lseg.files import check_output_folder, make_output_folder, save_array, save_image
+    from lseg.images import expand_paths, load_image
     from lseg.visualize import blend
 
     if not 0 <= args.alpha <= 1:
@@ -78,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     slugs = [slug(t) for t in texts]
     if len(set(slugs)) != len(slugs):
         raise LSegError("two --text prompts give the same file name; make them differ in letters or digits")
-    paths = find_feature_files(args.inputs)
+    paths = expand_paths(args.inputs, {".npy", ".pt"}, "feature file")  # folders: their .npy/.pt files
     if len({p.stem for p in paths}) != len(paths):
         raise LSegError("several feature files share a name; their heatmaps would overwrite each other")
     sidecars = {p: read_sidecar(p.with_suffix(".json")) or {} for p in paths}
@@ -122,11 +113,11 @@ def run(args: argparse.Namespace) -> int:
             seen = tuple(meta.get("model_size") or image_size or ())  # the size the model saw
             full = resize_map(similarity, tuple(image_size), seen) if image_size else similarity
             heat = colormap(full, args.vmin, args.vmax)
-            save_png(heat, out / f"{path.stem}.{name}.png")
+            save_image(heat, out / f"{path.stem}.{name}.png")
             if image is not None:
-                save_png(blend(image, heat, args.alpha), out / f"{path.stem}.{name}.overlay.png")
+                save_image(blend(image, heat, args.alpha), out / f"{path.stem}.{name}.overlay.png")
             if args.save_similarity:
-                save_npy(similarity.astype(np.float32), out / f"{path.stem}.{name}.npy")
+                save_array(similarity.astype(np.float32), out / f"{path.stem}.{name}.npy")
         del features
     if table.rows:
         Console().print(table)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lseg.data import IGNORE_INDEX
+from lseg.data import DATASETS, IGNORE_INDEX, dataset_columns, label_id_map, universal_names
 from lseg.errors import LSegError
 from lseg.files import read_text
 from lseg.labels import class_words, validate_labels
@@ -59,14 +59,12 @@ def _synonym_entries(path: Path) -> list[tuple[int, str, str]]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        if "\t" in line:
-            key, _, word = line.partition("\t")
-        elif ":" in line:
-            key, _, word = line.partition(":")
-        else:
+        separator = "\t" if "\t" in line else ":"
+        if separator not in line:
             raise LSegError(
                 f"{path}:{lineno}: expected 'ClassName: word' or 'ClassName<TAB>word', got {line!r}"
             )
+        key, _, word = line.partition(separator)
         entries.append((lineno, key.strip(), word.strip()))
     return entries
 
@@ -205,33 +203,21 @@ def load_synonyms(synonyms: Mapping[str, str] | str | Path, class_names: Sequenc
     return {str(name): str(word) for name, word in synonyms.items()}
 
 
-def apply_synonyms(
-    class_names: Sequence[str], synonyms: Mapping[str, str], words: Sequence[str] | None = None
-) -> list[str]:
-    """Text of each class: its synonym if one is given, else its word (default: its name as words)."""
-    words = class_words(class_names) if words is None else words
-    return [synonyms.get(name, word) for name, word in zip(class_names, words, strict=True)]
-
-
-def universal_prompt_names() -> list[str]:
-    """MSeg universal class names as words: ``sidewalk_pavement`` -> ``sidewalk pavement``."""
-    from lseg.data.taxonomy import universal_names
-
-    return class_words(universal_names())
+def apply_synonyms(class_names: Sequence[str], synonyms: Mapping[str, str]) -> list[str]:
+    """Text of each class: its synonym if one is given, else its name as words (`class_words`)."""
+    return [
+        synonyms.get(name, word) for name, word in zip(class_names, class_words(class_names), strict=True)
+    ]
 
 
 def taxonomy_column(dataset: str, column: str | None = None) -> tuple[str, dict[str, str] | None]:
     """MSeg taxonomy column (and name aliases) of a registry dataset, or the column given."""
     if column is not None:
-        from lseg.data.taxonomy import dataset_columns
-
         if column not in dataset_columns():
             raise LSegError(
                 f"unknown taxonomy column {column!r}; choose one of {', '.join(dataset_columns())}"
             )
         return column, None
-    from lseg.data import DATASETS
-
     record = DATASETS.get(dataset)
     if record is None or record.taxonomy_column is None:
         known = ", ".join(name for name, known in DATASETS.items() if known.taxonomy_column)
@@ -272,14 +258,13 @@ def universal_label_space(
 ) -> LabelSpace:
     """Ask for the universal classes; map each to the dataset class of the same MSeg row.
 
-    ``labels`` replaces the universal words (one per universal class, in universal-id order).
+    ``labels`` replaces the universal words (one per universal class, in universal-id order; default: the
+    universal names as words, ``sidewalk_pavement`` -> ``sidewalk pavement``).
     """
-    from lseg.data.taxonomy import label_id_map, universal_names
-
     column, aliases = taxonomy_column(dataset, column)
     universal = universal_names()
     table = label_id_map(universal, column, list(class_names), aliases=aliases, ignore_index=IGNORE_INDEX)
-    labels = universal_prompt_names() if labels is None else list(labels)
+    labels = class_words(universal) if labels is None else list(labels)
     if len(labels) != len(universal):
         raise LSegError(f"{len(labels)} labels given for {len(universal)} universal classes")
     if not bool((table != IGNORE_INDEX).any()):
@@ -309,18 +294,11 @@ def build_label_space(
         raise LSegError("give at most one of labels, a labels file and synonyms")
     if label_space == "dataset" and taxonomy_column:
         raise LSegError("a taxonomy column (--taxonomy-column) only applies to the universal label space")
-    if label_space == "universal":
-        from lseg.data.taxonomy import universal_names
-
-        named = universal_names()
-        default = universal_prompt_names()
-    else:
-        named = list(class_names)
-        default = class_words(named)
+    named = universal_names() if label_space == "universal" else list(class_names)
     if labels_file is not None:
         labels = read_labels_file(labels_file, named)
     elif synonyms is not None:
-        labels = apply_synonyms(named, load_synonyms(synonyms, named), default)
+        labels = apply_synonyms(named, load_synonyms(synonyms, named))
     if label_space == "universal":
         if dataset is None and taxonomy_column is None:
             raise LSegError("the universal label space needs a registry dataset name or a taxonomy column")

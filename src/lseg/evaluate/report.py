@@ -8,6 +8,7 @@ when all of them are complete, so a failure leaves no half-made report. Charts u
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -28,7 +29,8 @@ from lseg.data import IGNORE_INDEX
 from lseg.errors import LSegError
 from lseg.files import check_output_folder, make_output_folder, write_text_atomic
 from lseg.model.card import update_card_metrics
-from lseg.model.checkpoint import is_model_folder
+from lseg.model.checkpoint import WEIGHTS_NAME, is_model_folder
+from lseg.visualize import palette
 
 if TYPE_CHECKING:
     from lseg.evaluate.runner import EvaluationReport
@@ -48,8 +50,6 @@ def jsonable(value: Any) -> Any:
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", None) == 0:
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -81,17 +81,13 @@ def checkpoint_info(checkpoint: str | None, preset: str | None = None) -> dict[s
         files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".ckpt", ".pt", ".pth"))
     elif path.is_file():
         files = [path]
-    else:  # hub repo id: hash the cached weights if present
-        try:
+    else:  # hub repo id: hash the cached weights if present (provenance is best effort for hub ids)
+        with contextlib.suppress(Exception):
             from huggingface_hub import try_to_load_from_cache
-
-            from lseg.model.checkpoint import WEIGHTS_NAME
 
             cached = try_to_load_from_cache(str(checkpoint), WEIGHTS_NAME)
             if isinstance(cached, str):
                 files = [Path(cached)]
-        except Exception:  # provenance is best effort for hub ids
-            files = []
     return {
         "path": str(path.resolve()) if path.exists() else str(checkpoint),
         "preset": preset,
@@ -230,37 +226,24 @@ def zeroshot_payload(report: ZeroShotReport, choices: Mapping[str, Any]) -> dict
 
 
 # ----------------------------------------------------------------------------- staging
-class Staging:
-    """A hidden folder of our own beside `out` (or its nearest existing ancestor); `commit()` creates
-    `out` if needed and moves the staged files into it one by one, so a failed run writes nothing."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = check_output_folder(out)
-        anchor = next(folder for folder in (out.parent, *out.parents) if folder.exists())
-        self.path = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=anchor))
-
-    def commit(self) -> None:
-        make_output_folder(self.out)
-        for item in sorted(self.path.iterdir()):
-            os.replace(item, self.out / item.name)
-        self.path.rmdir()
-
-    def abort(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
 def write_staged(out: str | Path, writers: Iterable[tuple[str, Callable[[Path], None]]]) -> list[Path]:
-    """Run ``writer(path)`` for each ``(name, writer)`` in a staging folder, then move all into `out`."""
-    out = Path(out)
-    staging = Staging(out)
+    """Run ``writer(path)`` for each ``(name, writer)`` in a hidden folder of our own beside `out` (or its
+    nearest existing ancestor), then create `out` if needed and move the files into it one by one, so a
+    failed run writes nothing."""
+    out = check_output_folder(out)
+    anchor = next(folder for folder in (out.parent, *out.parents) if folder.exists())
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=anchor))
     names = []
     try:
         for name, writer in writers:
-            writer(staging.path / name)
+            writer(staging / name)
             names.append(name)
-        staging.commit()
+        make_output_folder(out)
+        for item in sorted(staging.iterdir()):
+            os.replace(item, out / item.name)
+        staging.rmdir()
     except BaseException:
-        staging.abort()
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return [out / name for name in names]
 
@@ -330,31 +313,19 @@ def plot_confusion(class_names: Sequence[str], confmat: np.ndarray, path: Path) 
     ax.set_xlabel("prediction")
     ax.set_ylabel("ground truth")
     ax.set_title("confusion matrix (rows normalised)")
-    if count <= 20:
-        for t in range(count):
-            for p in range(count):
-                if rows[t, 0] > 0 and normalised[t, p] >= 0.005:
-                    colour = "black" if normalised[t, p] > 0.5 else "white"
-                    ax.text(
-                        p,
-                        t,
-                        f"{normalised[t, p]:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=6,
-                        color=colour,
-                    )
+    if count <= 20:  # the cells' shares, row by row
+        for t, p in zip(*np.nonzero((rows > 0) & (normalised >= 0.005))):
+            share = normalised[t, p]
+            colour = "black" if share > 0.5 else "white"
+            ax.text(p, t, f"{share:.2f}", ha="center", va="center", fontsize=6, color=colour)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     _save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- best / worst grid
-def _colour_labels(label_map: np.ndarray, count: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    from lseg.visualize import palette
-
-    colours = palette(count)
+def _colour_labels(label_map: np.ndarray, colours: np.ndarray) -> np.ndarray:
     out = np.zeros((*label_map.shape, 3), dtype=np.uint8)
-    valid = (label_map >= 0) & (label_map < count) & (label_map != ignore_index)
+    valid = (label_map >= 0) & (label_map < len(colours)) & (label_map != IGNORE_INDEX)
     out[valid] = colours[label_map[valid]]
     return out
 
@@ -373,29 +344,38 @@ def examples_grid(
     rank_by: str,
     tile_height: int = 160,
 ) -> Image.Image:
-    """Rows of image | ground truth | prediction: best images first, then the worst."""
+    """Rows of image | ground truth | prediction: best images first, then the worst; a legend of the
+    classes shown below."""
     font = ImageFont.load_default(size=13)
+    colours = palette(len(class_names))
     header = 20
     rows = [("best", e) for e in best] + [("worst", e) for e in worst]
     tiles = []
     for kind, example in rows:
         image = _tile(example.image, tile_height, nearest=False)
-        truth = _tile(_colour_labels(example.mask, len(class_names)), tile_height, nearest=True)
-        pred = _tile(_colour_labels(example.prediction, len(class_names)), tile_height, nearest=True)
+        truth = _tile(_colour_labels(example.mask, colours), tile_height, nearest=True)
+        pred = _tile(_colour_labels(example.prediction, colours), tile_height, nearest=True)
         score = getattr(example.score, rank_by)
         caption = f"{kind}: {rank_by} {100 * score:.1f}%  {Path(example.score.path).name}"
         tiles.append((caption, [image, truth, pred]))
     gap = 4
-    width = max((sum(t.width for t in ims) + gap * 2 for _, ims in tiles), default=300)
-    width = max(width, 300)
+    width = max([300, *(sum(t.width for t in ims) + gap * 2 for _, ims in tiles)])
     column_header = 18
     shown: set[int] = set()
     for _, example in rows:
         for array in (example.mask, example.prediction):
             shown.update(int(v) for v in np.unique(array) if 0 <= v < len(class_names))
-    legend = _legend_lines(sorted(shown), class_names, width, font)
+    legend: list[list[tuple[int, int]]] = []  # lines of (class, x) entries (swatch + name) within `width`
+    x = width
+    for index in sorted(shown):
+        entry = 16 + int(font.getlength(class_names[index])) + 12
+        if x + entry > width:
+            legend.append([])
+            x = 2
+        legend[-1].append((index, x))
+        x += entry
     height = column_header + len(tiles) * (tile_height + header + gap) + 18 * len(legend) + 4
-    canvas = Image.new("RGB", (width, max(height, column_header + 1)), "white")
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     if tiles:
         x = 0
@@ -410,33 +390,12 @@ def examples_grid(
             canvas.paste(tile, (x, y + header))
             x += tile.width + gap
         y += tile_height + header + gap
-    from lseg.visualize import palette
-
-    colours = palette(len(class_names))
     for line in legend:
-        x = 2
-        for index in line:
+        for index, x in line:
             draw.rectangle([x, y + 2, x + 12, y + 14], fill=tuple(int(c) for c in colours[index]))
             draw.text((x + 16, y + 1), class_names[index], fill="black", font=font)
-            x += 16 + int(font.getlength(class_names[index])) + 12
         y += 18
     return canvas
-
-
-def _legend_lines(
-    indices: Sequence[int], class_names: Sequence[str], width: int, font: Any
-) -> list[list[int]]:
-    """Class indices wrapped into lines of legend entries (swatch + name) that fit `width`."""
-    lines: list[list[int]] = []
-    x = width
-    for index in indices:
-        entry = 16 + int(font.getlength(class_names[index])) + 12
-        if x + entry > width and (not lines or lines[-1]):
-            lines.append([])
-            x = 2
-        lines[-1].append(index)
-        x += entry
-    return lines
 
 
 # ----------------------------------------------------------------------------- console
@@ -454,18 +413,14 @@ def print_summary(
     from rich.table import Table
 
     console = console or Console()
-    head = Table(title=title)
-    head.add_column("metric")
-    head.add_column("value (%)", justify="right")
-    for name, value in scalars.items():
-        head.add_row(name, _pct(value))
-    console.print(head)
-    classes = Table(title="per-class IoU (%)")
-    classes.add_column("class")
-    classes.add_column("IoU", justify="right")
-    for name, value in per_class.items():
-        classes.add_row(name, _pct(value))
-    console.print(classes)
+    tables = ((title, "metric", "value (%)", scalars), ("per-class IoU (%)", "class", "IoU", per_class))
+    for heading, name_column, value_column, values in tables:
+        table = Table(title=heading)
+        table.add_column(name_column)
+        table.add_column(value_column, justify="right")
+        for name, value in values.items():
+            table.add_row(name, _pct(value))
+        console.print(table)
 
 
 def print_segmentation(report: EvaluationReport, title: str, console: Any = None) -> None:

@@ -12,6 +12,7 @@ images. Each rank scores its shard (a non-padding `ShardSampler`); `gather_shard
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import time
@@ -36,7 +37,7 @@ from lseg.evaluate.metrics import (
 )
 from lseg.inference import InferenceProtocol, resolve_protocol, run_protocol
 from lseg.precision import model_precision
-from lseg.predictor import same_size_runs
+from lseg.predictor import eval_mode, same_size_runs
 from lseg.processing import LSegImageProcessor
 
 RANK_BY = ("miou", "pixel_accuracy")
@@ -162,25 +163,14 @@ class ShardSampler(DistributedSampler):
         return len(self.indices)
 
 
-def _first_line(error: Exception) -> str:
-    """DataLoader workers re-raise with the worker traceback in the message; keep the user-facing line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return str(error)
-    last = lines[-1]
-    return last.split("LSegError: ", 1)[-1]
-
-
 def _samples(loader: DataLoader) -> Iterator[list[dict[str, Any]]]:
-    iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except LSegError as error:
-            raise LSegError(_first_line(error)) from None
-        yield batch
+    """The loader's batches. DataLoader workers re-raise an LSegError with the worker traceback in the
+    message; keep the user-facing line."""
+    try:
+        yield from loader
+    except LSegError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise LSegError(lines[-1].split("LSegError: ", 1)[-1] if len(lines) > 1 else str(error)) from None
 
 
 def dataset_classes(dataset: Dataset) -> list[str]:
@@ -405,13 +395,6 @@ def _score_shard(
     return shard
 
 
-def _metrics(confmat: Tensor, unseen: UnseenClasses | None) -> dict[str, Any]:
-    metrics = metrics_from_confusion(confmat)
-    if unseen is not None:
-        metrics |= seen_unseen_scores(metrics["per_class_iou"], unseen.unseen, unseen.apart)
-    return metrics
-
-
 def evaluate_dataset(
     model: Any,
     dataset: Dataset,
@@ -451,26 +434,17 @@ def evaluate_dataset(
     loader = shard_loader(dataset, settings, device)
     if hasattr(model, "to"):
         model = model.to(device)
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        with torch.no_grad():
-            shard = _score_shard(
-                model,
-                loader,
-                space,
-                len(class_names),
-                replace(settings, device=device),
-                processor or model.processor,
-                progress,
-            )
-            with shard.metric.sync_context():
-                confmat = shard.metric.confmat.detach().cpu().clone()
-    finally:
-        if hasattr(model, "train"):
-            model.train(was_training)
+    mode = eval_mode(model) if isinstance(model, torch.nn.Module) else contextlib.nullcontext()
+    with mode, torch.no_grad():
+        shard = _score_shard(
+            model, loader, space, len(class_names), settings, processor or model.processor, progress
+        )
+        with shard.metric.sync_context():
+            confmat = shard.metric.confmat.detach().cpu().clone()
 
+    metrics = metrics_from_confusion(confmat)
+    if (unseen := settings.unseen) is not None:
+        metrics |= seen_unseen_scores(metrics["per_class_iou"], unseen.unseen, unseen.apart)
     records, best, worst, seconds, model_seconds = gather_shards(shard)
     rank, world = rank_world()
     if rank == 0:  # only rank 0 draws the grid: it alone loads the pictures
@@ -483,7 +457,7 @@ def evaluate_dataset(
         labels=list(space.labels),
         label_space=space.name,
         confmat=confmat,
-        metrics=_metrics(confmat, settings.unseen),
+        metrics=metrics,
         per_image=records,
         best=best,
         worst=worst,

@@ -79,6 +79,7 @@ def register_benchmark(name: str, **record: Any) -> Callable[[type], type]:
         if name in BENCHMARKS:
             raise ValueError(f"benchmark {name!r} is already registered")
         BENCHMARKS[name] = BenchmarkRecord(name, builder, **record)
+        builder.benchmark = name
         return builder
 
     return register
@@ -134,7 +135,7 @@ class EpisodeDataset(Dataset):
     episodes (smoke tests on partial data).
     """
 
-    benchmark: str
+    benchmark: str  # its name in `BENCHMARKS`, set by `register_benchmark`
     layout: str
 
     def __init__(
@@ -168,9 +169,13 @@ class EpisodeDataset(Dataset):
 
     def binary_mask(self, episode: Episode) -> Tensor:
         """Mask at the file's resolution: 1 where the mask holds the episode's class value, else 0."""
-        with open_image(episode.mask, "mask") as img:
-            raw = torch.from_numpy(np.array(img)).long()
-        return (raw == episode.label).long()
+        return (_read_mask(episode.mask) == episode.label).long()
+
+
+def _read_mask(path: Path, mode: str | None = None) -> Tensor:
+    """A mask file's values as int64 (converted to PIL `mode` first if given)."""
+    with open_image(path, "mask") as img:
+        return torch.from_numpy(np.array(img if mode is None else img.convert(mode))).long()
 
 
 @dataclass
@@ -213,7 +218,6 @@ def _find_root(
 class PascalEpisodes(EpisodeDataset):
     """PASCAL-5i validation episodes of one fold (packaged HSNet lists)."""
 
-    benchmark = "pascal"
     layout = "<root>/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png}"
 
     def __init__(self, root: str | Path, fold: int, settings: ZeroShotSettings) -> None:
@@ -240,18 +244,14 @@ class PascalEpisodes(EpisodeDataset):
 
     def binary_mask(self, episode: Episode) -> Tensor:
         """Class pixels 1, boundary pixels (255) ignored, the rest 0."""
-        with open_image(episode.mask, "mask") as img:
-            raw = torch.from_numpy(np.array(img)).long()
-        mask = (raw == episode.label).long()
-        mask[raw == IGNORE_INDEX] = IGNORE_INDEX
-        return mask
+        raw = _read_mask(episode.mask)
+        return torch.where(raw == IGNORE_INDEX, IGNORE_INDEX, (raw == episode.label).long())
 
 
 @register_benchmark("coco", display="coco-20i", folds=4, aliases=("coco20i",))
 class CocoEpisodes(EpisodeDataset):
     """COCO-20i val2014 episodes of one fold, sampled like HSNet (`coco_episodes` None: every pair)."""
 
-    benchmark = "coco"
     layout = "<root>/COCO2014/{val2014/<name>.jpg, annotations/val2014/<name>.png}"
 
     def __init__(self, root: str | Path, fold: int, settings: ZeroShotSettings) -> None:
@@ -307,18 +307,11 @@ def _coco_class_index(annotations: Path) -> dict[str, list[int]]:
 class FssEpisodes(EpisodeDataset):
     """FSS-1000 test episodes: the 240 test classes, images 2..10 of each as queries."""
 
-    benchmark = "fss"
     layout = "<root>/fewshot_data/<class>/{<n>.jpg, <n>.png} for the 240 FSS-1000 test classes"
 
     def __init__(self, root: str | Path, fold: int, settings: ZeroShotSettings) -> None:  # fold 0 only
         classes = _resource_lines("fewshot_fss.txt")[_FSS_TEST]
-        root = Path(root)
-        found = [
-            root / sub for sub in ("fewshot_data", "FSS-1000", ".") if (root / sub / classes[0]).is_dir()
-        ]
-        if not found:
-            raise LSegError(f"FSS-1000 data not found under {root}; expected layout {self.layout}")
-        base = found[0]
+        base = _find_root(Path(root), ("fewshot_data", "FSS-1000", "."), classes[:1], "FSS-1000", self.layout)
         missing = [name for name in classes if not (base / name).is_dir()]
         if missing:
             raise LSegError(
@@ -335,9 +328,7 @@ class FssEpisodes(EpisodeDataset):
 
     def binary_mask(self, episode: Episode) -> Tensor:
         """Foreground where the grey level is >= 128."""
-        with open_image(episode.mask, "mask") as img:
-            raw = torch.from_numpy(np.array(img.convert("L")))
-        return (raw >= 128).long()
+        return (_read_mask(episode.mask, "L") >= 128).long()
 
 
 def benchmark_record(benchmark: str) -> BenchmarkRecord:
@@ -350,14 +341,9 @@ def benchmark_record(benchmark: str) -> BenchmarkRecord:
     raise LSegError(f"unknown zero-shot benchmark {benchmark!r}; choose one of: {names}")
 
 
-def canonical_benchmark(benchmark: str) -> str:
-    """'pascal', 'coco' or 'fss' for a benchmark name or alias (``pascal-5i``, ``coco-20i``, ``fss-1000``)."""
-    return benchmark_record(benchmark).name
-
-
 def benchmark_classes(benchmark: str) -> list[str]:
     """Every class name of a benchmark (all folds), the keys its synonyms may use."""
-    return _resource_lines(f"fewshot_{canonical_benchmark(benchmark)}.txt")
+    return _resource_lines(f"fewshot_{benchmark_record(benchmark).name}.txt")
 
 
 def build_episodes(
