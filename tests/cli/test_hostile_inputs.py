@@ -171,6 +171,8 @@ CASES: dict[str, Callable[[World], list[object]]] = {
     "segment-out-under-a-file": lambda w: [*segment(w)[:-2], "--out", "report.txt/sub"],
     "segment-size-20000": lambda w: segment(w, "--size", "20000"),
     "features-out-is-a-file": lambda w: [*features(w)[:-2], "--out", "report.txt"],
+    "segment-merge-out-missing": lambda w: [*segment(w)[:-2], "--out", "nowhere", "--merge"],
+    "features-merge-out-missing": lambda w: [*features(w)[:-2], "--out", "nowhere", "--merge"],
     "features-size-20000": lambda w: features(w, "--size", "20000"),
     "evaluate-out-is-a-file": lambda w: [*evaluate(w)[:-4], "--out", "report.txt", "--device", "cpu"],
     "evaluate-size-20000": lambda w: evaluate(w, "--size", "20000"),

@@ -90,6 +90,8 @@ def folder_inputs(args: argparse.Namespace, files: Any) -> tuple[list[Path], Pat
     out = check_output_folder(args.out)
     if not args.merge:
         return paths, out
+    if not out.is_dir():
+        raise LSegError(f"--out {out} does not exist: --merge collects the sidecars a run wrote there")
     print(
         f"lseg {files.command}: merged {merge_summary(out, names, files.summary, {'command': files.command})}"
     )
