@@ -1,0 +1,109 @@
+"""A frequency-aware seen-class calibration for the CamVid-32 folds, measured on trained fold models.
+
+The constant calibration (`lseg evaluate --seen-bias B`) subtracts B from every seen class's logits.
+Here a seen class c loses B + T * log(f_c / f_mean) instead, where f_c is its share of the training
+drive's labelled pixels (f_mean their geometric mean): T > 0 takes more off frequent seen classes, the
+ones whose logits are high everywhere. B and T are chosen together on the held-out drive by hIoU
+(T = 0 is the constant calibration), then val is scored once with them. One forward pass per image.
+
+    python benchmarks/camvid32_calibration.py --runs RUNS [--folds 0 1 2 3] [--variant NAME]
+
+reads RUNS/camvid32_foldF[_NAME]/model (trained by benchmarks/camvid32_zeroshot.py) and writes
+RUNS/camvid32[_NAME]_calibration.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from camvid32_zeroshot import BIASES, DATA, FOLDS, HELDOUT_DRIVE, SIZE, TRAIN_DRIVE  # noqa: E402
+
+from lseg import LSeg  # noqa: E402
+from lseg.evaluate import build_label_space, load_dataset  # noqa: E402
+from lseg.evaluate.labels import read_unseen  # noqa: E402
+from lseg.evaluate.metrics import SegmentationMetrics, seen_unseen_scores  # noqa: E402
+from lseg.evaluate.runner import EvaluationSettings, embed_labels, mask_logits, predict_classes  # noqa: E402
+
+SLOPES = (-0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
+
+
+def log_frequency(class_names: list[str]) -> torch.Tensor:
+    """log(f_c / geometric mean) of each class's labelled pixels on the training drive (0 where none)."""
+    masks = sorted((Path(DATA) / "masks" / "train").glob(f"{TRAIN_DRIVE}_*.png"))
+    counts = np.zeros(len(class_names))
+    for path in masks:
+        ids = np.asarray(Image.open(path)).ravel()
+        counts += np.bincount(ids[ids < len(class_names)], minlength=len(class_names))
+    logs = np.where(counts > 0, np.log(np.maximum(counts, 1)), np.nan)
+    logs -= np.nanmean(logs)
+    return torch.tensor(np.nan_to_num(logs), dtype=torch.float32)
+
+
+def sweep(model: LSeg, split: str, sequences: list[str] | None, fold: int, pairs: list[tuple[float, float]]):
+    """Seen / unseen / hIoU of each (bias, slope) on one split."""
+    dataset = load_dataset("folder", DATA, split, sequences)
+    space = build_label_space(dataset.class_names, synonyms=FOLDS)
+    unseen = read_unseen(dataset.class_names, unseen_file=FOLDS, fold=fold)
+    seen = torch.ones(len(dataset.class_names))
+    seen[list(unseen.unseen)] = 0
+    frequency = log_frequency(dataset.class_names)
+    protocol, size = EvaluationSettings(size=SIZE).resolved_protocol()
+    metrics = {pair: SegmentationMetrics(len(dataset.class_names)) for pair in pairs}
+    with torch.no_grad():
+        text = embed_labels(model, space.labels)
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            forward = lambda pixels: model(pixels, text).logits  # noqa: E731
+            (logits,) = mask_logits(
+                forward, [sample], model.processor, protocol, size, device=torch.device("cpu")
+            )
+            for (bias, slope), metric in metrics.items():
+                offsets = (seen * (bias + slope * frequency)).to(logits)[:, None, None]
+                prediction = predict_classes((logits - offsets)[None], space, len(dataset.class_names))
+                metric.update(prediction, sample["mask"][None])
+    return {
+        pair: seen_unseen_scores(metric.compute()["per_class_iou"], unseen.unseen, unseen.apart)
+        for pair, metric in metrics.items()
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--folds", type=int, nargs="*", default=[0, 1, 2, 3])
+    parser.add_argument("--variant", default="")
+    args = parser.parse_args()
+    suffix = f"_{args.variant}" if args.variant else ""
+    results = []
+    for fold in args.folds:
+        model = LSeg.from_pretrained(args.runs / f"camvid32_fold{fold}{suffix}" / "model").eval()
+        grid = [(bias, slope) for bias in BIASES for slope in SLOPES]
+        heldout = sweep(model, "train", [HELDOUT_DRIVE], fold, grid)
+        best = max(grid, key=lambda pair: (heldout[pair]["hiou"], -abs(pair[1]), -pair[0]))
+        constant = max((p for p in grid if p[1] == 0), key=lambda pair: (heldout[pair]["hiou"], -pair[0]))
+        val = sweep(model, "val", None, fold, sorted({best, constant}))
+        results.append(
+            {
+                "fold": fold,
+                "chosen": best,
+                "constant": constant,
+                "heldout": {"chosen": heldout[best], "constant": heldout[constant]},
+                "val": {"chosen": val[best], "constant": val[constant]},
+                "heldout_grid": {f"{b} {s}": heldout[(b, s)]["hiou"] for b, s in grid},
+            }
+        )
+        print(json.dumps({k: results[-1][k] for k in ("fold", "chosen", "constant", "val")}), file=sys.stderr)
+    (args.runs / f"camvid32{suffix}_calibration.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
