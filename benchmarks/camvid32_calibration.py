@@ -24,13 +24,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from camvid32_zeroshot import BIASES, DATA, FOLDS, HELDOUT_DRIVE, SIZE, TRAIN_DRIVE  # noqa: E402
+from camvid32_zeroshot import BIASES, DATA, TRAIN_DRIVE, fold_classes, score_offsets  # noqa: E402
 
 from lseg import LSeg  # noqa: E402
-from lseg.evaluate import build_label_space, load_dataset  # noqa: E402
-from lseg.evaluate.labels import read_unseen  # noqa: E402
-from lseg.evaluate.metrics import SegmentationMetrics, seen_unseen_scores  # noqa: E402
-from lseg.evaluate.runner import EvaluationSettings, embed_labels, mask_logits, predict_classes  # noqa: E402
+from lseg.evaluate.runner import seen_offsets  # noqa: E402
 
 SLOPES = (-0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
 
@@ -47,34 +44,6 @@ def log_frequency(class_names: list[str]) -> torch.Tensor:
     return torch.tensor(np.nan_to_num(logs), dtype=torch.float32)
 
 
-def sweep(model: LSeg, split: str, sequences: list[str] | None, fold: int, pairs: list[tuple[float, float]]):
-    """Seen / unseen / hIoU of each (bias, slope) on one split."""
-    dataset = load_dataset("folder", DATA, split, sequences)
-    space = build_label_space(dataset.class_names, synonyms=FOLDS)
-    unseen = read_unseen(dataset.class_names, unseen_file=FOLDS, fold=fold)
-    seen = torch.ones(len(dataset.class_names))
-    seen[list(unseen.unseen)] = 0
-    frequency = log_frequency(dataset.class_names)
-    protocol, size = EvaluationSettings(size=SIZE).resolved_protocol()
-    metrics = {pair: SegmentationMetrics(len(dataset.class_names)) for pair in pairs}
-    with torch.no_grad():
-        text = embed_labels(model, space.labels)
-        for index in range(len(dataset)):
-            sample = dataset[index]
-            forward = lambda pixels: model(pixels, text).logits  # noqa: E731
-            (logits,) = mask_logits(
-                forward, [sample], model.processor, protocol, size, device=torch.device("cpu")
-            )
-            for (bias, slope), metric in metrics.items():
-                offsets = (seen * (bias + slope * frequency)).to(logits)[:, None, None]
-                prediction = predict_classes((logits - offsets)[None], space, len(dataset.class_names))
-                metric.update(prediction, sample["mask"][None])
-    return {
-        pair: seen_unseen_scores(metric.compute()["per_class_iou"], unseen.unseen, unseen.apart)
-        for pair, metric in metrics.items()
-    }
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs"))
@@ -85,11 +54,14 @@ def main() -> int:
     results = []
     for fold in args.folds:
         model = LSeg.from_pretrained(args.runs / f"camvid32_fold{fold}{suffix}" / "model").eval()
-        grid = [(bias, slope) for bias in BIASES for slope in SLOPES]
-        heldout = sweep(model, "train", [HELDOUT_DRIVE], fold, grid)
+        names, unseen = fold_classes(fold)
+        seen = seen_offsets(unseen, 1.0, torch.zeros(len(names), 1, 1))  # 1 for a seen class, 0 unseen
+        frequency = log_frequency(names)[:, None, None]
+        grid = {(bias, slope): seen * (bias + slope * frequency) for bias in BIASES for slope in SLOPES}
+        heldout = score_offsets(model, fold, grid)
         best = max(grid, key=lambda pair: (heldout[pair]["hiou"], -abs(pair[1]), -pair[0]))
         constant = max((p for p in grid if p[1] == 0), key=lambda pair: (heldout[pair]["hiou"], -pair[0]))
-        val = sweep(model, "val", None, fold, sorted({best, constant}))
+        val = score_offsets(model, fold, {pair: grid[pair] for pair in {best, constant}}, "val", None)
         results.append(
             {
                 "fold": fold,

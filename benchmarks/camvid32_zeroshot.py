@@ -24,7 +24,7 @@ import torch
 
 from lseg import LSeg
 from lseg.evaluate import build_label_space, load_dataset
-from lseg.evaluate.labels import read_unseen
+from lseg.evaluate.labels import UnseenClasses, read_unseen
 from lseg.evaluate.metrics import SegmentationMetrics, seen_unseen_scores
 from lseg.evaluate.runner import EvaluationSettings, embed_labels, mask_logits, predict_classes, seen_offsets
 
@@ -51,14 +51,26 @@ def train(out: Path, fold: int | None, overrides: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def calibrate(model_dir: Path, fold: int) -> dict[float, dict[str, float]]:
-    """Seen / unseen mIoU and hIoU on the held-out drive for every bias of BIASES."""
-    model = LSeg.from_pretrained(model_dir).eval()
-    dataset = load_dataset("folder", DATA, "train", [HELDOUT_DRIVE])
+def fold_classes(fold: int) -> tuple[list[str], UnseenClasses]:
+    """The 31 class names and fold `fold`'s unseen and apart classes."""
+    names = load_dataset("folder", DATA, "val").class_names
+    return names, read_unseen(names, unseen_file=FOLDS, fold=fold)
+
+
+def score_offsets(
+    model: LSeg,
+    fold: int,
+    offsets: dict,
+    split: str = "train",
+    sequences: tuple[str, ...] | None = (HELDOUT_DRIVE,),
+) -> dict:
+    """Seen / unseen mIoU and hIoU with each N x 1 x 1 tensor of `offsets` subtracted from the logits,
+    on `split` (by default the held-out drive), from one forward pass per image."""
+    dataset = load_dataset("folder", DATA, split, list(sequences) if sequences else None)
     space = build_label_space(dataset.class_names, synonyms=FOLDS)
     unseen = read_unseen(dataset.class_names, unseen_file=FOLDS, fold=fold)
     protocol, size = EvaluationSettings(size=SIZE).resolved_protocol()
-    metrics = {bias: SegmentationMetrics(len(dataset.class_names)) for bias in BIASES}
+    metrics = {key: SegmentationMetrics(len(dataset.class_names)) for key in offsets}
     with torch.no_grad():
         text = embed_labels(model, space.labels)
         for index in range(len(dataset)):
@@ -67,15 +79,23 @@ def calibrate(model_dir: Path, fold: int) -> dict[float, dict[str, float]]:
             (logits,) = mask_logits(
                 forward, [sample], model.processor, protocol, size, device=torch.device("cpu")
             )
-            for bias, metric in metrics.items():
-                calibrated = logits - seen_offsets(unseen, bias, logits)
+            for key, metric in metrics.items():
+                calibrated = logits - offsets[key].to(logits)
                 metric.update(
                     predict_classes(calibrated[None], space, len(dataset.class_names)), sample["mask"][None]
                 )
     return {
-        bias: seen_unseen_scores(metric.compute()["per_class_iou"], unseen.unseen, unseen.apart)
-        for bias, metric in metrics.items()
+        key: seen_unseen_scores(metric.compute()["per_class_iou"], unseen.unseen, unseen.apart)
+        for key, metric in metrics.items()
     }
+
+
+def calibrate(model_dir: Path, fold: int) -> dict[float, dict[str, float]]:
+    """Seen / unseen mIoU and hIoU on the held-out drive for every bias of BIASES."""
+    names, unseen = fold_classes(fold)
+    zeros = torch.zeros(len(names), 1, 1)
+    offsets = {bias: seen_offsets(unseen, bias, zeros) for bias in BIASES}
+    return score_offsets(LSeg.from_pretrained(model_dir).eval(), fold, offsets)
 
 
 def evaluate(model_dir: Path, out: Path, *extra: str, split: str = "val") -> dict:
