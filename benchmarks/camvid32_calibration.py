@@ -52,11 +52,11 @@ def main() -> int:
     args = parser.parse_args()
     suffix = f"_{args.variant}" if args.variant else ""
     results = []
+    frequency = log_frequency(fold_classes(0)[0])[:, None, None]  # one training drive for every fold
     for fold in args.folds:
         model = LSeg.from_pretrained(args.runs / f"camvid32_fold{fold}{suffix}" / "model").eval()
         names, unseen = fold_classes(fold)
         seen = seen_offsets(unseen, 1.0, torch.zeros(len(names), 1, 1))  # 1 for a seen class, 0 unseen
-        frequency = log_frequency(names)[:, None, None]
         grid = {(bias, slope): seen * (bias + slope * frequency) for bias in BIASES for slope in SLOPES}
         heldout = score_offsets(model, fold, grid)
         best = max(grid, key=lambda pair: (heldout[pair]["hiou"], -abs(pair[1]), -pair[0]))
