@@ -3,7 +3,7 @@ configs/labels/camvid32_folds.yaml, each trained without its unseen classes (con
 600 steps), calibrated on the held-out drive 0006R0 and scored on val; plus the same recipe on all 31.
 
     python benchmarks/camvid32_zeroshot.py [--runs runs] [--folds 0 1 2 3] [--all] [--train]
-        [--variant NAME --config OVERRIDE.yaml ...]
+        [--variant NAME --config OVERRIDE.yaml ... --words SYNONYMS.yaml]
 
 Per fold it writes RUNS/camvid32_foldF[_NAME]/{model, eval_val, eval_val_uncalibrated, eval_heldout}
 (each an `lseg evaluate` report) and RUNS/camvid32[_NAME]_summary.json; docs/results.md quotes its
@@ -35,19 +35,19 @@ BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.
 SIZE = 480
 
 
-def train_arguments(out: Path, fold: int | None, overrides: list[str] = ()) -> list[str]:
+def train_arguments(out: Path, fold: int | None, overrides: list[str] = (), words: str = FOLDS) -> list[str]:
     """`lseg train` arguments of the recipe (+ override configs), without the fold's unseen classes
-    (None: all classes)."""
-    spec = f"{{name: folder, root: {DATA}, synonyms: {FOLDS}, options: {{sequences: ['{TRAIN_DRIVE}']}}"
+    (None: all classes); `words` is the training spec's synonyms file (its words must be FOLDS's)."""
+    spec = f"{{name: folder, root: {DATA}, synonyms: {words}, options: {{sequences: ['{TRAIN_DRIVE}']}}"
     spec += f", unseen_file: {FOLDS}, fold: {fold}}}" if fold is not None else "}"
     configs = [arg for config in ["configs/camvid32.yaml", *overrides] for arg in ("--config", config)]
     return [*configs, "--trainer.default_root_dir", str(out), "--data.train", f"[{spec}]"]
 
 
-def train(out: Path, fold: int | None, overrides: list[str]) -> float:
+def train(out: Path, fold: int | None, overrides: list[str], words: str) -> float:
     """Train the recipe; seconds taken."""
     start = time.perf_counter()
-    subprocess.run(["lseg", "train", *train_arguments(out, fold, overrides)], check=True)
+    subprocess.run(["lseg", "train", *train_arguments(out, fold, overrides, words)], check=True)
     return time.perf_counter() - start
 
 
@@ -147,17 +147,26 @@ def main() -> int:
     parser.add_argument("--train", action="store_true", help="train models that are not there yet")
     parser.add_argument("--variant", default="", help="name of an ablation variant (run folder suffix)")
     parser.add_argument("--config", action="append", default=[], help="override config of the variant")
+    parser.add_argument("--words", default=FOLDS, help="synonyms file of training (with alternatives)")
     args = parser.parse_args()
     suffix = f"_{args.variant}" if args.variant else ""
     results: dict = {"folds": [], "size": SIZE, "biases": BIASES, "overrides": args.config}
+    results["words"] = args.words
+
+    def trained(run: Path, fold: int | None) -> float | None:
+        """Seconds taken to train `run`'s model; None where it is there already or --train is not given."""
+        if not args.train or (run / "model").is_dir():
+            return None
+        return train(run, fold, args.config, args.words)
+
     for fold in args.folds:
         run = args.runs / f"camvid32_fold{fold}{suffix}"
-        seconds = train(run, fold, args.config) if args.train and not (run / "model").is_dir() else None
+        seconds = trained(run, fold)
         results["folds"].append(fold_result(run, fold, seconds))
         print(json.dumps(results["folds"][-1]["val"]), file=sys.stderr)
     if args.all:
         run = args.runs / f"camvid32_all{suffix}"
-        seconds = train(run, None, args.config) if args.train and not (run / "model").is_dir() else None
+        seconds = trained(run, None)
         val = evaluate(run / "model", run / "eval_val")
         heldout = evaluate(run / "model", run / "eval_heldout", "--sequences", HELDOUT_DRIVE, split="train")
         results["all"] = {

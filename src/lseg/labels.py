@@ -16,7 +16,7 @@ from lseg.files import read_text
 MAX_LABEL_CHARS = 200  # a label is a word or a short phrase; CLIP reads at most 77 tokens anyway
 
 
-def _label_key(label: str) -> str:
+def label_key(label: str) -> str:
     """Labels equal under this key tokenize identically (CLIP lower-cases and collapses whitespace)."""
     return " ".join(label.split()).casefold()
 
@@ -63,7 +63,7 @@ def validate_labels(labels: str | Iterable[str]) -> list[str]:
             )
     groups: dict[str, list[str]] = {}
     for label in cleaned:
-        groups.setdefault(_label_key(label), []).append(label)
+        groups.setdefault(label_key(label), []).append(label)
     duplicates = [" / ".join(dict.fromkeys(group)) for group in groups.values() if len(group) > 1]
     if duplicates:
         raise LSegError(

@@ -188,3 +188,27 @@ def test_camvid32_folds_follow_their_stated_rule():
     assert config["folds"] == [[names[i] for i in ranked[f::4]] for f in range(4)]
     assert config["apart"] == [names[i] for i in range(len(names)) if 0 < counts[i] < 10_000]
     assert sorted(read_synonyms(FOLDS, names)) == sorted(names)
+
+
+def test_camvid32_mseg_words_ask_the_folds_words_and_each_alternative_could_name_one_class():
+    """configs/labels/camvid32_mseg_words.yaml (the MSeg label-augmentation ablation) must train the
+    folds file's words; in every fold no unseen class's word is left among the alternatives."""
+    import yaml
+
+    from lseg.train.datamodule import build
+
+    root = shared_data_dir() / "camvid32"
+    if not root.is_dir():
+        pytest.skip(f"{root} not found (the CamVid 31-class labels of ../shared/data)")
+    words = REPO_ROOT / "configs" / "labels" / "camvid32_mseg_words.yaml"
+    assert yaml.safe_load(words.read_text())["words"] == yaml.safe_load(FOLDS.read_text())["words"]
+    spec = {"name": "folder", "root": str(root), "split": "train", "synonyms": str(words)}
+    _, labels, alternatives = build(spec, None)
+    assert alternatives[labels.index("truck or bus")] == ["truck", "bus", "vehicle"]
+    for fold, unseen in enumerate(yaml.safe_load(FOLDS.read_text())["folds"]):
+        _, _, kept = build({**spec, "unseen_file": str(FOLDS), "fold": fold}, None)
+        asked = {word for others in kept for word in others}
+        if "Truck_Bus" in unseen:
+            assert not asked & {"truck", "bus", "vehicle"}
+        if "Road" in unseen:
+            assert "ground" not in asked

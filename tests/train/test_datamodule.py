@@ -29,13 +29,13 @@ def street(tmp_path):
 
 def test_synonyms_give_the_words_and_unseen_classes_are_neither_asked_nor_targets(street):
     spec = {"name": "folder", "root": str(street), "split": None, "synonyms": str(street / "folds.yaml")}
-    dataset, labels = build(spec, None)
+    dataset, labels, _ = build(spec, None)
     assert labels == ["street", "truck or bus", "Sky"]  # class_words for the class without a synonym
-    held_dataset, held_labels = build({**spec, "unseen_file": str(street / "folds.yaml"), "fold": 0}, None)
+    held_dataset, held_labels, _ = build({**spec, "unseen_file": str(street / "folds.yaml"), "fold": 0}, None)
     assert held_labels == ["street", "Sky"]
     assert held_dataset.class_names == ["Road", "Sky"]
     assert torch.equal(held_dataset[0]["mask"][0], torch.tensor([0, 0, 255, 255, 1, 1]))
-    _, by_name = build({**spec, "unseen": ["sky"]}, None)
+    _, by_name, _ = build({**spec, "unseen": ["sky"]}, None)
     assert by_name == ["street", "truck or bus"]
 
 
@@ -44,3 +44,37 @@ def test_a_spec_that_holds_out_an_unknown_class_fails_before_training(street):
         build({"name": "folder", "root": str(street), "split": None, "unseen": ["Lorry"]}, None)
     with pytest.raises(LSegError, match="cannot hold classes out"):
         build({"name": "synthetic", "unseen": ["road"]}, None)
+
+
+def test_alternatives_are_kept_per_class_and_an_unseen_class_takes_its_words_along(street):
+    """A shared parent word ("vehicle") of an unseen class is not asked for the seen one either."""
+    (street / "words.yaml").write_text(
+        "folds: [[Truck_Bus]]\nwords: {Truck_Bus: truck or bus, Road: street}\n"
+        "alternatives: {truck_bus: [truck, bus, vehicle], Road: [road, vehicle], Sky: heaven}\n"
+    )
+    spec = {"name": "folder", "root": str(street), "split": None, "synonyms": str(street / "words.yaml")}
+    _, labels, alternatives = build(spec, None)
+    assert labels == ["street", "truck or bus", "Sky"]
+    assert alternatives == [["road", "vehicle"], ["truck", "bus", "vehicle"], ["heaven"]]
+    _, labels, alternatives = build({**spec, "unseen_file": str(street / "words.yaml"), "fold": 0}, None)
+    assert labels == ["street", "Sky"] and alternatives == [["road"], ["heaven"]]
+    _, _, none = build({**spec, "synonyms": None}, None)
+    assert none == [[], [], []]
+
+
+@pytest.mark.parametrize(
+    ("alternatives", "message"),
+    [
+        ("{Road: [Sky]}", "alternative 'Sky' of class 'Road' is the word of class 'Sky'"),
+        ("{Road: [truck  OR bus]}", "is the word of class 'Truck_Bus'"),
+        ("{Lorry: [truck]}", "unknown class"),
+        ("{Road: [lane, Lane]}", "duplicate labels"),
+        ("{Road: []}", "label list is empty"),
+        ("[road]", "must map class names"),
+    ],
+)
+def test_an_alternative_that_could_not_name_one_class_fails_before_training(street, alternatives, message):
+    (street / "words.yaml").write_text(f"words: {{Truck_Bus: truck or bus}}\nalternatives: {alternatives}\n")
+    spec = {"name": "folder", "root": str(street), "split": None, "synonyms": str(street / "words.yaml")}
+    with pytest.raises(LSegError, match=message):
+        build(spec, None)

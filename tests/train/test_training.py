@@ -626,6 +626,7 @@ def partly_ignored_batch(monkeypatch, labels: list[str], size=(32, 32), key: str
     module sees `labels` as dataset `key`'s label set."""
     torch.manual_seed(0)
     monkeypatch.setattr(LSegModule, "label_sets", property(lambda self: {key: labels}))
+    monkeypatch.setattr(LSegModule, "word_alternatives", property(lambda self: {}))
     batch = {
         "image": torch.randn(2, 3, *size),
         "mask": torch.randint(0, len(labels), (2, *size)),
@@ -686,6 +687,33 @@ def test_class_balance_weighs_each_pixel_by_its_training_class_frequency(tmp_pat
     torch.testing.assert_close(module._loss(batch), expected)
     with pytest.raises(LSegError, match="class_balance"):
         LSegModule("tiny", pretrained=False, class_balance=-1)
+
+
+def test_label_augmentation_asks_a_class_as_its_word_or_an_alternative_and_one_word_once(monkeypatch):
+    """Alternatives (a synonyms file's `alternatives`) are drawn per class and step; a word two classes
+    share goes to one of them; no alternative is ever a negative."""
+    labels, alternatives = ["car", "bus", "sky"], [["vehicle", "dog"], ["vehicle"], []]
+    monkeypatch.setattr(LSegModule, "label_sets", property(lambda self: {"d": labels}))
+    monkeypatch.setattr(LSegModule, "word_alternatives", property(lambda self: {"d": alternatives}))
+    module = LSegModule(
+        "tiny", pretrained=False, label_augmentation=True, negatives=1000, negatives_column="camvid-11"
+    )
+    assert "dog" in module.negative_vocabulary
+    encode, templates = module.model.encode_text, module.model.text_encoder.prompt_templates
+    step = {"value": 0}
+    monkeypatch.setattr(LSegModule, "global_step", property(lambda self: step["value"]))
+    drawn = [set() for _ in labels]
+    for step["value"] in range(40):
+        text = module._training_text("d")
+        words = []
+        for options, row, seen in zip([[w, *a] for w, a in zip(labels, alternatives)], text, drawn):
+            matches = [w for w in options for t in templates if torch.allclose(row, encode([w], [t])[0])]
+            assert len(matches) == 1
+            words.append(matches[0])
+            seen.add(matches[0])
+        assert len(set(words)) == len(words)
+        assert not torch.isclose(text[len(labels) :] @ encode(["dog"])[0], torch.tensor(1.0), atol=1e-5).any()
+    assert drawn == [{"car", "vehicle", "dog"}, {"bus", "vehicle"}, {"sky"}]
 
 
 def test_class_balance_with_negatives_weighs_only_the_labelled_classes(monkeypatch):

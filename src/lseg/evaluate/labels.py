@@ -127,6 +127,32 @@ def read_synonyms(path: str | Path, class_names: Sequence[str]) -> dict[str, str
     return mapping
 
 
+def read_alternatives(path: str | Path, class_names: Sequence[str]) -> dict[str, list[str]]:
+    """``{class name: [word, ...]}``: the other words training may ask a class as (label augmentation),
+    from the optional ``alternatives`` mapping of a YAML synonyms file (class name -> word or list of
+    words; names matched as in `read_synonyms`). Evaluation never asks them. Other files have none."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        return {}
+    table = _read_yaml(path, read_text(path, "synonyms file")).get("alternatives") or {}
+    if not isinstance(table, Mapping):
+        raise LSegError(f"{path}: 'alternatives' must map class names to a word or a list of words")
+    classes = _ClassNames(class_names)
+    unknown = [str(key) for key in table if classes.find(str(key)) is None]
+    if unknown:
+        raise classes.unknown_error(f"the alternatives of {path}", unknown)
+    found: dict[str, list[str]] = {}
+    for key, words in table.items():
+        name = classes.find(str(key))
+        if name in found:
+            raise LSegError(f"{path}: class {name!r} is given twice in 'alternatives'")
+        try:
+            found[name] = validate_labels([words] if isinstance(words, str) else words)
+        except LSegError as error:
+            raise LSegError(f"{path}: the alternatives of {key!r}: {error}") from None
+    return found
+
+
 @dataclass(frozen=True)
 class UnseenClasses:
     """Class ids held out of training (``unseen``), and ids scored but reported apart (``apart``: too

@@ -18,8 +18,9 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from lseg.data import SyntheticStreetScenes, build_dataset, collate, train_transform
 from lseg.errors import LSegError
-from lseg.evaluate.labels import build_label_space, read_unseen
+from lseg.evaluate.labels import build_label_space, read_alternatives, read_unseen
 from lseg.evaluate.runner import ShardSampler
+from lseg.labels import label_key
 from lseg.processing import LSegImageProcessor
 
 
@@ -27,7 +28,8 @@ from lseg.processing import LSegImageProcessor
 class DatasetSpec:
     """One dataset: a registry name (camvid, ade20k, mseg-ade20k, mseg-coco-panoptic, folder, synthetic),
     where it lives, and optionally the words used as its labels (default: its class names; `labels`
-    one per class, or `synonyms`: a synonyms file as `lseg evaluate --synonyms` reads it).
+    one per class, or `synonyms`: a synonyms file as `lseg evaluate --synonyms` reads it, whose YAML
+    form may also give `alternatives`, other words `label_augmentation` asks a class as).
 
     `unseen` (class names) or `unseen_file` (+ `fold` for a folds YAML file) hold classes out, as
     `lseg evaluate --unseen` scores them: their pixels become ignore and their words are not asked.
@@ -44,8 +46,9 @@ class DatasetSpec:
     options: dict[str, Any] = field(default_factory=dict)  # extra build_dataset keyword arguments
 
 
-def build(spec: DatasetSpec | dict[str, Any], transform) -> tuple[Dataset, list[str]]:
-    """Dataset with `transform`, and the words its class ids are asked as (default: its class names)."""
+def build(spec: DatasetSpec | dict[str, Any], transform) -> tuple[Dataset, list[str], list[list[str]]]:
+    """Dataset with `transform`, the words its class ids are asked as (default: its class names) and
+    each class's alternative words (`read_alternatives`; none without a synonyms file)."""
     if isinstance(spec, dict):
         spec = DatasetSpec(**spec)
     if spec.name == "synthetic":
@@ -62,13 +65,32 @@ def build(spec: DatasetSpec | dict[str, Any], transform) -> tuple[Dataset, list[
         given = len(spec.labels)
         raise LSegError(f"dataset '{spec.name}' has {len(names)} classes, {given} labels were given")
     labels = build_label_space(names, labels=spec.labels, synonyms=spec.synonyms).labels  # as evaluation asks
+    alternatives = _alternatives(spec.synonyms, names, labels)
     held_out = read_unseen(names, spec.unseen, spec.unseen_file, spec.fold)
     if held_out is not None:
         if not hasattr(dataset, "drop_classes"):
             raise LSegError(f"dataset '{spec.name}' cannot hold classes out (unseen)")
         dataset.drop_classes(held_out.unseen)
-        labels = [word for i, word in enumerate(labels) if i not in held_out.unseen]
-    return dataset, labels
+        # An unseen class's words are never asked, not even as another class's alternative ("vehicle").
+        unseen_words = {label_key(w) for i in held_out.unseen for w in alternatives[i]}
+        kept = [i for i in range(len(names)) if i not in held_out.unseen]
+        labels = [labels[i] for i in kept]
+        alternatives = [[w for w in alternatives[i] if label_key(w) not in unseen_words] for i in kept]
+    return dataset, labels, alternatives
+
+
+def _alternatives(synonyms: str | None, names: list[str], labels: list[str]) -> list[list[str]]:
+    """Each class's alternative words; one that is a class's own word would make two targets alike."""
+    table = read_alternatives(synonyms, names) if synonyms else {}
+    owner = {label_key(word): name for name, word in zip(names, labels)}
+    for name, words in table.items():
+        for word in words:
+            if label_key(word) in owner:
+                raise LSegError(
+                    f"{synonyms}: alternative {word!r} of class {name!r} is the word of class "
+                    f"{owner[label_key(word)]!r}; a word may name one class only"
+                )
+    return [table.get(name, []) for name in names]
 
 
 class LabelledDataset(Dataset):
@@ -203,6 +225,7 @@ class LSegDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.seed = seed
         self.label_sets: dict[str, list[str]] = {}
+        self.word_alternatives: dict[str, list[list[str]]] = {}  # per training label set, per class
         self.train_datasets: dict[str, Dataset] = {}
         self.val_key: str | None = None
         self._train_loader: ResumableDataLoader | None = None
@@ -242,15 +265,16 @@ class LSegDataModule(L.LightningDataModule):
         )
         datasets = []
         for index, spec in enumerate(self.train_specs):
-            dataset, labels = build(spec, augment)
+            dataset, labels, alternatives = build(spec, augment)
             key = spec.name if len(self.train_specs) == 1 else f"{index}:{spec.name}"
             self.label_sets[key] = labels
+            self.word_alternatives[key] = alternatives
             self.train_datasets[key] = dataset
             datasets.append(LabelledDataset(dataset, key))
         self.train_dataset = SeededSamples(ConcatDataset(datasets))
         self.val_dataset = None
         if self.val_spec is not None:  # untransformed, as `lseg evaluate` reads it: scored at the masks' size
-            dataset, labels = build(self.val_spec, None)
+            dataset, labels, _ = build(self.val_spec, None)
             self.val_key = f"val:{self.val_spec.name}"
             self.label_sets[self.val_key] = labels
             self.val_dataset = LabelledDataset(dataset, self.val_key)

@@ -15,6 +15,7 @@ from lseg.errors import LSegError
 from lseg.evaluate.metrics import SegmentationMetrics
 from lseg.evaluate.runner import image_shape, mask_logits
 from lseg.inference import PROTOCOLS
+from lseg.labels import label_key
 from lseg.model import LSeg, LSegConfig, load_preset
 from lseg.precision import cpu_has_native_bfloat16
 from lseg.predictor import same_size_runs
@@ -133,26 +134,52 @@ class LSegModule(L.LightningModule):
     def label_sets(self) -> dict[str, list[str]]:
         return self.trainer.datamodule.label_sets
 
+    @property
+    def word_alternatives(self) -> dict[str, list[list[str]]]:
+        """Per label set, each class's alternative words (none from a data module without them)."""
+        return getattr(self.trainer.datamodule, "word_alternatives", {})
+
     def _training_text(self, key: str) -> torch.Tensor:
         """Label embeddings for one training step: the dataset's words, each asked through one of the
         model's prompt templates drawn at random (`label_augmentation`; inference averages them all),
         then `negatives` words drawn from the negative vocabulary, which no pixel is labelled as.
+        With `label_augmentation` a class with alternative words (its dataset spec's synonyms file) is
+        asked as its word or one of them, drawn at random (`_drawn_words`); evaluation asks its word.
 
         Draws are seeded by the global step, so a resumed run asks the same words as an unbroken one.
         """
         labels = self.label_sets[key]
         generator = torch.Generator().manual_seed(self.global_step)
         templates = self.model.text_encoder.prompt_templates
+        words = self._drawn_words(key, generator) if self.hparams.label_augmentation else labels
         if self.hparams.label_augmentation and len(templates) > 1:
             picks = torch.randint(len(templates), (len(labels),), generator=generator).tolist()
-            embeds = torch.cat([self.model.encode_text([w], [templates[i]]) for w, i in zip(labels, picks)])
+            embeds = torch.cat([self.model.encode_text([w], [templates[i]]) for w, i in zip(words, picks)])
         else:
-            embeds = self.model.encode_text(labels)
-        vocabulary = [w for w in self.negative_vocabulary if w not in labels]
+            embeds = self.model.encode_text(words)
+        alternatives = self.word_alternatives.get(key, []) if self.hparams.negatives else []
+        named = {label_key(w) for w in [*labels, *(w for others in alternatives for w in others)]}
+        vocabulary = [w for w in self.negative_vocabulary if label_key(w) not in named]
         if self.hparams.negatives and vocabulary:
             order = torch.randperm(len(vocabulary), generator=generator)[: self.hparams.negatives]
             embeds = torch.cat([embeds, self.model.encode_text([vocabulary[i] for i in order.tolist()])])
         return embeds
+
+    def _drawn_words(self, key: str, generator: torch.Generator) -> list[str]:
+        """Each class's word or one of its alternatives, uniformly. An alternative that another class
+        drew first this step (a shared parent word) falls back to the class's own word: two targets
+        asked with one word could not be told apart. No alternatives: the words, and no draw."""
+        labels = self.label_sets[key]
+        alternatives = self.word_alternatives.get(key)
+        if not alternatives or not any(alternatives):
+            return labels
+        draws = torch.rand(len(labels), generator=generator).tolist()
+        words, taken = [], set()
+        for word, others, draw in zip(labels, alternatives, draws):
+            choice = [word, *others][int(draw * (1 + len(others)))]
+            words.append(word if label_key(choice) in taken else choice)
+            taken.add(label_key(words[-1]))
+        return words
 
     def _images(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.hparams.channels_last:
