@@ -63,16 +63,18 @@ def score_offsets(
     offsets: dict,
     split: str = "train",
     sequences: tuple[str, ...] | None = (HELDOUT_DRIVE,),
+    text: torch.Tensor | None = None,
 ) -> dict:
     """Seen / unseen mIoU and hIoU with each N x 1 x 1 tensor of `offsets` subtracted from the logits,
-    on `split` (by default the held-out drive), from one forward pass per image."""
+    on `split` (by default the held-out drive), from one forward pass per image; `text`: the class
+    embeddings asked (default: the folds file's words)."""
     dataset = load_dataset("folder", DATA, split, list(sequences) if sequences else None)
     space = build_label_space(dataset.class_names, synonyms=FOLDS)
     unseen = read_unseen(dataset.class_names, unseen_file=FOLDS, fold=fold)
     protocol, size = EvaluationSettings(size=SIZE).resolved_protocol()
     metrics = {key: SegmentationMetrics(len(dataset.class_names)) for key in offsets}
     with torch.no_grad():
-        text = embed_labels(model, space.labels)
+        text = embed_labels(model, space.labels) if text is None else text
         for index in range(len(dataset)):
             sample = dataset[index]
             forward = lambda pixels: model(pixels, text).logits  # noqa: E731

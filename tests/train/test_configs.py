@@ -53,8 +53,11 @@ def test_camvid32_fold_override_holds_the_folds_unseen_classes_out(capsys, monke
     monkeypatch.chdir(REPO_ROOT)
     with pytest.raises(SystemExit) as exit_info:
         override = str(REPO_ROOT / "benchmarks" / "camvid_ablation" / "slowbackbone.yaml")
-        main(["train", *benchmark.train_arguments(REPO_ROOT / "runs" / "x", 2, [override]), "--print_config"])
+        words = "configs/labels/camvid32_mseg_words.yaml"  # the label-augmentation ablation's words
+        arguments = benchmark.train_arguments(REPO_ROOT / "runs" / "x", 2, [override], words)
+        main(["train", *arguments, "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "unseen_file: configs/labels/camvid32_folds.yaml" in printed and "fold: 2" in printed
+    assert f"synonyms: {words}" in printed
     assert "lr: 0.0005" in printed  # an ablation's override config is stacked on the recipe
