@@ -13,7 +13,6 @@ RUNS/camvid32[_NAME]_asked_words.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from camvid32_zeroshot import BIASES, fold_classes, score_offsets  # noqa: E402
+from camvid32_zeroshot import BIASES, fold_classes, fold_models, score_offsets  # noqa: E402
 
 from lseg import LSeg  # noqa: E402
 from lseg.evaluate.labels import read_alternatives, read_synonyms  # noqa: E402
@@ -42,15 +41,9 @@ def ensembles(model: LSeg, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=Path("runs"))
-    parser.add_argument("--folds", type=int, nargs="*", default=[0, 1, 2, 3])
-    parser.add_argument("--variant", default="")
-    args = parser.parse_args()
-    suffix = f"_{args.variant}" if args.variant else ""
+    runs, suffix, models = fold_models(__doc__.splitlines()[0])
     results = []
-    for fold in args.folds:
-        model = LSeg.from_pretrained(args.runs / f"camvid32_fold{fold}{suffix}" / "model").eval()
+    for fold, model in models:
         names, unseen = fold_classes(fold)
         offsets = {bias: seen_offsets(unseen, bias, torch.zeros(len(names), 1, 1)) for bias in BIASES}
         result = {"fold": fold}
@@ -61,7 +54,7 @@ def main() -> int:
             result[key] = {"bias": bias, "heldout": heldout[bias], "val": val}
         results.append(result)
         print(json.dumps(result), file=sys.stderr)
-    (args.runs / f"camvid32{suffix}_asked_words.json").write_text(json.dumps(results, indent=2) + "\n")
+    (runs / f"camvid32{suffix}_asked_words.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -14,7 +14,6 @@ RUNS/camvid32[_NAME]_calibration.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,9 +23,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from camvid32_zeroshot import BIASES, DATA, TRAIN_DRIVE, fold_classes, score_offsets  # noqa: E402
+from camvid32_zeroshot import BIASES, DATA, TRAIN_DRIVE, fold_classes, fold_models, score_offsets  # noqa: E402
 
-from lseg import LSeg  # noqa: E402
 from lseg.evaluate.runner import seen_offsets  # noqa: E402
 
 SLOPES = (-0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
@@ -45,16 +43,10 @@ def log_frequency(class_names: list[str]) -> torch.Tensor:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=Path("runs"))
-    parser.add_argument("--folds", type=int, nargs="*", default=[0, 1, 2, 3])
-    parser.add_argument("--variant", default="")
-    args = parser.parse_args()
-    suffix = f"_{args.variant}" if args.variant else ""
+    runs, suffix, models = fold_models(__doc__.splitlines()[0])
     results = []
     frequency = log_frequency(fold_classes(0)[0])[:, None, None]  # one training drive for every fold
-    for fold in args.folds:
-        model = LSeg.from_pretrained(args.runs / f"camvid32_fold{fold}{suffix}" / "model").eval()
+    for fold, model in models:
         names, unseen = fold_classes(fold)
         seen = seen_offsets(unseen, 1.0, torch.zeros(len(names), 1, 1))  # 1 for a seen class, 0 unseen
         grid = {(bias, slope): seen * (bias + slope * frequency) for bias in BIASES for slope in SLOPES}
@@ -73,7 +65,7 @@ def main() -> int:
             }
         )
         print(json.dumps({k: results[-1][k] for k in ("fold", "chosen", "constant", "val")}), file=sys.stderr)
-    (args.runs / f"camvid32{suffix}_calibration.json").write_text(json.dumps(results, indent=2) + "\n")
+    (runs / f"camvid32{suffix}_calibration.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

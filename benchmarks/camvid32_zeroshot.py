@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -90,6 +91,22 @@ def score_offsets(
         key: seen_unseen_scores(metric.compute()["per_class_iou"], unseen.unseen, unseen.apart)
         for key, metric in metrics.items()
     }
+
+
+def fold_models(description: str) -> tuple[Path, str, Iterator[tuple[int, LSeg]]]:
+    """Command line of a script that scores trained fold models (--runs, --folds, --variant): the runs
+    folder, the variant's run-folder suffix and (fold, model) pairs, each model loaded when reached."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--folds", type=int, nargs="*", default=[0, 1, 2, 3])
+    parser.add_argument("--variant", default="")
+    args = parser.parse_args()
+    suffix = f"_{args.variant}" if args.variant else ""
+    models = (
+        (fold, LSeg.from_pretrained(args.runs / f"camvid32_fold{fold}{suffix}" / "model").eval())
+        for fold in args.folds
+    )
+    return args.runs, suffix, models
 
 
 def calibrate(model_dir: Path, fold: int) -> dict[float, dict[str, float]]:
