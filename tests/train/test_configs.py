@@ -61,3 +61,19 @@ def test_camvid32_fold_override_holds_the_folds_unseen_classes_out(capsys, monke
     assert "unseen_file: configs/labels/camvid32_folds.yaml" in printed and "fold: 2" in printed
     assert f"synonyms: {words}" in printed
     assert "lr: 0.0005" in printed  # an ablation's override config is stacked on the recipe
+
+
+def test_a_command_line_dataset_list_replaces_the_configs_and_takes_none_of_its_fields(capsys):
+    """Regression: jsonargparse filled the new entry's missing fields from the config's entry at the
+    same place, so smoke.yaml's synthetic `options: {num_images: 32, ...}` reached a folder dataset."""
+    import yaml
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([
+            "train", "--config", str(REPO_ROOT / "configs" / "smoke.yaml"), "--print_config",
+            "--data.train", "[{name: folder, root: streets}]", "--data.val", "{name: folder, root: x}",
+        ])  # fmt: skip
+    assert exit_info.value.code in (0, None)
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert data["train"] == [{"name": "folder", "root": "streets"}]
+    assert data["val"] == {"name": "folder", "root": "x"}

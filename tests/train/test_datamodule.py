@@ -78,3 +78,13 @@ def test_an_alternative_that_could_not_name_one_class_fails_before_training(stre
     spec = {"name": "folder", "root": str(street), "split": None, "synonyms": str(street / "words.yaml")}
     with pytest.raises(LSegError, match=message):
         build(spec, None)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"), [({"name": "folder", "rot": "x"}, "unknown key"), ({}, "no 'name'")]
+)
+def test_a_dataset_spec_with_an_unknown_or_missing_key_is_one_line(spec, message):
+    from lseg.train.datamodule import LSegDataModule
+
+    with pytest.raises(LSegError, match=message):
+        LSegDataModule(train=[spec])

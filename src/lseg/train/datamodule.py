@@ -8,7 +8,7 @@ can be mapped into the 194-class universal taxonomy, as the original reimplement
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
 
@@ -46,11 +46,22 @@ class DatasetSpec:
     options: dict[str, Any] = field(default_factory=dict)  # extra build_dataset keyword arguments
 
 
+def dataset_spec(spec: DatasetSpec | dict[str, Any]) -> DatasetSpec:
+    """A config's dataset entry as a DatasetSpec; an unknown or missing key is one line."""
+    if isinstance(spec, DatasetSpec):
+        return spec
+    known = [f.name for f in fields(DatasetSpec)]
+    unknown = [str(key) for key in spec if key not in known]
+    if unknown or "name" not in spec:
+        problem = f"unknown key(s) {', '.join(map(repr, unknown))}" if unknown else "no 'name'"
+        raise LSegError(f"dataset spec {dict(spec)!r} has {problem}; its keys are {', '.join(known)}")
+    return DatasetSpec(**spec)
+
+
 def build(spec: DatasetSpec | dict[str, Any], transform) -> tuple[Dataset, list[str], list[list[str]]]:
     """Dataset with `transform`, the words its class ids are asked as (default: its class names) and
     each class's alternative words (`read_alternatives`; none without a synonyms file)."""
-    if isinstance(spec, dict):
-        spec = DatasetSpec(**spec)
+    spec = dataset_spec(spec)
     if spec.name == "synthetic":
         options = {"num_images": 256, **spec.options}
         if "size" in options:
@@ -200,8 +211,8 @@ class LSegDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train: list[DatasetSpec],
-        val: DatasetSpec | None = None,
+        train: list[dict[str, Any]],
+        val: dict[str, Any] | None = None,
         batch_size: int = 8,
         num_workers: int = 2,
         crop_size: int = 480,
@@ -211,11 +222,16 @@ class LSegDataModule(L.LightningDataModule):
         val_size: int | None = None,  # long side validation images are resized to (None: their own)
         seed: int = 0,
     ) -> None:
+        """`train` and `val` entries hold DatasetSpec fields (DatasetSpec instances serve too). They are
+        typed as mappings so that a command line's `--data.train '[{...}]'` replaces a config's
+        entries: jsonargparse would fill a dataclass entry's missing fields from the config's entry
+        at the same place (a synthetic set's `options` would reach the folder dataset that replaced it).
+        """
         super().__init__()
         if not train:
             raise LSegError("give at least one training dataset")
-        self.train_specs = [DatasetSpec(**s) if isinstance(s, dict) else s for s in train]
-        self.val_spec = DatasetSpec(**val) if isinstance(val, dict) else val
+        self.train_specs = [dataset_spec(s) for s in train]
+        self.val_spec = None if val is None else dataset_spec(val)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.crop_size = crop_size
