@@ -157,10 +157,12 @@ class LSegModule(L.LightningModule):
             embeds = torch.cat([self.model.encode_text([w], [templates[i]]) for w, i in zip(words, picks)])
         else:
             embeds = self.model.encode_text(words)
-        alternatives = self.word_alternatives.get(key, []) if self.hparams.negatives else []
-        named = {label_key(w) for w in [*labels, *(w for others in alternatives for w in others)]}
+        if not self.hparams.negatives:
+            return embeds
+        named = {label_key(w) for w in labels}
+        named |= {label_key(w) for others in self.word_alternatives.get(key, []) for w in others}
         vocabulary = [w for w in self.negative_vocabulary if label_key(w) not in named]
-        if self.hparams.negatives and vocabulary:
+        if vocabulary:
             order = torch.randperm(len(vocabulary), generator=generator)[: self.hparams.negatives]
             embeds = torch.cat([embeds, self.model.encode_text([vocabulary[i] for i in order.tolist()])])
         return embeds
