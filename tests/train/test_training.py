@@ -716,6 +716,40 @@ def test_label_augmentation_asks_a_class_as_its_word_or_an_alternative_and_one_w
     assert drawn == [{"car", "vehicle", "dog"}, {"bus", "vehicle"}, {"sky"}]
 
 
+def test_a_specs_alternatives_reach_the_steps_of_a_fit(tmp_path, monkeypatch):
+    """The path a user runs: a folder dataset whose synonyms file gives alternatives, through the data
+    module into `lseg train`'s loop: some step asks car as "vehicle"."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "streets"
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(root / "images" / f"{index}.png")
+        Image.fromarray(rng.integers(0, 3, (64, 64), np.uint8)).save(root / "masks" / f"{index}.png")
+    (root / "names.txt").write_text("sky\nroad\ncar\n")
+    (root / "words.yaml").write_text("words: {car: car}\nalternatives: {car: [vehicle]}\n")
+    module = LSegModule(model="tiny", label_augmentation=True)
+    asked = []
+    original = module.model.classify_decoded
+
+    def spy(decoded, text, size):
+        asked.append(text.clone())
+        return original(decoded, text, size)
+
+    monkeypatch.setattr(module.model, "classify_decoded", spy)
+    spec = {"name": "folder", "root": str(root), "split": None, "synonyms": str(root / "words.yaml")}
+    datamodule = data(batch_size=2, train=[spec])
+    trainer(tmp_path, max_epochs=4, limit_val_batches=0).fit(module, datamodule=datamodule)
+    assert len(asked) == 8
+    assert datamodule.word_alternatives["folder"] == [[], [], ["vehicle"]]
+    templates = module.model.text_encoder.prompt_templates
+    vehicle = torch.cat([module.model.encode_text(["vehicle"], [t]) for t in templates])
+    assert any(torch.isclose(vehicle @ text[2], torch.tensor(1.0), atol=1e-5).any() for text in asked)
+
+
 def test_class_balance_with_negatives_weighs_only_the_labelled_classes(monkeypatch):
     """Negative words add logits but no targets: each pixel still weighs its own class's weight."""
     labels = ["sky", "road", "car"]
