@@ -180,6 +180,7 @@ def test_non_utf8_config_is_a_clear_error(tmp_path, tiny_model):
         (lambda c: {**c, "logit_scale": "big"}, "logit_scale must be a number in"),
         (lambda c: {**c, "regularizer": "wide"}, "regularizer must be null or one of"),
         (lambda c: {**c, "use_bn": "yes"}, "use_bn must be true or false"),
+        (lambda c: {**c, "text_projection": 1}, "text_projection must be true or false"),
         (lambda c: {**c, "image_encoder": {**c["image_encoder"], "hooks": [0, "a"]}}, "image_encoder.hooks"),
         (lambda c: {**c, "image_encoder": {**c["image_encoder"], "kwargs": [1]}}, "image_encoder.kwargs"),
         (

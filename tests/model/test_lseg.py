@@ -295,3 +295,28 @@ def test_multi_pass_protocols_keep_the_models_confidence(tiny_model, monkeypatch
     assert 0.34 < single.confidence.mean() < 0.99
     np.testing.assert_allclose(other.scores, single.scores, atol=1e-5)
     np.testing.assert_allclose(confident.confidence, single.confidence, atol=1e-5)
+
+
+def test_text_projection_starts_as_the_plain_model_and_every_text_user_sees_its_map(tmp_path):
+    """`text_projection` maps label embeddings into the pixel space: at initialisation the model's
+    logits are the plain model's; once learned, `encode_text` (what segment, features and export use)
+    gives normalize(t + W t), and save / load keeps W."""
+    torch.manual_seed(0)
+    plain = LSeg.from_config("tiny").eval()
+    projected = LSeg.from_config({**plain.config.to_dict(), "text_projection": True}).eval()
+    projected.load_state_dict(plain.state_dict(), strict=False)
+    images, labels = torch.randn(1, 3, 40, 56), ["cat", "dog", "other"]
+    torch.testing.assert_close(projected.encode_text(labels), plain.encode_text(labels))
+    with torch.no_grad():
+        projected.text_projection.linear.weight.normal_(0, 0.3)
+    raw = plain.encode_text(labels)
+    expected = F.normalize(raw + raw @ projected.text_projection.linear.weight.T, dim=-1)
+    torch.testing.assert_close(projected.encode_text(labels), expected)
+    assert not torch.allclose(projected.encode_text(labels), raw, atol=1e-2)
+    segmented = projected.segment(torch.randint(0, 255, (3, 40, 56), dtype=torch.uint8), labels)
+    assert segmented.label_map.shape == (40, 56)
+    logits = projected(images, projected.encode_text(labels)).logits
+    loaded = LSeg.from_pretrained(projected.save_pretrained(tmp_path / "model")).eval()
+    torch.testing.assert_close(loaded(images, loaded.encode_text(labels)).logits, logits)
+    projected.text_encoder.clear_cache()
+    torch.testing.assert_close(projected.release_text_encoder(labels), expected)

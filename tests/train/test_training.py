@@ -845,3 +845,16 @@ def test_validation_scores_what_lseg_evaluate_scores(tmp_path):
     assert report.labels == datamodule.label_sets[datamodule.val_key] == ["sky", "traffic light", "road"]
     assert validated["val/miou"] == pytest.approx(report.metrics["miou"], abs=1e-6)
     assert validated["val/pixel_accuracy"] == pytest.approx(report.metrics["pixel_accuracy"], abs=1e-6)
+
+
+def test_text_projection_learns_at_the_heads_rate_with_weight_decay(tmp_path):
+    """The projection is trained (from zero), at the head's learning rate and decayed towards the
+    plain model; the frozen text encoder still gets nothing."""
+    config = {**load_preset("tiny").to_dict(), "text_projection": True}
+    module = LSegModule(model=config, pretrained=False, optimizer="adamw", lr=0.002, head_lr_multiplier=3)
+    settings = optimizer_settings(module, tmp_path)
+    group = settings["text_projection.linear.weight"]
+    assert group["initial_lr"] == pytest.approx(3 * settings["image_encoder.model.cls_token"]["initial_lr"])
+    assert group["weight_decay"] > 0
+    trainer(tmp_path, max_steps=3, enable_checkpointing=False).fit(module, datamodule=data())
+    assert module.model.text_projection.linear.weight.abs().max() > 0

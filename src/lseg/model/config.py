@@ -69,6 +69,7 @@ class LSegConfig:
     regularizer: str | None = None  # None | depthwise | bottleneck: spatial blocks after the logits
     regularizer_depth: int = 2
     regularizer_activation: str = "lrelu"  # relu | lrelu | tanh
+    text_projection: bool = False  # a learned map of the label embeddings (`TextProjection`)
     mean: tuple[float, float, float] | None = None  # None: the backbone's (`backbone_mean_std`)
     std: tuple[float, float, float] | None = None
     labels: list[str] = field(default_factory=lambda: ["other"])  # default label set for `segment`
@@ -235,6 +236,7 @@ MODEL_RULES: dict[str, Rule] = {
     "regularizer": (lambda v: v in (None, "depthwise", "bottleneck"), "null or one of depthwise, bottleneck"),
     "regularizer_depth": (lambda v: is_int(v, 1), "a positive integer"),
     "regularizer_activation": (lambda v: v in ("relu", "lrelu", "tanh"), "one of relu, lrelu, tanh"),
+    "text_projection": (lambda v: isinstance(v, bool), "true or false"),
     "mean": (_is_rgb, "3 numbers (R, G, B)"),
     "std": (lambda v: _is_rgb(v) and all(x > 0 for x in v), "3 positive numbers (R, G, B)"),
     "labels": (lambda v: is_str_list(v) and bool(v), "a non-empty list of strings"),

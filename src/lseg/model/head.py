@@ -63,6 +63,23 @@ class SpatialRegularizer(nn.Module):
         return logits
 
 
+class TextProjection(nn.Module):
+    """A learned map of the frozen encoder's label embeddings into the pixel space: t + W t, normalised.
+
+    W starts at zero, so training starts from the plain model, and weight decay pulls it back there.
+    Trained on the seen classes' words only, it moves W only within their embeddings' span; words
+    never asked in training are mapped by what the seen words taught it.
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(embed_dim, embed_dim, bias=False)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return F.normalize(text + self.linear(text), dim=-1)
+
+
 class LSegHead(nn.Module):
     """Stride-2 decoder map -> per-pixel embeddings -> stride-2 logits against label embeddings."""
 

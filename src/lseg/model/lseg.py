@@ -20,7 +20,7 @@ from lseg.model.card import save_card
 from lseg.model.checkpoint import read_checkpoint, save_model
 from lseg.model.config import LSegConfig, load_preset
 from lseg.model.dpt import DPTDecoder
-from lseg.model.head import LSegHead, upsample_logits
+from lseg.model.head import LSegHead, TextProjection, upsample_logits
 from lseg.model.hub import push_folder
 from lseg.model.image_encoder import build_image_encoder
 from lseg.model.text_encoder import build_text_encoder
@@ -75,6 +75,7 @@ class LSeg(nn.Module):
             regularizer_depth=config.regularizer_depth,
             regularizer_activation=config.regularizer_activation,
         )
+        self.text_projection = TextProjection(self.text_encoder.embed_dim) if config.text_projection else None
         # Black in the model's input space: the stride padding inside `pixel_embeddings`.
         self.register_buffer("pad_value", self.processor.pad_value(), persistent=False)
         # Set by `lseg.precision.prepare_for_inference` / `compile_for_inference`.
@@ -199,12 +200,17 @@ class LSeg(nn.Module):
     def encode_text(
         self, labels: str | Sequence[str], templates: Sequence[str] | None = None
     ) -> torch.Tensor:
-        """N x D label embeddings, L2-normalised (cached; the text encoder is frozen).
+        """N x D label embeddings, L2-normalised (the frozen text encoder's are cached), in the space
+        the pixel embeddings are matched in: through the config's `text_projection` if it has one.
 
         `labels` is a list of strings or one comma-separated string ("cat, dog"). Each label is asked
         through the config's `prompt_templates` (embeddings averaged), or through `templates` if given.
         """
-        return self.text_encoder.encode(labels, templates).to(self.device, self.dtype)
+        return self._projected(self.text_encoder.encode(labels, templates))
+
+    def _projected(self, text: torch.Tensor) -> torch.Tensor:
+        text = text.to(self.device, self.dtype)
+        return text if self.text_projection is None else self.text_projection(text)
 
     def release_text_encoder(self, labels: str | Sequence[str]) -> torch.Tensor:
         """Embed `labels` (as `encode_text`) and free the text encoder's weights, in place.
@@ -214,7 +220,7 @@ class LSeg(nn.Module):
         (CLIP ViT-B/32: 250 MB in float32) would otherwise sit beside the image passes. Saving the
         model afterwards is not possible; load it again for other labels.
         """
-        return self.text_encoder.release(labels).to(self.device, self.dtype)
+        return self._projected(self.text_encoder.release(labels))
 
     def pixel_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised B x D x ceil(H/2) x ceil(W/2) embeddings of normalised B x 3 x H x W images.
