@@ -27,7 +27,7 @@ from lseg import LSeg
 from lseg.evaluate import build_label_space, load_dataset
 from lseg.evaluate.labels import UnseenClasses, read_unseen
 from lseg.evaluate.metrics import SegmentationMetrics, seen_unseen_scores
-from lseg.evaluate.runner import EvaluationSettings, embed_labels, mask_logits, predict_classes, seen_offsets
+from lseg.evaluate.runner import EvaluationSettings, embed_labels, mask_logits, seen_offsets
 
 FOLDS = "configs/labels/camvid32_folds.yaml"
 DATA = "../shared/data/camvid32"
@@ -58,6 +58,30 @@ def fold_classes(fold: int) -> tuple[list[str], UnseenClasses]:
     return names, read_unseen(names, unseen_file=FOLDS, fold=fold)
 
 
+def drive_logits(
+    model: LSeg,
+    split: str = "train",
+    sequences: tuple[str, ...] | None = (HELDOUT_DRIVE,),
+    text: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(31 x H x W float32 logits, H x W mask) of each image of `split` (by default the held-out drive),
+    from one forward pass at long side SIZE, at the label resolution; `text`: the class embeddings
+    asked (default: the folds file's words, one per class, so logit channel c is class c)."""
+    dataset = load_dataset("folder", DATA, split, list(sequences) if sequences else None)
+    space = build_label_space(dataset.class_names, synonyms=FOLDS)
+    assert space.to_class is None and len(space.labels) == len(dataset.class_names)
+    protocol, size = EvaluationSettings(size=SIZE).resolved_protocol()
+    with torch.no_grad():
+        text = embed_labels(model, space.labels) if text is None else text
+        forward = lambda pixels: model(pixels, text).logits  # noqa: E731
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            (logits,) = mask_logits(
+                forward, [sample], model.processor, protocol, size, device=torch.device("cpu")
+            )
+            yield logits, sample["mask"]
+
+
 def score_offsets(
     model: LSeg,
     fold: int,
@@ -66,27 +90,13 @@ def score_offsets(
     sequences: tuple[str, ...] | None = (HELDOUT_DRIVE,),
     text: torch.Tensor | None = None,
 ) -> dict:
-    """Seen / unseen mIoU and hIoU with each N x 1 x 1 tensor of `offsets` subtracted from the logits,
-    on `split` (by default the held-out drive), from one forward pass per image; `text`: the class
-    embeddings asked (default: the folds file's words)."""
-    dataset = load_dataset("folder", DATA, split, list(sequences) if sequences else None)
-    space = build_label_space(dataset.class_names, synonyms=FOLDS)
-    unseen = read_unseen(dataset.class_names, unseen_file=FOLDS, fold=fold)
-    protocol, size = EvaluationSettings(size=SIZE).resolved_protocol()
-    metrics = {key: SegmentationMetrics(len(dataset.class_names)) for key in offsets}
-    with torch.no_grad():
-        text = embed_labels(model, space.labels) if text is None else text
-        for index in range(len(dataset)):
-            sample = dataset[index]
-            forward = lambda pixels: model(pixels, text).logits  # noqa: E731
-            (logits,) = mask_logits(
-                forward, [sample], model.processor, protocol, size, device=torch.device("cpu")
-            )
-            for key, metric in metrics.items():
-                calibrated = logits - offsets[key].to(logits)
-                metric.update(
-                    predict_classes(calibrated[None], space, len(dataset.class_names)), sample["mask"][None]
-                )
+    """Seen / unseen mIoU and hIoU with each N x 1 x 1 tensor of `offsets` subtracted from the logits
+    of `drive_logits` (by default the held-out drive's), from one forward pass per image."""
+    names, unseen = fold_classes(fold)
+    metrics = {key: SegmentationMetrics(len(names)) for key in offsets}
+    for logits, mask in drive_logits(model, split, sequences, text):
+        for key, metric in metrics.items():
+            metric.update((logits - offsets[key].to(logits)).argmax(0)[None], mask[None])
     return {
         key: seen_unseen_scores(metric.compute()["per_class_iou"], unseen.unseen, unseen.apart)
         for key, metric in metrics.items()
