@@ -10,8 +10,10 @@ own. Then val is scored once with the fitted offsets and once with B.
     python benchmarks/camvid32_class_calibration.py --runs RUNS [--folds 0 1 2 3] [--variant NAME]
 
 reads RUNS/camvid32_foldF[_NAME]/model (trained by benchmarks/camvid32_zeroshot.py) and writes
-RUNS/camvid32[_NAME]_class_calibration.json. The fit sees every second pixel of every second row of
-the held-out drive; the held-out numbers reported are over all its pixels.
+RUNS/camvid32[_NAME]_class_calibration.json, and each fold's offsets as
+RUNS/camvid32_foldF[_NAME]/seen_bias.yaml, which `lseg evaluate --seen-bias-file` reads. The fit sees
+every second pixel of every second row of the held-out drive; the held-out numbers reported are over
+all its pixels.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from camvid32_zeroshot import BIASES, drive_logits, fold_classes, fold_models, score_offsets  # noqa: E402
@@ -94,6 +97,14 @@ def main() -> int:
             "heldout": {key: scores(cached, offsets, unseen) for key, offsets in chosen.items()},
             "val": val,
         }
+        seen = {
+            name: offset
+            for name, offset in result["offsets"].items()
+            if names.index(name) not in unseen.unseen
+        }
+        (runs / f"camvid32_fold{fold}{suffix}" / "seen_bias.yaml").write_text(
+            yaml.safe_dump(seen, sort_keys=False)
+        )
         results.append(result)
         summary = {k: {key: round(v["hiou"], 4) for key, v in result[k].items()} for k in ("heldout", "val")}
         print(json.dumps({"fold": fold, "bias": bias, **summary}), file=sys.stderr)

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from lseg.data import CAMVID_CLASSES
 from lseg.errors import LSegError
 from lseg.evaluate import evaluate
-from lseg.evaluate.labels import UnseenClasses, read_synonyms, read_unseen
+from lseg.evaluate.labels import UnseenClasses, read_seen_bias, read_synonyms, read_unseen
 from lseg.evaluate.metrics import harmonic_mean, seen_unseen_scores
 from lseg.evaluate.runner import EvaluationSettings, evaluate_dataset, seen_offsets
 from tests.conftest import REPO_ROOT, shared_data_dir
@@ -80,6 +80,53 @@ def test_seen_offsets_follow_the_logits_device_and_dtype():
     offsets = seen_offsets(UnseenClasses((1,)), 2.0, logits)
     assert (offsets.device.type, offsets.dtype, offsets.shape) == ("meta", torch.bfloat16, (3, 1, 1))
     assert seen_offsets(UnseenClasses((1,)), 2.0, torch.zeros(3, 1, 1)).flatten().tolist() == [2, 0, 2]
+
+
+def test_a_per_class_seen_bias_moves_only_its_own_class():
+    """Sky loses 1.5 and road 0.5 of their logit 1: sky's painted pixels go to the unseen car (sky and
+    road end below its 0), road's stay road."""
+    report = evaluate_dataset(FakeModel(), OneRow(), unseen=UnseenClasses((2,)), seen_bias=(1.5, 0.5, 0.0))
+    confmat = torch.zeros(3, 3, dtype=torch.int64)
+    for t, p in zip(TRUTH, [2, 2, 1, 2, 2, 2, 1, 2], strict=True):
+        confmat[t, p] += 1
+    assert torch.equal(report.confmat, confmat)
+    with pytest.raises(LSegError, match="2 seen-class biases for 3 classes"):
+        evaluate_dataset(FakeModel(), OneRow(), unseen=UnseenClasses((2,)), seen_bias=(1.0, 0.0))
+    logits = torch.empty(3, 4, 5, device="meta", dtype=torch.bfloat16)
+    offsets = seen_offsets(UnseenClasses((1,)), (1.0, 2.0, 3.0), logits)
+    assert (offsets.device.type, offsets.dtype, offsets.shape) == ("meta", torch.bfloat16, (3, 1, 1))
+    assert seen_offsets(UnseenClasses((1,)), (1.0, 2.0, 3.0), torch.zeros(3, 1, 1)).flatten().tolist() == [
+        1,
+        0,
+        3,
+    ]
+
+
+def test_seen_bias_file_gives_named_classes_their_bias_and_the_others_none(tmp_path):
+    names = ["Sky", "Road", "Truck_Bus", "Column_Pole"]
+    path = tmp_path / "bias.yaml"
+    path.write_text("sky: 4.5\ncolumn pole: 6\n")
+    assert read_seen_bias(path, names, UnseenClasses((2,))) == (4.5, 0.0, 0.0, 6.0)
+    (tmp_path / "bias.json").write_text('{"Road": -1}')
+    assert read_seen_bias(tmp_path / "bias.json", names, UnseenClasses((2,))) == (0.0, -1.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("Skyy: 1\n", "unknown class(es): 'Skyy'"),
+        ("Truck_Bus: 1\n", "'Truck_Bus' is an unseen class"),
+        ("Sky: high\n", "the seen bias of 'Sky' must be a number, got 'high'"),
+        ("Sky: true\n", "must be a number, got True"),
+        ("Sky: 1\nsky: 2\n", "class 'Sky' is given twice"),
+        ("- Sky\n", "expected a YAML mapping"),
+    ],
+)
+def test_bad_seen_bias_files_are_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "bias.yaml"
+    path.write_text(text)
+    with pytest.raises(LSegError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_seen_bias(path, ["Sky", "Road", "Truck_Bus"], UnseenClasses((2,)))
 
 
 def test_settings_refuse_a_bias_without_unseen_classes_and_ids_beyond_the_classes():
@@ -152,12 +199,21 @@ def test_cli_reports_seen_unseen_and_hiou_in_metrics_and_card(
     assert evaluate_cli(model_dir, camvid_root, tmp_path / "fold0", "--unseen", "Car") == 0
     assert read_metrics(tmp_path / "fold0")["unseen_classes"] == ["Car"]
     assert "fold" not in read_metrics(tmp_path / "fold0")["dataset"]
+    (tmp_path / "bias.yaml").write_text("sky: 0.5\nRoad: 0.25\n")
+    assert evaluate_cli(model_dir, camvid_root, tmp_path / "per_class", "--unseen", "Car",
+                        "--seen-bias-file", str(tmp_path / "bias.yaml")) == 0  # fmt: skip
+    metrics = read_metrics(tmp_path / "per_class")
+    assert metrics["seen_bias"] == {**dict.fromkeys(CAMVID_CLASSES, 0.0), "Sky": 0.5, "Road": 0.25}
+    assert metrics["config"]["seen_bias_file"] == str(tmp_path / "bias.yaml")
+    assert "seen biases bias.yaml" in (model_dir / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
         (["--seen-bias", "1"], "--seen-bias calibrates"),
+        (["--seen-bias-file", "bias.yaml"], "--seen-bias-file calibrates"),
+        (["--unseen", "Car", "--seen-bias-file", "missing.yaml"], "missing.yaml"),
         (["--unseen", "Lorry"], "unknown class(es): 'Lorry'"),
         (["--unseen", "Car", "--label-space", "universal"], "does not apply to --label-space universal"),
     ],

@@ -102,11 +102,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--unseen-file",
         help="the unseen classes: one per line, or a folds YAML file (folds, apart) read at --fold",
     )
-    parser.add_argument(
+    bias = parser.add_mutually_exclusive_group()
+    bias.add_argument(
         "--seen-bias",
         type=float,
         default=0.0,
         help="with --unseen: subtracted from the seen classes' logits (calibration; default 0)",
+    )
+    bias.add_argument(
+        "--seen-bias-file",
+        help="with --unseen: a YAML/JSON mapping of seen class -> bias, one per class (others: 0)",
     )
     parser.add_argument(
         "--fold",
@@ -148,8 +153,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.sequences is not None and not (args.dataset in DATASETS and DATASETS[args.dataset].has_sequences):
         raise LSegError(f"--sequences selects drives (camvid, folder); --dataset {args.dataset} has none")
     unseen = args.unseen is not None or args.unseen_file is not None
-    if args.seen_bias and not unseen:
-        raise LSegError("--seen-bias calibrates seen against unseen classes; give --unseen or --unseen-file")
+    for flag, value in (("--seen-bias", args.seen_bias), ("--seen-bias-file", args.seen_bias_file)):
+        if value and not unseen:
+            raise LSegError(f"{flag} calibrates seen against unseen classes; give --unseen or --unseen-file")
     if unseen and args.label_space != "dataset":
         raise LSegError("--unseen scores the dataset's classes; it does not apply to --label-space universal")
     if args.dataset in zeroshot_names():
@@ -179,7 +185,7 @@ def _progress_bar(console: Any, description: str) -> tuple[Any, Any]:
 def _run_dataset(args: argparse.Namespace, device: Any, console: Any) -> list[Path]:
     from lseg.evaluate import build_label_space, default_split, evaluate, is_main_process, load_dataset
     from lseg.evaluate import report as R
-    from lseg.evaluate.labels import read_unseen
+    from lseg.evaluate.labels import read_seen_bias, read_unseen
 
     split = args.split if args.split is not None else default_split(args.dataset)
     dataset = load_dataset(args.dataset, args.data_root, split, args.sequences)
@@ -194,6 +200,11 @@ def _run_dataset(args: argparse.Namespace, device: Any, console: Any) -> list[Pa
     unseen = read_unseen(
         dataset.class_names, args.unseen, args.unseen_file, args.fold if args.unseen_file else None
     )
+    seen_bias = (
+        read_seen_bias(args.seen_bias_file, dataset.class_names, unseen)
+        if args.seen_bias_file
+        else args.seen_bias
+    )
     model = load_model_from_args(args, device)
     bar, progress = _progress_bar(console, "evaluating")
     with bar:
@@ -207,7 +218,7 @@ def _run_dataset(args: argparse.Namespace, device: Any, console: Any) -> list[Pa
             progress=progress,
             num_examples=args.examples,
             unseen=unseen,
-            seen_bias=args.seen_bias,
+            seen_bias=seen_bias,
             **{name: getattr(args, name) for name in SETTINGS},
         )
     if not is_main_process():

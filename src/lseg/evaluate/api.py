@@ -116,8 +116,8 @@ def evaluate(
     defaults to the model's; `options` are the other `EvaluationSettings` (size, crop_size, stride,
     batch_size, num_workers, max_images, rank_by, num_examples, dtype; ``unseen``: class names held
     out of training, or `UnseenClasses`, for seen / unseen mIoU and hIoU; ``seen_bias``: their
-    calibration). Under torch.distributed each rank scores a shard; `progress(done, total)` counts
-    images over all ranks.
+    calibration, one number or one per class). Under torch.distributed each rank scores a shard;
+    `progress(done, total)` counts images over all ranks.
     """
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     class_names = dataset_classes(dataset)

@@ -14,6 +14,7 @@ are mapped to the dataset's classes by name through ``MSeg_master.tsv`` (see `un
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -207,6 +208,33 @@ def read_unseen(
     if len(held) + len(kept_apart) >= len(class_names):
         raise LSegError(f"{source} leaves no seen class of the {len(class_names)}")
     return UnseenClasses(tuple(held), tuple(kept_apart))
+
+
+def read_seen_bias(path: str | Path, class_names: Sequence[str], unseen: UnseenClasses) -> tuple[float, ...]:
+    """One seen-class offset per class (0 for the unseen ones) from a YAML or JSON file mapping class
+    names (matched as in `read_synonyms`) to numbers: a per-class calibration, such as one fitted on a
+    held-out split. Seen classes it leaves out get 0; an unseen class cannot be given one."""
+    path = Path(path)
+    table = _read_yaml(path, read_text(path, "seen-bias file"))
+    classes = _ClassNames(class_names)
+    unknown = [str(key) for key in table if classes.find(str(key)) is None]
+    if unknown:
+        raise classes.unknown_error(f"seen-bias file {path}", unknown)
+    offsets = [0.0] * len(class_names)
+    given: set[int] = set()
+    for key, value in table.items():
+        index = classes.names.index(classes.find(str(key)))
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise LSegError(f"{path}: the seen bias of {key!r} must be a number, got {value!r}")
+        if index in given:
+            raise LSegError(f"{path}: class {classes.names[index]!r} is given twice")
+        if index in unseen.unseen:
+            raise LSegError(
+                f"{path}: {classes.names[index]!r} is an unseen class; only seen classes take a bias"
+            )
+        offsets[index] = float(value)
+        given.add(index)
+    return tuple(offsets)
 
 
 def _fold(path: Path, content: dict, fold: int | None) -> tuple[list[str], list[str]]:

@@ -155,7 +155,9 @@ def _unseen_summary(report: EvaluationReport) -> dict[str, Any]:
     return {
         "unseen_classes": [names[i] for i in unseen.unseen],
         "apart_classes": [names[i] for i in unseen.apart],
-        "seen_bias": report.extra["seen_bias"],
+        "seen_bias": bias
+        if isinstance(bias := report.extra["seen_bias"], int | float)
+        else dict(zip(names, bias)),
     }
 
 
@@ -201,7 +203,7 @@ def dataset_payload(
     }
     scored = {"split": split, **(_pick(choices, "sequences") if choices["sequences"] else {})}
     if report.extra.get("unseen") is not None:
-        config |= _pick(choices, "unseen", "unseen_file", "seen_bias")
+        config |= _pick(choices, "unseen", "unseen_file", "seen_bias", "seen_bias_file")
         if Path(choices["unseen_file"] or "").suffix in (".yaml", ".yml"):
             scored["fold"] = choices["fold"]  # the fold of a folds file
     column = report.extra.get("taxonomy_column")

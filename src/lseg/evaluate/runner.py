@@ -51,8 +51,9 @@ class EvaluationSettings:
     resizes the image for single/slide, replaces the base size of lseg-ms); `dtype` is the forward
     passes' precision (`lseg.precision`; default: the model's); `rank_by` ("miou" or "pixel_accuracy")
     picks the `num_examples` best and worst images; `max_images` scores the first N. `unseen` (classes
-    held out of training) adds seen / unseen mIoU and hIoU; `seen_bias` is subtracted from the logits
-    of the seen classes before the argmax (the calibration of generalised zero-shot segmentation);
+    held out of training) adds seen / unseen mIoU and hIoU; `seen_bias` (one number, or one per class:
+    `read_seen_bias`) is subtracted from the logits of the seen classes before the argmax (the
+    calibration of generalised zero-shot segmentation);
     `prompt_templates` ask the words through these instead of the text encoder's own.
     """
 
@@ -69,7 +70,7 @@ class EvaluationSettings:
     rank_by: str = "miou"
     num_examples: int = 4
     unseen: UnseenClasses | None = None
-    seen_bias: float = 0.0
+    seen_bias: float | tuple[float, ...] = 0.0
     prompt_templates: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
@@ -81,8 +82,13 @@ class EvaluationSettings:
             raise LSegError(f"size must be at least 8 pixels, got {self.size}")
         if self.max_images is not None and self.max_images < 1:
             raise LSegError(f"max_images must be >= 1, got {self.max_images}")
-        if self.seen_bias and self.unseen is None:
+        if self.calibrated and self.unseen is None:
             raise LSegError("seen_bias calibrates seen against unseen classes; give the unseen classes")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether some seen class loses a bias."""
+        return any(self.seen_bias) if isinstance(self.seen_bias, Sequence) else bool(self.seen_bias)
 
     def resolved_protocol(self) -> tuple[InferenceProtocol, int | None]:
         """The protocol and the image size it runs at (a protocol name resolves its own size rule)."""
@@ -249,9 +255,11 @@ def predict_classes(logits: Tensor, space: LabelSpace, num_classes: int) -> Tens
     return mapped.argmax(1)
 
 
-def seen_offsets(unseen: UnseenClasses, bias: float, logits: Tensor) -> Tensor:
-    """[N, 1, 1] offsets for N x H x W logits: `bias` for every seen class, 0 for the unseen ones."""
-    offsets = torch.full((logits.shape[0], 1, 1), bias, dtype=logits.dtype, device=logits.device)
+def seen_offsets(unseen: UnseenClasses, bias: float | Sequence[float], logits: Tensor) -> Tensor:
+    """[N, 1, 1] offsets for N x H x W logits: `bias` (one number, or one per class) for every seen
+    class, 0 for the unseen ones."""
+    offsets = torch.as_tensor(bias, dtype=logits.dtype, device=logits.device).reshape(-1, 1, 1)
+    offsets = offsets.expand(logits.shape[0], 1, 1).clone()
     offsets[list(unseen.unseen)] = 0
     return offsets
 
@@ -369,7 +377,7 @@ def _score_shard(
                 model_dtype=getattr(model, "dtype", None),
                 window_batch_size=settings.window_batch_size,
             )
-            if settings.seen_bias:
+            if settings.calibrated:
                 resized = [r - seen_offsets(settings.unseen, settings.seen_bias, r) for r in resized]
             preds = [predict_classes(r[None], space, num_classes)[0] for r in resized]
             sync()
@@ -429,6 +437,8 @@ def evaluate_dataset(
         if not set(settings.unseen.unseen + settings.unseen.apart) <= set(range(len(class_names))):
             count = len(class_names)
             raise LSegError(f"unseen class ids {settings.unseen} are not ids of the {count} classes")
+        if isinstance(settings.seen_bias, Sequence) and len(settings.seen_bias) != len(class_names):
+            raise LSegError(f"{len(settings.seen_bias)} seen-class biases for {len(class_names)} classes")
     spec, size = settings.resolved_protocol()
     device = torch.device(settings.device)
     loader = shard_loader(dataset, settings, device)

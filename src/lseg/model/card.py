@@ -202,9 +202,11 @@ def _label_set(report: Mapping[str, Any]) -> str:
         words = "class names"
     if config.get("unseen") or config.get("unseen_file"):
         held = config.get("unseen") or Path(config["unseen_file"]).name
-        words += f", unseen {held}" + (
-            f", seen bias {config['seen_bias']:g}" if config.get("seen_bias") else ""
-        )
+        if config.get("seen_bias_file"):
+            held += f", seen biases {Path(config['seen_bias_file']).name}"
+        elif config.get("seen_bias"):
+            held += f", seen bias {config['seen_bias']:g}"
+        words += f", unseen {held}"
     return words + (f", background '{config['background']}'" if config.get("background") else "")
 
 
