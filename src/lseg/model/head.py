@@ -67,8 +67,8 @@ class TextProjection(nn.Module):
     """A learned map of the frozen encoder's label embeddings into the pixel space: t + W t, normalised.
 
     W starts at zero, so training starts from the plain model, and weight decay pulls it back there.
-    Trained on the seen classes' words only, it moves W only within their embeddings' span; words
-    never asked in training are mapped by what the seen words taught it.
+    It learns from the words training asks (the seen classes'); words never asked in training are
+    mapped by what those taught it.
     """
 
     def __init__(self, embed_dim: int) -> None:
