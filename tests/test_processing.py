@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lseg import LSeg, LSegError
-from lseg.model.config import CLIP_MEAN_STD
+from lseg.model.config import LSEG_MEAN_STD
 from lseg.processing import LSegImageProcessor, pad_image
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -15,7 +15,7 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("mean_std", [IMAGENET, CLIP_MEAN_STD])
+@pytest.mark.parametrize("mean_std", [IMAGENET, LSEG_MEAN_STD])
 def test_pad_value_is_black_in_pixel_space(mean_std):
     processor = LSegImageProcessor(*mean_std)
     black = processor.pad_value()
@@ -25,7 +25,7 @@ def test_pad_value_is_black_in_pixel_space(mean_std):
 
 
 def test_pad_value_is_the_original_minus_one_for_clip_statistics():
-    assert torch.equal(LSegImageProcessor(*CLIP_MEAN_STD).pad_value(), torch.full((1, 3, 1, 1), -1.0))
+    assert torch.equal(LSegImageProcessor(*LSEG_MEAN_STD).pad_value(), torch.full((1, 3, 1, 1), -1.0))
 
 
 def test_normalise_is_per_channel_and_round_trips():
@@ -79,7 +79,7 @@ def test_resize_then_postprocess_restores_original_sizes_with_scores():
 
 
 def test_a_batch_tensor_is_one_batch_and_is_resized():
-    processor = LSegImageProcessor(*CLIP_MEAN_STD)
+    processor = LSegImageProcessor(*LSEG_MEAN_STD)
     images = torch.randint(0, 256, (3, 3, 20, 40), dtype=torch.uint8)
     batch = processor.preprocess(images, size=10)
     assert batch.pixel_values.shape == (3, 3, 5, 10) and batch.original_sizes == [(20, 40)] * 3

@@ -5,7 +5,7 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
 from lseg.data import SYNTHETIC_CLASS_NAMES, SyntheticStreetScenes, collate, train_transform
-from lseg.model.config import CLIP_MEAN_STD
+from lseg.model.config import LSEG_MEAN_STD
 from lseg.processing import LSegImageProcessor
 
 
@@ -54,7 +54,7 @@ def test_fast_enough():
 
 def test_works_with_transform_and_loader():
     ds = SyntheticStreetScenes(
-        4, transform=train_transform(LSegImageProcessor(*CLIP_MEAN_STD), crop_size=64, base_size=96)
+        4, transform=train_transform(LSegImageProcessor(*LSEG_MEAN_STD), crop_size=64, base_size=96)
     )
     batch = next(iter(DataLoader(ds, batch_size=4, collate_fn=collate)))
     assert batch["image"].shape == (4, 3, 64, 64) and batch["image"].dtype == torch.float32

@@ -9,7 +9,7 @@ import torch
 
 import lseg
 from lseg.data import IGNORE_INDEX, SyntheticStreetScenes, collate, train_transform
-from lseg.model.config import CLIP_MEAN_STD
+from lseg.model.config import LSEG_MEAN_STD
 from lseg.processing import LSegImageProcessor
 
 SOURCE = Path(lseg.__file__).parent
@@ -62,7 +62,7 @@ def test_evaluation_and_training_use_the_same_ignore_index():
 def test_crop_padding_and_collate_padding_are_ignore():
     scenes = SyntheticStreetScenes(2, size=(32, 48), seed=0)
     augment = train_transform(
-        LSegImageProcessor(*CLIP_MEAN_STD), crop_size=64, base_size=48, scale_range=(1.0, 1.0), hflip=False
+        LSegImageProcessor(*LSEG_MEAN_STD), crop_size=64, base_size=48, scale_range=(1.0, 1.0), hflip=False
     )
     cropped = augment(scenes[0])
     assert cropped["mask"].shape == (64, 64) and not (scenes[0]["mask"] == IGNORE_INDEX).any()

@@ -52,7 +52,7 @@ from lseg.evaluate.metrics import SegmentationMetrics
 from lseg.files import write_text_atomic
 from lseg.images import load_image, open_image, resize_bilinear
 from lseg.labels import class_words
-from lseg.model.config import CLIP_MEAN_STD
+from lseg.model.config import LSEG_MEAN_STD
 from lseg.processing import LSegImageProcessor, resize_logits
 
 
@@ -92,8 +92,8 @@ class ZeroShotSettings:
     and COCO-20i's sampling (`coco_episodes` with `seed`; None: every pair)."""
 
     image_size: int = 480
-    mean: Sequence[float] = CLIP_MEAN_STD[0]
-    std: Sequence[float] = CLIP_MEAN_STD[1]
+    mean: Sequence[float] = LSEG_MEAN_STD[0]
+    std: Sequence[float] = LSEG_MEAN_STD[1]
     background: str = "others"
     batch_size: int = 1
     num_workers: int = 0

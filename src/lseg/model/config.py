@@ -20,7 +20,9 @@ from lseg.files import read_text
 from lseg.model.dpt import fusion_weight_count
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's cap on the inverse temperature
-CLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# The original LSeg's input normalisation (also timm's for its JAX ViT and TF EfficientNet-Lite
+# weights); not CLIP's own (0.481, 0.458, 0.408) / (0.269, 0.261, 0.276).
+LSEG_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 @dataclass
@@ -110,9 +112,9 @@ class LSegConfig:
     @classmethod
     def from_saved(cls, data: dict[str, Any]) -> LSegConfig:
         """The config a model was saved with (config.json, a training checkpoint's): one without
-        mean/std was written before they came from the backbone and trained with CLIP's, then the
+        mean/std was written before they came from the backbone and trained with LSeg's 0.5, then the
         default."""
-        return cls.from_dict({"mean": CLIP_MEAN_STD[0], "std": CLIP_MEAN_STD[1], **data})
+        return cls.from_dict({"mean": LSEG_MEAN_STD[0], "std": LSEG_MEAN_STD[1], **data})
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "text_encoder": self.text_encoder.to_dict()}
@@ -120,12 +122,12 @@ class LSegConfig:
 
 def backbone_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The normalisation timm's `pretrained_cfg` records for a backbone (its default weights, or those
-    of a `name.tag`); CLIP's where timm records none (an unknown name fails when the model is built)."""
+    of a `name.tag`); LSeg's 0.5 where timm records none (an unknown name fails when the model is built)."""
     with contextlib.suppress(RuntimeError):  # a tag timm does not know
         cfg = get_pretrained_cfg(name)
         if cfg is not None and len(cfg.mean or ()) == 3 and len(cfg.std or ()) == 3:
             return tuple(cfg.mean), tuple(cfg.std)
-    return CLIP_MEAN_STD
+    return LSEG_MEAN_STD
 
 
 def json_type_name(value: Any) -> str:

@@ -24,7 +24,7 @@ from lseg.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from lseg.model.config import CLIP_MEAN_STD
+from lseg.model.config import LSEG_MEAN_STD
 from lseg.model.hub import hub_access
 from lseg.train.console import ignore_known_noise, progress_bar
 from lseg.train.datamodule import LSegDataModule
@@ -158,8 +158,8 @@ def run_quickstart(out: Path, steps: int = 300, train_images: int = 256, seed: i
         "image_encoder": {"type": "cnn", "name": "resnet18d", "pretrained": False},
         "text_encoder": text_encoder,
         "features": 64,
-        "mean": CLIP_MEAN_STD[0],  # what the quickstart trained with, not resnet18d's ImageNet stats
-        "std": CLIP_MEAN_STD[1],
+        "mean": LSEG_MEAN_STD[0],  # what the quickstart trained with, not resnet18d's ImageNet stats
+        "std": LSEG_MEAN_STD[1],
         "labels": list(SYNTHETIC_CLASS_NAMES),
     }
     module = LSegModule(
