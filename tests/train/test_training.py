@@ -63,6 +63,19 @@ def _quiet():
         yield
 
 
+def head_calls(module: LSegModule, monkeypatch) -> list[tuple[int, torch.Tensor]]:
+    """Filled during training with each head call's (images, label embeddings asked)."""
+    calls = []
+    original = module.model.classify_decoded
+
+    def spy(decoded, text, size):
+        calls.append((decoded.shape[0], text.clone()))
+        return original(decoded, text, size)
+
+    monkeypatch.setattr(module.model, "classify_decoded", spy)
+    return calls
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # the CPU CamVid recipe trains in bf16
 def test_a_few_steps_lower_the_loss(tmp_path, precision):
     L.seed_everything(0)
@@ -223,14 +236,7 @@ def test_mixed_batches_use_each_datasets_own_labels(tmp_path, monkeypatch):
         ],
     )
     module = LSegModule(model="tiny")
-    seen = []
-    original = module.model.classify_decoded
-
-    def spy(decoded, text, size):
-        seen.append((decoded.shape[0], text.clone()))
-        return original(decoded, text, size)
-
-    monkeypatch.setattr(module.model, "classify_decoded", spy)
+    seen = head_calls(module, monkeypatch)
     trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=datamodule)
     sets = datamodule.label_sets
     assert sets["1:synthetic"][0] == "clouds" and sets["0:synthetic"][0] == "sky"
@@ -592,14 +598,7 @@ def test_label_augmentation_draws_one_template_per_label_and_adds_negatives(tmp_
         model=config, label_augmentation=True, negatives=5, negatives_column="camvid-11",
         negatives_exclude_parents=["wall", "window"],
     )  # fmt: skip
-    seen = []
-    original = module.model.classify_decoded
-
-    def spy(decoded, text, size):
-        seen.append(text.clone())
-        return original(decoded, text, size)
-
-    monkeypatch.setattr(module.model, "classify_decoded", spy)
+    seen = head_calls(module, monkeypatch)
     datamodule = data(batch_size=4)
     trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(module, datamodule=datamodule)
     labels = datamodule.label_sets["synthetic"]
@@ -609,7 +608,7 @@ def test_label_augmentation_draws_one_template_per_label_and_adds_negatives(tmp_
     assert "dog" in vocabulary and "pizza" in vocabulary
     negatives = encode(vocabulary)
     drawn = set()
-    for text in seen:
+    for _, text in seen:
         assert text.shape[0] == len(labels) + 5
         for label, row in zip(labels, text):
             matches = [i for i, t in enumerate(templates) if torch.allclose(row, encode([label], [t])[0])]
@@ -732,14 +731,7 @@ def test_a_specs_alternatives_reach_the_steps_of_a_fit(tmp_path, monkeypatch):
     (root / "names.txt").write_text("sky\nroad\ncar\n")
     (root / "words.yaml").write_text("words: {car: car}\nalternatives: {car: [vehicle]}\n")
     module = LSegModule(model="tiny", label_augmentation=True)
-    asked = []
-    original = module.model.classify_decoded
-
-    def spy(decoded, text, size):
-        asked.append(text.clone())
-        return original(decoded, text, size)
-
-    monkeypatch.setattr(module.model, "classify_decoded", spy)
+    asked = head_calls(module, monkeypatch)
     spec = {"name": "folder", "root": str(root), "split": None, "synonyms": str(root / "words.yaml")}
     datamodule = data(batch_size=2, train=[spec])
     trainer(tmp_path, max_epochs=4, limit_val_batches=0).fit(module, datamodule=datamodule)
@@ -747,7 +739,7 @@ def test_a_specs_alternatives_reach_the_steps_of_a_fit(tmp_path, monkeypatch):
     assert datamodule.word_alternatives["folder"] == [[], [], ["vehicle"]]
     templates = module.model.text_encoder.prompt_templates
     vehicle = torch.cat([module.model.encode_text(["vehicle"], [t]) for t in templates])
-    assert any(torch.isclose(vehicle @ text[2], torch.tensor(1.0), atol=1e-5).any() for text in asked)
+    assert any(torch.isclose(vehicle @ text[2], torch.tensor(1.0), atol=1e-5).any() for _, text in asked)
 
 
 def test_class_balance_with_negatives_weighs_only_the_labelled_classes(monkeypatch):
