@@ -5,7 +5,7 @@ import torch
 
 from lseg import LSeg, LSegError
 from lseg.model import load_preset, preset_names
-from lseg.model.image_encoder import STRIDES, build_image_encoder
+from lseg.model.image_encoder import STRIDES, build_image_encoder, early_stage_parameters
 from lseg.model.original import convert_state_dict
 
 from .test_original import save_lightning, tiny_clip_state
@@ -216,6 +216,7 @@ def test_every_trainable_parameter_gets_a_gradient(image_encoder):
 
 TINY_TEXT = {"pretrained": None, "custom": {"embed_dim": 16, "width": 32, "heads": 2, "layers": 1}}
 TINY_VIT = {"embed_dim": 32, "depth": 4, "num_heads": 2, "img_size": 56}
+TINY_HYBRID = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
@@ -312,3 +313,55 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients(image_encoder,
     assert len(calls) == 2  # run again in the backward pass: activations were not kept
     assert plain.keys() == checkpointed.keys()
     assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-5) for n in plain)
+
+
+@pytest.mark.parametrize(
+    ("image_encoder", "stages", "prefixes"),
+    [
+        (
+            {"type": "vit", "name": "vit_tiny_patch16_224", "kwargs": TINY_VIT, "hooks": [0, 1, 2, 3]},
+            2,
+            ["cls_token", "pos_embed", "patch_embed.", "blocks.0.", "blocks.1."],
+        ),
+        ({"type": "cnn", "name": "resnet18d"}, 2, ["conv1.", "bn1.", "layer1.", "layer2."]),
+        ({"type": "cnn", "name": "convnext_atto"}, 1, ["stem_", "stages_0."]),
+        (
+            {"type": "cnn", "name": "tf_efficientnet_lite0"},
+            1,
+            ["conv_stem.", "bn1.", "blocks.0.", "blocks.1."],
+        ),
+        (
+            {"type": "hybrid", "name": "vit_base_r50_s16_384", "hooks": [0, 1], "kwargs": TINY_HYBRID},
+            1,
+            ["patch_embed.backbone.stem.", "patch_embed.backbone.stages.0."],
+        ),
+        (
+            {"type": "hybrid", "name": "vit_base_r50_s16_384", "hooks": [0, 1], "kwargs": TINY_HYBRID},
+            3,
+            ["cls_token", "pos_embed", "patch_embed.", "blocks.0."],
+        ),
+    ],
+)
+def test_early_stages_are_the_backbone_parameters_their_maps_depend_on(image_encoder, stages, prefixes):
+    """`frozen_stages` freezes exactly these: the stem and embeddings, then stage by stage (a hybrid's
+    position embedding only from its first ViT map), and never a DPT reassembly layer."""
+    config = {
+        "image_encoder": {**image_encoder, "pretrained": False},
+        "text_encoder": TINY_TEXT,
+        "features": 16,
+    }
+    encoder = LSeg.from_config(config).train().image_encoder
+    statistics = [b.clone() for b in encoder.buffers()]
+    names = {id(p): n for n, p in encoder.model.named_parameters()}
+    early = {names[id(p)] for p in early_stage_parameters(encoder, stages)}
+    assert early == {n for n in names.values() if n.startswith(tuple(prefixes))}
+    assert all(torch.equal(a, b) for a, b in zip(statistics, encoder.buffers()))  # BatchNorm untouched
+    assert all(module.training for module in encoder.modules())
+    assert early_stage_parameters(encoder, 0) == []
+    assert len(early_stage_parameters(encoder, 4)) == len(names)
+
+
+@pytest.mark.parametrize("stages", [-1, 5])
+def test_frozen_stages_outside_the_four_maps_is_a_clear_error(tiny_model, stages):
+    with pytest.raises(LSegError, match=f"frozen_stages must be 0 to 4 .*got {stages}"):
+        early_stage_parameters(tiny_model.image_encoder, stages)

@@ -850,3 +850,26 @@ def test_text_projection_learns_at_the_heads_rate_with_weight_decay(tmp_path):
     assert group["weight_decay"] > 0
     trainer(tmp_path, max_steps=3, enable_checkpointing=False).fit(module, datamodule=data())
     assert module.model.text_projection.linear.weight.abs().max() > 0
+
+
+def test_frozen_stages_keep_their_weights_and_batchnorm_statistics_through_a_fit(tmp_path):
+    """The first two stages of a BatchNorm CNN stay exactly as loaded (weights and running
+    statistics, so Lightning's train() must not switch their BatchNorm back), the later stages learn."""
+    config = {
+        **load_preset("tiny").to_dict(),
+        "image_encoder": {"type": "cnn", "name": "resnet10t", "pretrained": False},
+    }
+    module = LSegModule(model=config, pretrained=False, optimizer="adamw", lr=0.01, frozen_stages=2)
+    backbone = module.model.image_encoder.model
+    before = {k: v.clone() for k, v in backbone.state_dict().items() if "num_batches_tracked" not in k}
+    fit = trainer(tmp_path, max_steps=3, enable_checkpointing=False, limit_val_batches=0)
+    fit.fit(module, datamodule=data())
+    after = backbone.state_dict()
+    early = ("conv1.", "bn1.", "layer1.", "layer2.")
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert not {k for k in changed if k.startswith(early)}
+    assert {"layer3.0.conv1.weight", "layer3.0.bn1.running_mean", "layer4.0.bn1.weight"} <= changed
+    trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in backbone.named_parameters() if not n.startswith(early)}
+    module.eval().train()  # as a hand-written loop would
+    assert not backbone.layer2.training and not backbone.bn1.training and backbone.layer3.training

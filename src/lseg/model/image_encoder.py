@@ -322,6 +322,37 @@ class HybridViTEncoder(nn.Module):
         return [cnn_maps[0], cnn_maps[1], *vit_maps]
 
 
+def early_stage_parameters(encoder: nn.Module, stages: int) -> list[nn.Parameter]:
+    """The pretrained backbone's (`encoder.model`'s) parameters that the encoder's first `stages`
+    maps (strides 4, 8, ...) depend on: the stem, the embeddings and the stages or blocks up to there.
+
+    Found by differentiating those maps of one small eval-mode forward (BatchNorm statistics are not
+    touched), so it holds for any registered encoder, whatever order its modules run in. The DPT
+    reassembly layers are not the backbone's and are never included.
+    """
+    if not 0 <= stages <= len(STRIDES):
+        raise LSegError(
+            f"frozen_stages must be 0 to {len(STRIDES)} (the image encoder's maps at strides {STRIDES}), "
+            f"got {stages}"
+        )
+    if stages == 0:
+        return []
+    parameters = list(encoder.model.parameters())
+    reference = parameters[0]
+    side = encoder.pad_multiple
+    image = torch.zeros(1, 3, side, side, device=reference.device, dtype=reference.dtype)
+    modes = [(module, module.training) for module in encoder.modules()]
+    encoder.eval()
+    try:
+        with torch.enable_grad():
+            maps = encoder(image)[:stages]
+            gradients = torch.autograd.grad(sum(m.sum() for m in maps), parameters, allow_unused=True)
+    finally:
+        for module, training in modes:
+            module.training = training
+    return [p for p, gradient in zip(parameters, gradients) if gradient is not None]
+
+
 def build_image_encoder(cfg: ImageEncoderConfig) -> nn.Module:
     """The encoder of the config's registered `type`."""
     return IMAGE_ENCODERS.record(cfg.type).builder(cfg)

@@ -17,6 +17,7 @@ from lseg.evaluate.runner import image_shape, mask_logits
 from lseg.inference import PROTOCOLS
 from lseg.labels import label_key
 from lseg.model import LSeg, LSegConfig, load_preset
+from lseg.model.image_encoder import early_stage_parameters
 from lseg.precision import cpu_has_native_bfloat16
 from lseg.predictor import same_size_runs
 
@@ -57,7 +58,10 @@ class LSegModule(L.LightningModule):
     and a pixel on its word would score highest with that word's nearest synonym (on CamVid it kept
     the training-word score and lowered the unseen-synonym score; docs/results.md).
     `channels_last` keeps convolution weights and inputs in that memory layout (faster on CPU and on
-    tensor cores).
+    tensor cores). `frozen_stages` (0-4) freezes the pretrained backbone up to its first that many
+    feature maps (strides 4, 8, 16, 32; stem and embeddings included), as mmsegmentation's backbones
+    do: those stages keep their ImageNet features, their BatchNorm statistics and drop paths stay in
+    eval mode, and the backward pass stops before them (a faster step).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class LSegModule(L.LightningModule):
         class_balance: float = 0.0,
         anchor_alignment: float = 0.0,
         channels_last: bool = False,
+        frozen_stages: int = 0,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
@@ -103,6 +108,8 @@ class LSegModule(L.LightningModule):
         self.save_hyperparameters({"model_config": config.to_dict()})
         self.save_hyperparameters(ignore=["model"])
         self.model = LSeg(config, load_pretrained=pretrained)
+        for parameter in early_stage_parameters(self.model.image_encoder, frozen_stages):
+            parameter.requires_grad_(False)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if channels_last:  # oneDNN's fast convolution layout: a CPU training step of resnet18d takes ~0.6x
@@ -110,6 +117,23 @@ class LSegModule(L.LightningModule):
         self.class_weights: dict[str, torch.Tensor] = {}
         self.val_metrics: SegmentationMetrics | None = None
         self._preview: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def train(self, mode: bool = True) -> LSegModule:
+        super().train(mode)
+        if mode:
+            self._frozen_stages_to_eval()
+        return self
+
+    def on_train_start(self) -> None:
+        # Lightning keeps each module's mode at fit start instead of calling train().
+        self._frozen_stages_to_eval()
+
+    def _frozen_stages_to_eval(self) -> None:
+        """Backbone modules whose parameters are all frozen (`frozen_stages`) run in eval mode."""
+        for module in self.model.image_encoder.modules():
+            parameters = list(module.parameters())
+            if parameters and not any(p.requires_grad for p in parameters):
+                module.eval()
 
     def setup(self, stage: str) -> None:
         """Class weights of every training dataset, from its labels' pixel counts (`class_balance`),
