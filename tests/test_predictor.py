@@ -28,19 +28,20 @@ def features_of(model, image, protocol="single", size=None, grid="model"):
 def test_labels_and_features_run_the_image_encoder_once_per_image(tiny_model, monkeypatch, protocol):
     images = [random_image(40, 56, seed) for seed in range(3)]
     labels = ["cat", "grass", "other"]
+    size = 96  # lseg-ms: six scales (48 to 168 pixels) and their flips, not its 520-pixel default
     separate = tiny_model.segment(
-        images, labels, protocol=protocol, return_scores=True, return_confidence=True
+        images, labels, protocol=protocol, size=size, return_scores=True, return_confidence=True
     )
-    features = tiny_model.encode_image(images, protocol=protocol)
+    features = tiny_model.encode_image(images, protocol=protocol, size=size)
     calls = []
     encoder = tiny_model.image_encoder.forward
     monkeypatch.setattr(tiny_model.image_encoder, "forward", lambda x: calls.append(x.shape[0]) or encoder(x))
-    predictor = LSegPredictor(tiny_model, protocol)
+    predictor = LSegPredictor(tiny_model, protocol, size)
     outputs = {"label_map", "scores", "confidence", "features"}
     together = predictor.predict(images, labels, outputs)
     windows = sum(calls)
     calls.clear()
-    tiny_model.segment(images, labels, protocol=protocol)
+    tiny_model.segment(images, labels, protocol=protocol, size=size)
     assert windows == sum(calls)  # the label map alone costs the same passes: features came free
     for old, feats, new in zip(separate, features, together, strict=True):
         assert np.array_equal(old.label_map, new.label_map)

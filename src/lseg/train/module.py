@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning as L
@@ -61,7 +62,11 @@ class LSegModule(L.LightningModule):
     tensor cores). `frozen_stages` (0-4) freezes the pretrained backbone up to its first that many
     feature maps (strides 4, 8, 16, 32; stem and embeddings included), as mmsegmentation's backbones
     do: those stages keep their ImageNet features, their BatchNorm statistics and drop paths stay in
-    eval mode, and the backward pass stops before them (a faster step).
+    eval mode, and the backward pass stops before them (a faster step). `feature_consistency` adds
+    that multiple of the mean 1 - cosine between the image encoder's four maps and those of a frozen
+    copy of it as built (its pretrained weights, eval mode), averaged over the maps: the ImageNet
+    features are pulled back wherever the seen classes' loss moves them (for a ViT the copy includes
+    the DPT reassembly as initialised).
     """
 
     def __init__(
@@ -87,15 +92,17 @@ class LSegModule(L.LightningModule):
         anchor_alignment: float = 0.0,
         channels_last: bool = False,
         frozen_stages: int = 0,
+        feature_consistency: float = 0.0,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
             raise LSegError(f"optimizer must be 'sgd' or 'adamw', got '{optimizer}'")
         if not 0 < hard_pixel_fraction <= 1:
             raise LSegError(f"hard_pixel_fraction must be in (0, 1], got {hard_pixel_fraction}")
-        if class_balance < 0 or anchor_alignment < 0:
+        if min(class_balance, anchor_alignment, feature_consistency) < 0:
             raise LSegError(
-                f"class_balance and anchor_alignment must be >= 0, got {class_balance}, {anchor_alignment}"
+                "class_balance, anchor_alignment and feature_consistency must be >= 0, got "
+                f"{class_balance}, {anchor_alignment}, {feature_consistency}"
             )
         if negatives < 0 or (negatives and negatives_column is None):
             raise LSegError(
@@ -114,6 +121,9 @@ class LSegModule(L.LightningModule):
             self.model.set_grad_checkpointing(True)
         if channels_last:  # oneDNN's fast convolution layout: a CPU training step of resnet18d takes ~0.6x
             self.model.to(memory_format=torch.channels_last)
+        self.reference_encoder = None
+        if feature_consistency:  # a submodule: moved with the model, and kept in checkpoints for resuming
+            self.reference_encoder = copy.deepcopy(self.model.image_encoder).requires_grad_(False).eval()
         self.class_weights: dict[str, torch.Tensor] = {}
         self.val_metrics: SegmentationMetrics | None = None
         self._preview: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -121,19 +131,22 @@ class LSegModule(L.LightningModule):
     def train(self, mode: bool = True) -> LSegModule:
         super().train(mode)
         if mode:
-            self._frozen_stages_to_eval()
+            self._fixed_modules_to_eval()
         return self
 
     def on_train_start(self) -> None:
         # Lightning keeps each module's mode at fit start instead of calling train().
-        self._frozen_stages_to_eval()
+        self._fixed_modules_to_eval()
 
-    def _frozen_stages_to_eval(self) -> None:
-        """Backbone modules whose parameters are all frozen (`frozen_stages`) run in eval mode."""
+    def _fixed_modules_to_eval(self) -> None:
+        """Backbone modules whose parameters are all frozen (`frozen_stages`) and the reference encoder
+        (`feature_consistency`) run in eval mode."""
         for module in self.model.image_encoder.modules():
             parameters = list(module.parameters())
             if parameters and not any(p.requires_grad for p in parameters):
                 module.eval()
+        if self.reference_encoder is not None:
+            self.reference_encoder.eval()
 
     def setup(self, stage: str) -> None:
         """Class weights of every training dataset, from its labels' pixel counts (`class_balance`),
@@ -214,12 +227,23 @@ class LSegModule(L.LightningModule):
 
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """CE over labelled pixels (the hardest `hard_pixel_fraction` of them, online hard-example
-        mining), plus `anchor_alignment`; samples of different datasets use their own label sets.
+        mining), plus `anchor_alignment` and `feature_consistency`; samples of different datasets use
+        their own label sets.
 
         Logits come from the decoder's map through `classify_decoded`, never through the D-channel
         embedding map, and ignored pixels (CE 0) stay in the sums, which spares a boolean index."""
         images, masks = self._images(batch), batch["mask"]
-        decoded = self.model.decoded_features(images)
+        encoded = []  # the encoder's (padded input, maps), for feature_consistency
+        hook = None
+        if self.reference_encoder is not None:
+            hook = self.model.image_encoder.register_forward_hook(
+                lambda _, args, maps: encoded.append((args[0], maps))
+            )
+        try:
+            decoded = self.model.decoded_features(images)
+        finally:
+            if hook is not None:
+                hook.remove()
         losses, distances, labelled = [], [], 0
         for key in dict.fromkeys(batch["dataset"]):
             rows = [i for i, k in enumerate(batch["dataset"]) if k == key]
@@ -249,7 +273,18 @@ class LSegModule(L.LightningModule):
             loss = losses.sum() / labelled.clamp(min=1)
         if distances and len(distances := torch.cat(distances)):
             loss = loss + self.hparams.anchor_alignment * distances.mean()
+        if encoded:
+            loss = loss + self.hparams.feature_consistency * self._feature_drift(*encoded[0])
         return loss
+
+    def _feature_drift(self, padded: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Mean over the encoder's maps of the mean per-pixel 1 - cosine to the reference encoder's."""
+        with torch.no_grad():
+            reference = self.reference_encoder(padded)
+        drifts = [
+            (1 - F.cosine_similarity(m.float(), r.float(), dim=1)).mean() for m, r in zip(maps, reference)
+        ]
+        return torch.stack(drifts).mean()
 
     @staticmethod
     def _anchor_distances(cosines: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
