@@ -62,7 +62,7 @@ class LSegModule(L.LightningModule):
     tensor cores). `frozen_stages` (0-4) freezes the pretrained backbone up to its first that many
     feature maps (strides 4, 8, 16, 32; stem and embeddings included), as mmsegmentation's backbones
     do: those stages keep their ImageNet features, their BatchNorm statistics and drop paths stay in
-    eval mode, and the backward pass stops before them (a faster step). `feature_consistency` adds
+    eval mode, and no gradients are computed for them. `feature_consistency` adds
     that multiple of the mean 1 - cosine between the image encoder's four maps and those of a frozen
     copy of it as built (its pretrained weights, eval mode), averaged over the maps: the ImageNet
     features are pulled back wherever the seen classes' loss moves them (for a ViT the copy includes
