@@ -1,5 +1,7 @@
 """Every image-encoder preset builds offline and feeds the DPT decoder four maps at strides 4..32."""
 
+import copy
+
 import pytest
 import torch
 
@@ -365,3 +367,12 @@ def test_early_stages_are_the_backbone_parameters_their_maps_depend_on(image_enc
 def test_frozen_stages_outside_the_four_maps_is_a_clear_error(tiny_model, stages):
     with pytest.raises(LSegError, match=f"frozen_stages must be 0 to 4 .*got {stages}"):
         early_stage_parameters(tiny_model.image_encoder, stages)
+
+
+def test_early_stages_are_found_on_the_parameters_device(tiny_model):
+    """The probe image follows the weights: on `meta` (a GPU in a CPU-only suite) the same set."""
+    names = {id(p): n for n, p in tiny_model.image_encoder.model.named_parameters()}
+    expected = [names[id(p)] for p in early_stage_parameters(tiny_model.image_encoder, 2)]
+    encoder = copy.deepcopy(tiny_model.image_encoder).to("meta")
+    meta_names = {id(p): n for n, p in encoder.model.named_parameters()}
+    assert [meta_names[id(p)] for p in early_stage_parameters(encoder, 2)] == expected
