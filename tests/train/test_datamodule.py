@@ -29,14 +29,18 @@ def street(tmp_path):
 
 def test_synonyms_give_the_words_and_unseen_classes_are_neither_asked_nor_targets(street):
     spec = {"name": "folder", "root": str(street), "split": None, "synonyms": str(street / "folds.yaml")}
-    dataset, labels, _ = build(spec, None)
+    dataset, labels, _, unseen_labels = build(spec, None)
     assert labels == ["street", "truck or bus", "Sky"]  # class_words for the class without a synonym
-    held_dataset, held_labels, _ = build({**spec, "unseen_file": str(street / "folds.yaml"), "fold": 0}, None)
+    assert unseen_labels == []
+    held_dataset, held_labels, _, unseen_labels = build(
+        {**spec, "unseen_file": str(street / "folds.yaml"), "fold": 0}, None
+    )
     assert held_labels == ["street", "Sky"]
+    assert unseen_labels == ["truck or bus"]  # asked only by transductive self-training
     assert held_dataset.class_names == ["Road", "Sky"]
     assert torch.equal(held_dataset[0]["mask"][0], torch.tensor([0, 0, 255, 255, 1, 1]))
-    _, by_name, _ = build({**spec, "unseen": ["sky"]}, None)
-    assert by_name == ["street", "truck or bus"]
+    by_name = build({**spec, "unseen": ["sky", "road"]}, None)
+    assert by_name.labels == ["truck or bus"] and by_name.unseen_labels == ["street", "Sky"]  # in class order
 
 
 def test_a_spec_that_holds_out_an_unknown_class_fails_before_training(street):
@@ -53,13 +57,12 @@ def test_alternatives_are_kept_per_class_and_an_unseen_class_takes_its_words_alo
         "alternatives: {truck_bus: [truck, bus, vehicle], Road: [road, vehicle], Sky: heaven}\n"
     )
     spec = {"name": "folder", "root": str(street), "split": None, "synonyms": str(street / "words.yaml")}
-    _, labels, alternatives = build(spec, None)
+    _, labels, alternatives, _ = build(spec, None)
     assert labels == ["street", "truck or bus", "Sky"]
     assert alternatives == [["road", "vehicle"], ["truck", "bus", "vehicle"], ["heaven"]]
-    _, labels, alternatives = build({**spec, "unseen_file": str(street / "words.yaml"), "fold": 0}, None)
+    _, labels, alternatives, _ = build({**spec, "unseen_file": str(street / "words.yaml"), "fold": 0}, None)
     assert labels == ["street", "Sky"] and alternatives == [["road"], ["heaven"]]
-    _, _, none = build({**spec, "synonyms": None}, None)
-    assert none == [[], [], []]
+    assert build({**spec, "synonyms": None}, None).alternatives == [[], [], []]
 
 
 @pytest.mark.parametrize(

@@ -899,3 +899,50 @@ def test_the_reference_encoder_stays_as_built_and_in_eval_mode_through_a_fit(tmp
     assert modes == [False] * 3
     assert all(torch.equal(v, module.reference_encoder.state_dict()[k]) for k, v in built.items())
     assert not all(torch.equal(v, module.model.image_encoder.state_dict()[k]) for k, v in encoder.items())
+
+
+def test_self_training_labels_ignored_pixels_with_their_most_confident_unseen_words(monkeypatch):
+    """The pseudo-labels, recomputed by hand: an ignored pixel takes its best unseen word, and per
+    unseen word the more confident half of its pixels (softmax over all five words) are targets."""
+    labels, unseen = ["sky", "road", "car"], ["bus", "van"]
+    batch = partly_ignored_batch(monkeypatch, labels)  # 8 x 32 ignored pixels in the first image
+    config = {  # a random CNN's pixel embeddings vary enough for both unseen words to win pixels
+        **load_preset("tiny").to_dict(),
+        "image_encoder": {"type": "cnn", "name": "resnet10t", "pretrained": False},
+    }
+    modules = {}
+    for weight, start in ((0.0, 0), (2.0, 0), (2.0, 1)):
+        torch.manual_seed(0)
+        modules[weight, start] = LSegModule(
+            config, pretrained=False, self_training=weight, self_training_start=start
+        ).eval()
+    plain, transductive, later = modules.values()
+    monkeypatch.setattr(LSegModule, "unseen_labels", property(lambda self: {"d": []}))
+    torch.testing.assert_close(transductive._loss(batch), plain._loss(batch))  # no unseen words: no term
+    monkeypatch.setattr(LSegModule, "unseen_labels", property(lambda self: {"d": unseen}))
+    logits = plain.model(batch["image"], plain.model.encode_text(labels + unseen)).logits
+    probabilities = logits.softmax(dim=1)[0, :, :8].flatten(1)  # the ignored pixels, 5 words x 256
+    best = probabilities[3:].argmax(dim=0) + 3
+    targets, chosen = [], []
+    for word in (3, 4):
+        mine = (best == word).nonzero()[:, 0]
+        order = probabilities[word, mine].argsort(descending=True)
+        kept = mine[order[: max(1, len(mine) // 2)]]
+        chosen.append(kept)
+        targets += [word] * len(kept)
+    assert 0 < len(chosen[0]) < 256 and 0 < len(chosen[1]) < 256  # both words win some pixels
+    pixels = torch.cat(chosen)
+    pseudo = F.cross_entropy(logits[0, :, :8].flatten(1)[:, pixels].T, torch.tensor(targets))
+    loss = transductive._loss(batch)
+    torch.testing.assert_close(loss, plain._loss(batch) + 2.0 * pseudo)
+    assert pseudo > 0
+    torch.testing.assert_close(later._loss(batch), plain._loss(batch))  # before self_training_start
+    weight = next(transductive.model.image_encoder.parameters())
+    plain_weight = next(plain.model.image_encoder.parameters())
+    (gradient,), (plain_gradient,) = (
+        torch.autograd.grad(loss, weight),
+        torch.autograd.grad(plain._loss(batch), plain_weight),
+    )
+    assert not torch.allclose(gradient, plain_gradient)  # the pseudo-labels' CE trains the encoder
+    with pytest.raises(LSegError, match="self_training_fraction"):
+        LSegModule("tiny", pretrained=False, self_training=1.0, self_training_fraction=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -58,9 +58,19 @@ def dataset_spec(spec: DatasetSpec | dict[str, Any]) -> DatasetSpec:
     return DatasetSpec(**spec)
 
 
-def build(spec: DatasetSpec | dict[str, Any], transform) -> tuple[Dataset, list[str], list[list[str]]]:
-    """Dataset with `transform`, the words its class ids are asked as (default: its class names) and
-    each class's alternative words (`read_alternatives`; none without a synonyms file)."""
+class BuiltDataset(NamedTuple):
+    """A training or validation dataset and the words of its classes."""
+
+    dataset: Dataset
+    labels: list[str]  # the word each class id is asked as
+    alternatives: list[list[str]]  # per class, the other words label augmentation may ask it as
+    unseen_labels: list[str]  # the held-out classes' words (their pixels are ignore); [] if none
+
+
+def build(spec: DatasetSpec | dict[str, Any], transform) -> BuiltDataset:
+    """Dataset with `transform`, the words its class ids are asked as (default: its class names),
+    each class's alternative words (`read_alternatives`; none without a synonyms file) and the words
+    of the classes it holds out (`unseen`), which only transductive self-training asks."""
     spec = dataset_spec(spec)
     if spec.name == "synthetic":
         options = {"num_images": 256, **spec.options}
@@ -78,6 +88,7 @@ def build(spec: DatasetSpec | dict[str, Any], transform) -> tuple[Dataset, list[
     labels = build_label_space(names, labels=spec.labels, synonyms=spec.synonyms).labels  # as evaluation asks
     alternatives = _alternatives(spec.synonyms, names, labels)
     held_out = read_unseen(names, spec.unseen, spec.unseen_file, spec.fold)
+    unseen_labels = []
     if held_out is not None:
         if not hasattr(dataset, "drop_classes"):
             raise LSegError(f"dataset '{spec.name}' cannot hold classes out (unseen)")
@@ -85,9 +96,10 @@ def build(spec: DatasetSpec | dict[str, Any], transform) -> tuple[Dataset, list[
         # An unseen class's words are never asked, not even as another class's alternative ("vehicle").
         unseen_words = {label_key(w) for i in held_out.unseen for w in alternatives[i]}
         kept = [i for i in range(len(names)) if i not in held_out.unseen]
+        unseen_labels = [labels[i] for i in sorted(held_out.unseen)]
         labels = [labels[i] for i in kept]
         alternatives = [[w for w in alternatives[i] if label_key(w) not in unseen_words] for i in kept]
-    return dataset, labels, alternatives
+    return BuiltDataset(dataset, labels, alternatives, unseen_labels)
 
 
 def _alternatives(synonyms: str | None, names: list[str], labels: list[str]) -> list[list[str]]:
@@ -242,6 +254,7 @@ class LSegDataModule(L.LightningDataModule):
         self.seed = seed
         self.label_sets: dict[str, list[str]] = {}
         self.word_alternatives: dict[str, list[list[str]]] = {}  # per training label set, per class
+        self.unseen_labels: dict[str, list[str]] = {}  # per training label set, its held-out classes' words
         self.train_datasets: dict[str, Dataset] = {}
         self.val_key: str | None = None
         self._train_loader: ResumableDataLoader | None = None
@@ -281,16 +294,17 @@ class LSegDataModule(L.LightningDataModule):
         )
         datasets = []
         for index, spec in enumerate(self.train_specs):
-            dataset, labels, alternatives = build(spec, augment)
+            dataset, labels, alternatives, unseen_labels = build(spec, augment)
             key = spec.name if len(self.train_specs) == 1 else f"{index}:{spec.name}"
             self.label_sets[key] = labels
             self.word_alternatives[key] = alternatives
+            self.unseen_labels[key] = unseen_labels
             self.train_datasets[key] = dataset
             datasets.append(LabelledDataset(dataset, key))
         self.train_dataset = SeededSamples(ConcatDataset(datasets))
         self.val_dataset = None
         if self.val_spec is not None:  # untransformed, as `lseg evaluate` reads it: scored at the masks' size
-            dataset, labels, _ = build(self.val_spec, None)
+            dataset, labels, *_ = build(self.val_spec, None)
             self.val_key = f"val:{self.val_spec.name}"
             self.label_sets[self.val_key] = labels
             self.val_dataset = LabelledDataset(dataset, self.val_key)

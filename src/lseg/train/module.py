@@ -67,6 +67,14 @@ class LSegModule(L.LightningModule):
     copy of it as built (its pretrained weights, eval mode), averaged over the maps: the ImageNet
     features are pulled back wherever the seen classes' loss moves them (for a ViT the copy includes
     the DPT reassembly as initialised).
+
+    `self_training` (weight, default 0) is transductive zero-shot training (ZS5Net's self-training):
+    from step `self_training_start` on, each ignored pixel of a dataset that holds classes out is
+    given the unseen class whose word scores highest there, and the `self_training_fraction` of those
+    pixels that each unseen class scores most confidently in the batch (its softmax probability over
+    every asked word) become targets of a second cross-entropy term, asked against the seen and the
+    unseen words together. It uses the unseen classes' words and the unlabelled pixels of the training
+    images, never their labels: a setting apart from the inductive protocol (docs/evaluation.md).
     """
 
     def __init__(
@@ -93,6 +101,9 @@ class LSegModule(L.LightningModule):
         channels_last: bool = False,
         frozen_stages: int = 0,
         feature_consistency: float = 0.0,
+        self_training: float = 0.0,
+        self_training_start: int = 0,
+        self_training_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
@@ -103,6 +114,11 @@ class LSegModule(L.LightningModule):
             raise LSegError(
                 "class_balance, anchor_alignment and feature_consistency must be >= 0, got "
                 f"{class_balance}, {anchor_alignment}, {feature_consistency}"
+            )
+        if self_training < 0 or self_training_start < 0 or not 0 < self_training_fraction <= 1:
+            raise LSegError(
+                "self_training and self_training_start must be >= 0 and self_training_fraction in "
+                f"(0, 1], got {self_training}, {self_training_start}, {self_training_fraction}"
             )
         if negatives < 0 or (negatives and negatives_column is None):
             raise LSegError(
@@ -172,6 +188,11 @@ class LSegModule(L.LightningModule):
         return self.trainer.datamodule.label_sets
 
     @property
+    def unseen_labels(self) -> dict[str, list[str]]:
+        """Per label set, the words of the classes it holds out (none from a data module without them)."""
+        return getattr(self.trainer.datamodule, "unseen_labels", {})
+
+    @property
     def word_alternatives(self) -> dict[str, list[list[str]]]:
         """Per label set, each class's alternative words (none from a data module without them)."""
         return getattr(self.trainer.datamodule, "word_alternatives", {})
@@ -227,8 +248,8 @@ class LSegModule(L.LightningModule):
 
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """CE over labelled pixels (the hardest `hard_pixel_fraction` of them, online hard-example
-        mining), plus `anchor_alignment` and `feature_consistency`; samples of different datasets use
-        their own label sets.
+        mining), plus `anchor_alignment`, `feature_consistency` and `self_training`; samples of
+        different datasets use their own label sets.
 
         Logits come from the decoder's map through `classify_decoded`, never through the D-channel
         embedding map, and ignored pixels (CE 0) stay in the sums, which spares a boolean index."""
@@ -244,7 +265,8 @@ class LSegModule(L.LightningModule):
         finally:
             if hook is not None:
                 hook.remove()
-        losses, distances, labelled = [], [], 0
+        losses, distances, pseudo, labelled = [], [], [], 0
+        self_training = self.hparams.self_training and self.global_step >= self.hparams.self_training_start
         for key in dict.fromkeys(batch["dataset"]):
             rows = [i for i, k in enumerate(batch["dataset"]) if k == key]
             if len(rows) == len(images):  # one dataset: a view, not an indexed copy (and its backward)
@@ -265,6 +287,8 @@ class LSegModule(L.LightningModule):
             labelled = labelled + (masks[rows] != IGNORE_INDEX).sum()
             if self.hparams.anchor_alignment:
                 distances.append(self._anchor_distances(cosines, masks[rows]))
+            if self_training and (unseen := self.unseen_labels.get(key)):
+                pseudo.append(self._pseudo_label_losses(decoded[rows], text, unseen, masks[rows]))
         losses = torch.cat(losses)
         if self.hparams.hard_pixel_fraction < 1:  # ignored pixels (CE 0) are never harder than labelled ones
             hardest = max(1, int(labelled * self.hparams.hard_pixel_fraction))
@@ -275,7 +299,36 @@ class LSegModule(L.LightningModule):
             loss = loss + self.hparams.anchor_alignment * distances.mean()
         if encoded:
             loss = loss + self.hparams.feature_consistency * self._feature_drift(*encoded[0])
+        if pseudo and len(pseudo := torch.cat(pseudo)):
+            loss = loss + self.hparams.self_training * pseudo.mean()
         return loss
+
+    def _pseudo_label_losses(
+        self, decoded: torch.Tensor, text: torch.Tensor, unseen: list[str], masks: torch.Tensor
+    ) -> torch.Tensor:
+        """CE of the pixels `self_training` labels (one value each, unweighted) against every word
+        asked this step plus the unseen words (asked as inference asks them: all prompt templates).
+
+        An ignored pixel is not of a seen class (it would be labelled), so its pseudo-label is the
+        best-scoring unseen word; per unseen class, its most confident `self_training_fraction` of
+        those pixels count. Labels come from this step's own logits without gradient, as ZS5Net's."""
+        words = torch.cat([text, self.model.encode_text(unseen)])
+        logits, _ = self.model.classify_decoded(decoded, words, masks.shape[-2:])
+        logits = logits.float()
+        with torch.no_grad():
+            confidence, choice = logits.softmax(dim=1)[:, len(text) :].max(dim=1)
+            choice = choice + len(text)
+            candidates = masks == IGNORE_INDEX
+            targets = torch.full_like(masks, IGNORE_INDEX)
+            for word in range(len(text), len(words)):
+                chosen = candidates & (choice == word)
+                count = int(chosen.sum())
+                if count:
+                    kept = max(1, int(count * self.hparams.self_training_fraction))
+                    threshold = confidence[chosen].topk(kept).values[-1]
+                    targets[chosen & (confidence >= threshold)] = word
+        pixels = targets != IGNORE_INDEX
+        return F.cross_entropy(logits.permute(0, 2, 3, 1)[pixels], targets[pixels], reduction="none")
 
     def _feature_drift(self, padded: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
         """Mean over the encoder's maps of the mean per-pixel 1 - cosine to the reference encoder's."""
