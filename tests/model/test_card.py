@@ -233,6 +233,26 @@ def test_training_on_a_folder_dataset_names_it_by_its_root(tmp_path, tiny_model)
     folder = tiny_model.save_pretrained(tmp_path / "model", metrics=report)
     train = ModelCard.load(folder / "README.md").data.lseg["results"]["train"]
     assert (train["dataset"], train["split"]) == ("streets", "val")
+    assert "Transductive" not in (folder / "README.md").read_text()
+
+
+def test_a_self_trained_model_card_names_the_held_out_words_it_asked(tmp_path, tiny_model):
+    """Transductive self-training asked the unseen classes' words: its card says so, and which."""
+    from types import SimpleNamespace
+
+    from lseg.train.callbacks import ExportPretrained
+
+    datamodule = SimpleNamespace(
+        label_sets={"folder": ["road"]}, unseen_labels={"folder": ["truck or bus", "sky"]}
+    )
+    trainer = SimpleNamespace(
+        datamodule=datamodule, lightning_module=SimpleNamespace(hparams={"self_training": 1.0})
+    )
+    report = ExportPretrained()._report(trainer, None)
+    assert report["training"]["self_training_labels"] == {"folder": ["truck or bus", "sky"]}
+    card = (tiny_model.save_pretrained(tmp_path / "model", metrics=report) / "README.md").read_text()
+    transductive = "Transductive: self-training also asked the held-out words folder: truck or bus, sky."
+    assert f"Trained on folder: road. {transductive}" in card
 
 
 def test_a_part_of_a_split_or_another_protocol_never_replaces_the_whole_splits_result(tmp_path, tiny_model):

@@ -307,6 +307,10 @@ def _training_summary(record: dict[str, Any]) -> str:
     when = ", ".join(f"{key} {training[key]}" for key in ("epoch", "step") if key in training)
     when = f" ({when})" if when else ""
     trained = f"Trained on {sets}." if sets else "Trained with lseg."
+    if asked := "; ".join(
+        f"{key}: {_cell(', '.join(words))}" for key, words in training.get("self_training_labels", {}).items()
+    ):
+        trained += f" Transductive: self-training also asked the held-out words {asked}."
     scored = f" Validation on {where} of the {chosen} checkpoint{when}:" if record["metrics"] else ""
     return trained + scored
 

@@ -133,7 +133,8 @@ class ExportPretrained(L.Callback):
             rank_zero_info(f"exported {'best' if checkpoint else 'final'} model to {target}")
 
     def _report(self, trainer: L.Trainer, checkpoint: ModelCheckpoint | None) -> dict[str, Any]:
-        """The exported weights' validation scores and the label sets they were trained with."""
+        """The exported weights' validation scores and the label sets they were trained with (and the
+        held-out words that `self_training` asked)."""
         run = self.validations[-1] if self.validations else {"metrics": {}}
         if checkpoint is not None and checkpoint.best_model_score is not None:
             key, best = checkpoint.monitor.removeprefix("val/"), float(checkpoint.best_model_score)
@@ -148,6 +149,9 @@ class ExportPretrained(L.Callback):
             **{key: run[key] for key in ("epoch", "step") if key in run},
             "label_sets": {key: labels for key, labels in label_sets.items() if key != val_key},
         }
+        hparams = getattr(getattr(trainer, "lightning_module", None), "hparams", {})
+        if hparams.get("self_training"):  # transductive: the held-out classes' words were asked
+            training["self_training_labels"] = dict(getattr(datamodule, "unseen_labels", {}))
         dataset = {}
         if spec is not None:  # the root names a `folder` dataset on the card, as for lseg evaluate
             root = {"root": str(Path(spec.root).resolve())} if spec.root else {}
