@@ -272,7 +272,12 @@ class LSegModule(L.LightningModule):
             if len(rows) == len(images):  # one dataset: a view, not an indexed copy (and its backward)
                 rows = slice(None)
             text = self._training_text(key)
-            logits, cosines = self.model.classify_decoded(decoded[rows], text, images.shape[-2:])
+            unseen = self.unseen_labels.get(key) if self_training else None
+            words = torch.cat([text, self.model.encode_text(unseen)]) if unseen else text
+            logits, cosines = self.model.classify_decoded(decoded[rows], words, images.shape[-2:])
+            if unseen:  # one pass for both terms; the seen-class CE reads the first columns only
+                pseudo.append(self._pseudo_label_losses(logits.float(), len(text), masks[rows]))
+                logits, cosines = logits[:, : len(text)], cosines[:, : len(text)]
             weight = self.class_weights.get(key)
             if weight is not None and len(weight) < len(text):  # negatives are never a target
                 weight = F.pad(weight, (0, len(text) - len(weight)), value=1.0)
@@ -287,8 +292,6 @@ class LSegModule(L.LightningModule):
             labelled = labelled + (masks[rows] != IGNORE_INDEX).sum()
             if self.hparams.anchor_alignment:
                 distances.append(self._anchor_distances(cosines, masks[rows]))
-            if self_training and (unseen := self.unseen_labels.get(key)):
-                pseudo.append(self._pseudo_label_losses(decoded[rows], text, unseen, masks[rows]))
         losses = torch.cat(losses)
         if self.hparams.hard_pixel_fraction < 1:  # ignored pixels (CE 0) are never harder than labelled ones
             hardest = max(1, int(labelled * self.hparams.hard_pixel_fraction))
@@ -303,24 +306,20 @@ class LSegModule(L.LightningModule):
             loss = loss + self.hparams.self_training * pseudo.mean()
         return loss
 
-    def _pseudo_label_losses(
-        self, decoded: torch.Tensor, text: torch.Tensor, unseen: list[str], masks: torch.Tensor
-    ) -> torch.Tensor:
-        """CE of the pixels `self_training` labels (one value each, unweighted) against every word
-        asked this step plus the unseen words (asked as inference asks them: all prompt templates).
+    def _pseudo_label_losses(self, logits: torch.Tensor, seen: int, masks: torch.Tensor) -> torch.Tensor:
+        """CE of the pixels `self_training` labels (one value each, unweighted) over all of `logits`'
+        columns: this step's words (the first `seen`) and then the unseen words, asked as inference
+        asks them (every prompt template).
 
         An ignored pixel is not of a seen class (it would be labelled), so its pseudo-label is the
         best-scoring unseen word; per unseen class, its most confident `self_training_fraction` of
         those pixels count. Labels come from this step's own logits without gradient, as ZS5Net's."""
-        words = torch.cat([text, self.model.encode_text(unseen)])
-        logits, _ = self.model.classify_decoded(decoded, words, masks.shape[-2:])
-        logits = logits.float()
         with torch.no_grad():
-            confidence, choice = logits.softmax(dim=1)[:, len(text) :].max(dim=1)
-            choice = choice + len(text)
+            confidence, choice = logits.softmax(dim=1)[:, seen:].max(dim=1)
+            choice = choice + seen
             candidates = masks == IGNORE_INDEX
             targets = torch.full_like(masks, IGNORE_INDEX)
-            for word in range(len(text), len(words)):
+            for word in range(seen, logits.shape[1]):
                 chosen = candidates & (choice == word)
                 count = int(chosen.sum())
                 if count:
