@@ -151,7 +151,8 @@ class ExportPretrained(L.Callback):
         }
         hparams = getattr(getattr(trainer, "lightning_module", None), "hparams", {})
         if hparams.get("self_training"):  # transductive: the held-out classes' words were asked
-            training["self_training_labels"] = dict(getattr(datamodule, "unseen_labels", {}))
+            held_out = getattr(datamodule, "unseen_labels", {})
+            training["self_training_labels"] = {key: words for key, words in held_out.items() if words}
         dataset = {}
         if spec is not None:  # the root names a `folder` dataset on the card, as for lseg evaluate
             root = {"root": str(Path(spec.root).resolve())} if spec.root else {}
