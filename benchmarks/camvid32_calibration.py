@@ -23,7 +23,15 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from camvid32_zeroshot import BIASES, DATA, TRAIN_DRIVE, fold_classes, fold_models, score_offsets  # noqa: E402
+from camvid32_zeroshot import (  # noqa: E402
+    BIASES,
+    DATA,
+    TRAIN_DRIVE,
+    chosen_against_constant,
+    fold_classes,
+    fold_models,
+    score_offsets,
+)
 
 from lseg.evaluate.runner import seen_offsets  # noqa: E402
 
@@ -54,16 +62,8 @@ def main() -> int:
         best = max(grid, key=lambda pair: (heldout[pair]["hiou"], -abs(pair[1]), -pair[0]))
         constant = max((p for p in grid if p[1] == 0), key=lambda pair: (heldout[pair]["hiou"], -pair[0]))
         val = score_offsets(model, fold, {pair: grid[pair] for pair in {best, constant}}, "val", None)
-        results.append(
-            {
-                "fold": fold,
-                "chosen": best,
-                "constant": constant,
-                "heldout": {"chosen": heldout[best], "constant": heldout[constant]},
-                "val": {"chosen": val[best], "constant": val[constant]},
-                "heldout_grid": {f"{b} {s}": heldout[(b, s)]["hiou"] for b, s in grid},
-            }
-        )
+        results.append(chosen_against_constant(fold, best, constant, heldout, val))
+        results[-1]["heldout_grid"] = {f"{b} {s}": heldout[(b, s)]["hiou"] for b, s in grid}
         print(json.dumps({k: results[-1][k] for k in ("fold", "chosen", "constant", "val")}), file=sys.stderr)
     (runs / f"camvid32{suffix}_calibration.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -103,6 +103,18 @@ def score_offsets(
     }
 
 
+def chosen_against_constant(fold: int, chosen: tuple, constant: tuple, heldout: dict, val: dict) -> dict:
+    """The record of a calibration chosen on the held-out drive beside the constant bias's choice, each
+    scored there (`heldout`) and on val (`val`), both keyed by grid point."""
+    return {
+        "fold": fold,
+        "chosen": chosen,
+        "constant": constant,
+        "heldout": {"chosen": heldout[chosen], "constant": heldout[constant]},
+        "val": {"chosen": val[chosen], "constant": val[constant]},
+    }
+
+
 def fold_models(description: str) -> tuple[Path, str, Iterator[tuple[int, LSeg]]]:
     """Command line of a script that scores trained fold models (--runs, --folds, --variant): the runs
     folder, the variant's run-folder suffix and (fold, model) pairs, each model loaded when reached."""
