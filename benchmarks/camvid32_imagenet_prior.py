@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import timm
@@ -42,8 +42,8 @@ from camvid32_zeroshot import (  # noqa: E402
 
 from lseg import LSeg  # noqa: E402
 from lseg.evaluate import build_label_space, load_dataset  # noqa: E402
-from lseg.evaluate.metrics import seen_unseen_scores  # noqa: E402
-from lseg.evaluate.runner import EvaluationSettings, embed_labels, mask_logits  # noqa: E402
+from lseg.evaluate.metrics import SegmentationMetrics, seen_unseen_scores  # noqa: E402
+from lseg.evaluate.runner import EvaluationSettings, embed_labels, mask_logits, seen_offsets  # noqa: E402
 from lseg.model.packaged_weights import packaged_state_dict  # noqa: E402
 
 BACKBONE = "tf_efficientnet_lite0"
@@ -74,59 +74,56 @@ def word_to_classifier(model: LSeg, rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram, names.T @ rows)
 
 
+def word_cams(model: LSeg, labels: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """B x N x H x W CAMs of `labels` for normalised B x 3 x H x W images, from the frozen ImageNet
+    backbone at stride 32, upsampled to the input; built once per model."""
+    network, rows = imagenet_classifier()
+    words = F.normalize(model.text_encoder.encode(labels).float(), dim=-1)
+    prototypes = words @ word_to_classifier(model, rows)
+
+    def cams(pixels: torch.Tensor) -> torch.Tensor:
+        maps = torch.einsum("bchw,nc->bnhw", network.forward_features(pixels.float()), prototypes)
+        return F.interpolate(maps, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+
+    return cams
+
+
 def drive_scores(
-    model: LSeg, split: str, sequences: list[str] | None
+    model: LSeg, cams: Callable, split: str, sequences: list[str] | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(31 x H x W logits, 31 x H x W CAMs, H x W mask) of each image, at the label resolution, from
-    one pass of the model and of the frozen ImageNet backbone at long side SIZE."""
+    one pass of the model and of `word_cams` at long side SIZE."""
     dataset = load_dataset("folder", DATA, split, sequences)
-    space = build_label_space(dataset.class_names, synonyms=FOLDS)
     protocol, size = EvaluationSettings(size=SIZE).resolved_protocol()
-    network, rows = imagenet_classifier()
-    with torch.no_grad():
-        text = embed_labels(model, space.labels)
-        prototypes = F.normalize(
-            model.text_encoder.encode(space.labels).float(), dim=-1
-        ) @ word_to_classifier(model, rows)
-
-        def forward(pixels: torch.Tensor) -> torch.Tensor:
-            cams = torch.einsum("bchw,nc->bnhw", network.forward_features(pixels.float()), prototypes)
-            cams = F.interpolate(cams, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-            return torch.cat([model(pixels, text).logits.float(), cams], 1)
-
-        for index in range(len(dataset)):
-            sample = dataset[index]
-            (both,) = mask_logits(
-                forward, [sample], model.processor, protocol, size, device=torch.device("cpu")
-            )
-            yield both[: len(text)], both[len(text) :], sample["mask"]
+    text = embed_labels(model, labels(dataset.class_names))
+    forward = lambda pixels: torch.cat([model(pixels, text).logits.float(), cams(pixels)], 1)  # noqa: E731
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        (both,) = mask_logits(forward, [sample], model.processor, protocol, size, device=torch.device("cpu"))
+        yield both[: len(text)], both[len(text) :], sample["mask"]
 
 
-def score_grid(model: LSeg, fold: int, grid: list[tuple], split: str, sequences: list[str] | None) -> dict:
-    """Seen / unseen mIoU and hIoU for each (bias, alpha, mode) of `grid`."""
+def labels(class_names: list[str]) -> list[str]:
+    """The folds file's word of each class, one per class (logit channel c is class c)."""
+    return build_label_space(class_names, synonyms=FOLDS).labels
+
+
+def score_grid(
+    model: LSeg, cams: Callable, fold: int, grid: list[tuple], split: str, sequences: list[str] | None
+) -> dict:
+    """Seen / unseen mIoU, hIoU and per-class IoU for each (bias, alpha, mode) of `grid`."""
     names, unseen = fold_classes(fold)
-    count = len(names)
-    is_unseen = torch.zeros(count, 1, 1)
-    is_unseen[list(unseen.unseen)] = 1
-    seen = 1 - is_unseen
-    confusion = {key: torch.zeros(count * count, dtype=torch.long) for key in grid}
-    for logits, cams, mask in drive_scores(model, split, sequences):
-        valid = mask < count
-        target = mask[valid] * count
-        for bias, alpha, mode in grid:
-            prior = cams if mode == "all" else cams * is_unseen
-            predicted = (logits - bias * seen + alpha * prior).argmax(0)[valid]
-            confusion[(bias, alpha, mode)] += torch.bincount(target + predicted, minlength=count * count)
+    seen = seen_offsets(unseen, 1.0, torch.zeros(len(names), 1, 1))  # 1 for a seen class, 0 unseen
+    metrics = {key: SegmentationMetrics(len(names)) for key in grid}
+    with torch.no_grad():
+        for logits, maps, mask in drive_scores(model, cams, split, sequences):
+            for (bias, alpha, mode), metric in metrics.items():
+                prior = maps if mode == "all" else maps * (1 - seen)
+                metric.update((logits - bias * seen + alpha * prior).argmax(0)[None], mask[None])
     scores = {}
-    for key, matrix in confusion.items():
-        matrix = matrix.reshape(count, count).double()
-        hits = matrix.diag()
-        union = matrix.sum(0) + matrix.sum(1) - hits
-        iou = torch.where(union > 0, hits / union.clamp_min(1), torch.nan)
-        scores[key] = {
-            **seen_unseen_scores(iou.tolist(), unseen.unseen, unseen.apart),
-            "per_class_iou": iou.tolist(),
-        }
+    for key, metric in metrics.items():
+        iou = metric.compute()["per_class_iou"]
+        scores[key] = {**seen_unseen_scores(iou, unseen.unseen, unseen.apart), "per_class_iou": iou}
     return scores
 
 
@@ -136,10 +133,12 @@ def main() -> int:
     grid = [(b, a, m) for b in GRID_BIASES for a in ALPHAS for m in MODES if a > 0 or m == "all"]
     for fold, model in models:
         names, _ = fold_classes(fold)
-        heldout = score_grid(model, fold, grid, "train", [HELDOUT_DRIVE])
+        with torch.no_grad():
+            cams = word_cams(model, labels(names))
+        heldout = score_grid(model, cams, fold, grid, "train", [HELDOUT_DRIVE])
         best = max(grid, key=lambda key: (heldout[key]["hiou"], -key[1], -key[0]))
         constant = max((k for k in grid if k[1] == 0), key=lambda key: (heldout[key]["hiou"], -key[0]))
-        val = score_grid(model, fold, sorted({best, constant}), "val", None)
+        val = score_grid(model, cams, fold, sorted({best, constant}), "val", None)
         results.append(chosen_against_constant(fold, best, constant, heldout, val))
         results[-1]["heldout_grid"] = {" ".join(map(str, key)): heldout[key]["hiou"] for key in grid}
         results[-1]["class_names"] = names
