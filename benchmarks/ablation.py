@@ -24,6 +24,7 @@ import lightning as L
 import torch.nn.functional as F
 import yaml
 
+from lseg.files import write_json_atomic
 from lseg.model.head import LSegHead
 from lseg.train.datamodule import LSegDataModule
 from lseg.train.module import LSegModule
@@ -123,7 +124,7 @@ def main() -> None:
         results.append(run_variant(name, config, args.minutes, args.seed))
         print(json.dumps({k: results[-1][k] for k in ("variant", "seed", "steps", "final")}), flush=True)
     suffix = "" if args.seed == 0 else f"_seed{args.seed}"
-    (out / f"ablation{suffix}.json").write_text(json.dumps(results) + "\n")
+    write_json_atomic(out / f"ablation{suffix}.json", results)
     plot(results, out / f"ablation{suffix}.png")
 
 

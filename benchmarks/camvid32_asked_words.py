@@ -26,6 +26,7 @@ from camvid32_zeroshot import BIASES, fold_classes, fold_models, score_offsets  
 from lseg import LSeg  # noqa: E402
 from lseg.evaluate.labels import read_alternatives, read_synonyms  # noqa: E402
 from lseg.evaluate.runner import seen_offsets  # noqa: E402
+from lseg.files import write_json_atomic  # noqa: E402
 
 WORDS = "configs/labels/camvid32_mseg_words.yaml"
 
@@ -54,7 +55,7 @@ def main() -> int:
             result[key] = {"bias": bias, "heldout": heldout[bias], "val": val}
         results.append(result)
         print(json.dumps(result), file=sys.stderr)
-    (runs / f"camvid32{suffix}_asked_words.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json_atomic(runs / f"camvid32{suffix}_asked_words.json", results)  # the folds so far
     return 0
 
 

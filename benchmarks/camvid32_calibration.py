@@ -34,6 +34,7 @@ from camvid32_zeroshot import (  # noqa: E402
 )
 
 from lseg.evaluate.runner import seen_offsets  # noqa: E402
+from lseg.files import write_json_atomic  # noqa: E402
 
 SLOPES = (-0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
 
@@ -65,7 +66,7 @@ def main() -> int:
         results.append(chosen_against_constant(fold, best, constant, heldout, val))
         results[-1]["heldout_grid"] = {f"{b} {s}": heldout[(b, s)]["hiou"] for b, s in grid}
         print(json.dumps({k: results[-1][k] for k in ("fold", "chosen", "constant", "val")}), file=sys.stderr)
-    (runs / f"camvid32{suffix}_calibration.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json_atomic(runs / f"camvid32{suffix}_calibration.json", results)  # the folds so far
     return 0
 
 

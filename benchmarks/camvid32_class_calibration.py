@@ -31,6 +31,7 @@ from camvid32_zeroshot import BIASES, drive_logits, fold_classes, fold_models, s
 from lseg.evaluate.labels import UnseenClasses  # noqa: E402
 from lseg.evaluate.metrics import confusion_matrix, metrics_from_confusion, seen_unseen_scores  # noqa: E402
 from lseg.evaluate.runner import seen_offsets  # noqa: E402
+from lseg.files import write_json_atomic, write_text_atomic  # noqa: E402
 
 STEPS = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
 SWEEPS = 3
@@ -102,13 +103,12 @@ def main() -> int:
             for name, offset in result["offsets"].items()
             if names.index(name) not in unseen.unseen
         }
-        (runs / f"camvid32_fold{fold}{suffix}" / "seen_bias.yaml").write_text(
-            yaml.safe_dump(seen, sort_keys=False)
-        )
+        offsets_file = runs / f"camvid32_fold{fold}{suffix}" / "seen_bias.yaml"
+        write_text_atomic(offsets_file, yaml.safe_dump(seen, sort_keys=False))
         results.append(result)
         summary = {k: {key: round(v["hiou"], 4) for key, v in result[k].items()} for k in ("heldout", "val")}
         print(json.dumps({"fold": fold, "bias": bias, **summary}), file=sys.stderr)
-    (runs / f"camvid32{suffix}_class_calibration.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json_atomic(runs / f"camvid32{suffix}_class_calibration.json", results)  # the folds so far
     return 0
 
 

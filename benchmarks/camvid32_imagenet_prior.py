@@ -44,6 +44,7 @@ from lseg import LSeg  # noqa: E402
 from lseg.evaluate import build_label_space, load_dataset  # noqa: E402
 from lseg.evaluate.metrics import SegmentationMetrics, seen_unseen_scores  # noqa: E402
 from lseg.evaluate.runner import EvaluationSettings, embed_labels, mask_logits, seen_offsets  # noqa: E402
+from lseg.files import write_json_atomic  # noqa: E402
 from lseg.model.packaged_weights import packaged_state_dict  # noqa: E402
 
 BACKBONE = "tf_efficientnet_lite0"
@@ -144,7 +145,7 @@ def main() -> int:
         results[-1]["class_names"] = names
         brief = {k: v for k, v in val[best].items() if k != "per_class_iou"}
         print(json.dumps({"fold": fold, "chosen": best, "constant": constant, "val": brief}), file=sys.stderr)
-    (runs / f"camvid32{suffix}_imagenet_prior.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json_atomic(runs / f"camvid32{suffix}_imagenet_prior.json", results)  # the folds so far
     return 0
 
 

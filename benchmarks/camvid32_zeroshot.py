@@ -28,6 +28,7 @@ from lseg.evaluate import build_label_space, load_dataset
 from lseg.evaluate.labels import UnseenClasses, read_unseen
 from lseg.evaluate.metrics import SegmentationMetrics, seen_unseen_scores
 from lseg.evaluate.runner import EvaluationSettings, embed_labels, mask_logits, seen_offsets
+from lseg.files import write_json_atomic
 
 FOLDS = "configs/labels/camvid32_folds.yaml"
 DATA = "../shared/data/camvid32"
@@ -193,6 +194,7 @@ def main() -> int:
     suffix = f"_{args.variant}" if args.variant else ""
     results: dict = {"folds": [], "size": SIZE, "biases": BIASES, "overrides": args.config}
     results["words"] = args.words
+    summary = args.runs / f"camvid32{suffix}_summary.json"
 
     def trained(run: Path, fold: int | None) -> float | None:
         """Seconds taken to train `run`'s model; None where it is there already or --train is not given."""
@@ -205,6 +207,7 @@ def main() -> int:
         seconds = trained(run, fold)
         results["folds"].append(fold_result(run, fold, seconds))
         print(json.dumps(results["folds"][-1]["val"]), file=sys.stderr)
+        write_json_atomic(summary, results)  # a stopped run keeps the folds it finished
     if args.all:
         run = args.runs / f"camvid32_all{suffix}"
         seconds = trained(run, None)
@@ -217,7 +220,7 @@ def main() -> int:
             "val_per_class_iou": val["metrics"]["per_class_iou"],
             "classes_scored": val["metrics"]["classes_scored"],
         }
-    (args.runs / f"camvid32{suffix}_summary.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json_atomic(summary, results)
     table = ("fold", "seen_bias", "val", "val_uncalibrated", "heldout")
     print(json.dumps([{key: fold[key] for key in table} for fold in results["folds"]], indent=1))
     if "all" in results:

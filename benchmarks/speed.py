@@ -49,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lseg import LSeg
 from lseg.data import ade20k_names
 from lseg.data.synthetic import SyntheticStreetScenes
+from lseg.files import write_json_atomic
 from lseg.precision import prepare_for_inference
 
 CPU_MODES = ("baseline", "fp32", "fp32-opt", "bf16", "bf16-compile", "onnx")
@@ -494,7 +495,7 @@ def main() -> None:
     device = torch.device(args.device)
     if args.curves:
         curves = measure_curves(args, device)
-        Path(args.curves).with_suffix(".json").write_text(json.dumps(curves, indent=2) + "\n")
+        write_json_atomic(Path(args.curves).with_suffix(".json"), curves)
         plot_curves(curves, Path(args.curves))
         return
     started = time.perf_counter()
@@ -516,7 +517,7 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(args.json, result)
     if args.out:
         with open(args.out, "a") as handle:
             handle.write(json.dumps(result) + "\n")
